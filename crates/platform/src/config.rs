@@ -1,0 +1,713 @@
+//! Typed configuration, validated once at cold start.
+//!
+//! Each function loads only the sections it uses, through one [`Loader`]. A
+//! section's `load` records every problem it finds instead of stopping at the
+//! first, so an operator sees the whole list at once (variable, what is wrong,
+//! a hint). Secret values are held as [`Secret`] and never appear in a
+//! problem message or a `Debug` print.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+pub use secrecy::ExposeSecret;
+use secrecy::SecretString;
+
+/// A secret setting. `Debug` prints `[REDACTED]`; the value is reachable only
+/// through [`ExposeSecret::expose_secret`], which makes every use greppable.
+pub type Secret = SecretString;
+
+/// One thing wrong with the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub variable: &'static str,
+    pub problem: String,
+    pub hint: &'static str,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} (hint: {})", self.variable, self.problem, self.hint)
+    }
+}
+
+/// Every problem found while loading, reported together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigProblem>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problem(s)):", self.0.len())?;
+        for p in &self.0 {
+            writeln!(f, "  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The deployment environment (`APP_ENV`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppEnv {
+    Development,
+    Test,
+    Production,
+}
+
+impl AppEnv {
+    pub fn is_production(self) -> bool {
+        self == AppEnv::Production
+    }
+}
+
+/// Reads variables from a source (the process environment, or a map in
+/// tests) and collects problems.
+pub struct Loader {
+    vars: BTreeMap<String, String>,
+    problems: Vec<ConfigProblem>,
+    warnings: Vec<String>,
+    app_env: AppEnv,
+}
+
+impl Loader {
+    /// Reads the process environment.
+    pub fn from_env() -> Self {
+        Self::from_map(std::env::vars())
+    }
+
+    /// Reads the given pairs (tests, `check-env` on a file).
+    pub fn from_map<I, K, V>(pairs: I) -> Self
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let vars: BTreeMap<String, String> = pairs
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        let mut loader = Loader {
+            vars,
+            problems: Vec::new(),
+            warnings: Vec::new(),
+            app_env: AppEnv::Development,
+        };
+        loader.app_env = loader.load_app_env();
+        loader
+    }
+
+    fn load_app_env(&mut self) -> AppEnv {
+        match self.get("APP_ENV").as_deref() {
+            None | Some("development") => AppEnv::Development,
+            Some("test") => AppEnv::Test,
+            Some("production") => AppEnv::Production,
+            Some(_) => {
+                self.problem(
+                    "APP_ENV",
+                    "is not one of development, test, production",
+                    "set APP_ENV=production on deployments",
+                );
+                AppEnv::Development
+            }
+        }
+    }
+
+    pub fn app_env(&self) -> AppEnv {
+        self.app_env
+    }
+
+    /// A variable's value; an empty value counts as unset.
+    pub fn get(&self, name: &str) -> Option<String> {
+        self.vars
+            .get(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    pub fn problem(&mut self, variable: &'static str, problem: impl Into<String>, hint: &'static str) {
+        self.problems.push(ConfigProblem {
+            variable,
+            problem: problem.into(),
+            hint,
+        });
+    }
+
+    pub fn warn(&mut self, message: impl Into<String>) {
+        self.warnings.push(message.into());
+    }
+
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// A required variable: records "is not set" when missing.
+    pub fn required(&mut self, name: &'static str, hint: &'static str) -> Option<String> {
+        let value = self.get(name);
+        if value.is_none() {
+            self.problem(name, "is not set", hint);
+        }
+        value
+    }
+
+    /// A required secret, checked by `rule` (which must not echo the value).
+    pub fn required_secret(
+        &mut self,
+        name: &'static str,
+        hint: &'static str,
+        rule: impl FnOnce(&str) -> Result<(), &'static str>,
+    ) -> Option<Secret> {
+        let value = self.required(name, hint)?;
+        self.check_secret(name, value, hint, rule)
+    }
+
+    /// An optional secret: `None` when unset, checked when set.
+    pub fn optional_secret(
+        &mut self,
+        name: &'static str,
+        hint: &'static str,
+        rule: impl FnOnce(&str) -> Result<(), &'static str>,
+    ) -> Option<Secret> {
+        let value = self.get(name)?;
+        self.check_secret(name, value, hint, rule)
+    }
+
+    fn check_secret(
+        &mut self,
+        name: &'static str,
+        value: String,
+        hint: &'static str,
+        rule: impl FnOnce(&str) -> Result<(), &'static str>,
+    ) -> Option<Secret> {
+        match rule(&value) {
+            Ok(()) => Some(Secret::from(value)),
+            Err(why) => {
+                self.problem(name, why, hint);
+                None
+            }
+        }
+    }
+
+    /// A URL whose scheme is one of `schemes`. In development and test,
+    /// `http` is also accepted where `https` is asked for (local stand-ins).
+    pub fn url(&mut self, name: &'static str, schemes: &[&str], hint: &'static str) -> Option<url::Url> {
+        let raw = self.required(name, hint)?;
+        self.parse_url(name, &raw, schemes, hint)
+    }
+
+    pub fn optional_url(
+        &mut self,
+        name: &'static str,
+        schemes: &[&str],
+        hint: &'static str,
+    ) -> Option<url::Url> {
+        let raw = self.get(name)?;
+        self.parse_url(name, &raw, schemes, hint)
+    }
+
+    fn parse_url(
+        &mut self,
+        name: &'static str,
+        raw: &str,
+        schemes: &[&str],
+        hint: &'static str,
+    ) -> Option<url::Url> {
+        let parsed = match url::Url::parse(raw) {
+            Ok(u) => u,
+            Err(_) => {
+                // The value may hold credentials (DATABASE_URL): never echo it.
+                self.problem(name, "is not a valid URL", hint);
+                return None;
+            }
+        };
+        let relaxed = !self.app_env.is_production()
+            && parsed.scheme() == "http"
+            && schemes.contains(&"https");
+        if !schemes.contains(&parsed.scheme()) && !relaxed {
+            self.problem(
+                name,
+                format!("must use scheme {}", schemes.join(" or ")),
+                hint,
+            );
+            return None;
+        }
+        Some(parsed)
+    }
+
+    /// Consumes the loader: `Ok` with the warnings when nothing was wrong.
+    pub fn finish(self) -> Result<Vec<String>, ConfigErrors> {
+        if self.problems.is_empty() {
+            Ok(self.warnings)
+        } else {
+            Err(ConfigErrors(self.problems))
+        }
+    }
+
+    pub fn has_problems(&self) -> bool {
+        !self.problems.is_empty()
+    }
+}
+
+/// Settings every function has: environment, CORS, telemetry.
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    pub app_env: AppEnv,
+    /// Exact origins allowed by CORS.
+    pub allowed_origins: Vec<String>,
+    /// Optional pattern for preview deployments, e.g.
+    /// `https://stagepass-*-team.vercel.app` (one `*`, matching `[a-z0-9-]+`).
+    pub preview_origin_pattern: Option<String>,
+    pub sentry_dsn: Option<Secret>,
+    pub release: &'static str,
+}
+
+impl CoreConfig {
+    pub fn load(l: &mut Loader) -> CoreConfig {
+        let allowed_origins = match l.get("ALLOWED_ORIGINS") {
+            Some(raw) => parse_origins(l, &raw),
+            None => {
+                if l.app_env().is_production() {
+                    l.problem(
+                        "ALLOWED_ORIGINS",
+                        "is not set",
+                        "comma-separated exact origins, e.g. https://stagepass.app",
+                    );
+                }
+                Vec::new()
+            }
+        };
+        let preview_origin_pattern = l.get("ALLOWED_ORIGIN_PATTERN");
+        if let Some(p) = &preview_origin_pattern
+            && (p.matches('*').count() != 1 || !p.starts_with("https://"))
+        {
+            l.problem(
+                "ALLOWED_ORIGIN_PATTERN",
+                "must be an https origin with exactly one '*'",
+                "e.g. https://stagepass-*-team.vercel.app",
+            );
+        }
+        let sentry_dsn = l.optional_secret("SENTRY_DSN", "a Sentry DSN URL", |v| {
+            match url::Url::parse(v) {
+                Ok(u) if !u.username().is_empty() && u.path().len() > 1 => Ok(()),
+                _ => Err("is not a Sentry DSN (scheme://public_key@host/project_id)"),
+            }
+        });
+        CoreConfig {
+            app_env: l.app_env(),
+            allowed_origins,
+            preview_origin_pattern,
+            sentry_dsn,
+            release: env!("CARGO_PKG_VERSION"),
+        }
+    }
+}
+
+fn parse_origins(l: &mut Loader, raw: &str) -> Vec<String> {
+    let mut origins = Vec::new();
+    for part in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match url::Url::parse(part) {
+            Ok(u) if u.path() == "/" && u.query().is_none() && u.host().is_some() => {
+                origins.push(u.origin().ascii_serialization());
+            }
+            _ => l.problem(
+                "ALLOWED_ORIGINS",
+                format!("'{part}' is not an origin (scheme://host[:port], no path)"),
+                "comma-separated exact origins, e.g. https://stagepass.app,https://www.stagepass.app",
+            ),
+        }
+    }
+    origins
+}
+
+/// Postgres access.
+#[derive(Debug, Clone)]
+pub struct DbConfig {
+    pub url: Secret,
+    /// Connections per function instance (serverless: small).
+    pub max_connections: u32,
+}
+
+impl DbConfig {
+    pub fn load(l: &mut Loader) -> Option<DbConfig> {
+        let url = l.required_secret(
+            "DATABASE_URL",
+            "postgres://stagepass_app:…@host:5432/postgres (session mode) — see docs/ARCHITECTURE.md",
+            |v| {
+                if v.starts_with("postgres://") || v.starts_with("postgresql://") {
+                    url::Url::parse(v)
+                        .map(|_| ())
+                        .map_err(|_| "is not a valid URL")
+                } else {
+                    Err("must start with postgres:// or postgresql://")
+                }
+            },
+        );
+        let max_connections = match l.get("DATABASE_MAX_CONNECTIONS") {
+            None => 4,
+            Some(v) => match v.parse::<u32>() {
+                Ok(n) if (1..=32).contains(&n) => n,
+                _ => {
+                    l.problem(
+                        "DATABASE_MAX_CONNECTIONS",
+                        "must be an integer from 1 to 32",
+                        "serverless instances keep this small (default 4)",
+                    );
+                    4
+                }
+            },
+        };
+        Some(DbConfig {
+            url: url?,
+            max_connections,
+        })
+    }
+}
+
+/// Supabase access-token verification.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Project URL; the issuer is `{SUPABASE_URL}/auth/v1` and the JWKS lives
+    /// at `{SUPABASE_URL}/auth/v1/.well-known/jwks.json`.
+    pub supabase_url: url::Url,
+    /// HS256 project secret; optional when the project signs with asymmetric keys.
+    pub jwt_secret: Option<Secret>,
+}
+
+impl AuthConfig {
+    pub fn load(l: &mut Loader) -> Option<AuthConfig> {
+        let supabase_url = l.url(
+            "SUPABASE_URL",
+            &["https"],
+            "the project URL, e.g. https://abcd.supabase.co",
+        );
+        let jwt_secret = l.optional_secret(
+            "SUPABASE_JWT_SECRET",
+            "Project Settings → API → JWT secret (only for HS256 projects)",
+            |v| {
+                if v.len() >= 32 {
+                    Ok(())
+                } else {
+                    Err("must be at least 32 characters")
+                }
+            },
+        );
+        Some(AuthConfig {
+            supabase_url: supabase_url?,
+            jwt_secret,
+        })
+    }
+
+    pub fn issuer(&self) -> String {
+        format!("{}/auth/v1", self.supabase_url.as_str().trim_end_matches('/'))
+    }
+
+    pub fn jwks_url(&self) -> String {
+        format!("{}/.well-known/jwks.json", self.issuer())
+    }
+}
+
+/// The Supabase custom access token hook's Standard Webhooks secret.
+#[derive(Debug, Clone)]
+pub struct AuthHookConfig {
+    pub secret: Secret,
+}
+
+impl AuthHookConfig {
+    pub fn load(l: &mut Loader) -> Option<AuthHookConfig> {
+        let secret = l.required_secret(
+            "AUTH_HOOK_SECRET",
+            "Authentication → Hooks → the secret shown, v1,whsec_<base64>",
+            check_hook_secret,
+        )?;
+        Some(AuthHookConfig { secret })
+    }
+}
+
+fn check_hook_secret(v: &str) -> Result<(), &'static str> {
+    use base64::Engine as _;
+    let b64 = v
+        .strip_prefix("v1,whsec_")
+        .ok_or("must start with v1,whsec_")?;
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .map_err(|_| "the part after v1,whsec_ is not base64")?;
+    Ok(())
+}
+
+/// Upstash Redis over REST (rate limits). Required in production.
+#[derive(Debug, Clone)]
+pub struct UpstashConfig {
+    pub rest_url: url::Url,
+    pub rest_token: Secret,
+}
+
+impl UpstashConfig {
+    /// `None` without a problem when unset outside production (the
+    /// in-process limiter is used then, loudly).
+    pub fn load(l: &mut Loader) -> Option<UpstashConfig> {
+        let prod = l.app_env().is_production();
+        if !prod && l.get("UPSTASH_REDIS_REST_URL").is_none() {
+            return None;
+        }
+        let rest_url = l.url(
+            "UPSTASH_REDIS_REST_URL",
+            &["https"],
+            "Upstash console → REST API → UPSTASH_REDIS_REST_URL",
+        );
+        let rest_token = l.required_secret(
+            "UPSTASH_REDIS_REST_TOKEN",
+            "Upstash console → REST API → UPSTASH_REDIS_REST_TOKEN",
+            |_| Ok(()),
+        );
+        Some(UpstashConfig {
+            rest_url: rest_url?,
+            rest_token: rest_token?,
+        })
+    }
+}
+
+/// Stripe API and webhooks.
+#[derive(Debug, Clone)]
+pub struct StripeConfig {
+    pub secret_key: Secret,
+    pub webhook_secret: Secret,
+    pub api_base: url::Url,
+}
+
+impl StripeConfig {
+    pub fn load(l: &mut Loader) -> Option<StripeConfig> {
+        let secret_key = l.required_secret(
+            "STRIPE_SECRET_KEY",
+            "Stripe dashboard → Developers → API keys (sk_live_… in production)",
+            |v| {
+                if v.starts_with("sk_") || v.starts_with("rk_") {
+                    Ok(())
+                } else {
+                    Err("must start with sk_ (or rk_ for a restricted key)")
+                }
+            },
+        );
+        if l.app_env().is_production()
+            && l.get("STRIPE_SECRET_KEY")
+                .is_some_and(|v| v.starts_with("sk_test_"))
+        {
+            l.warn("STRIPE_SECRET_KEY is a test key (sk_test_) in production");
+        }
+        let webhook_secret = l.required_secret(
+            "STRIPE_WEBHOOK_SECRET",
+            "Stripe dashboard → Webhooks → signing secret (whsec_…)",
+            |v| {
+                if v.starts_with("whsec_") {
+                    Ok(())
+                } else {
+                    Err("must start with whsec_")
+                }
+            },
+        );
+        let api_base = base_url(l, "STRIPE_API_BASE", "https://api.stripe.com");
+        Some(StripeConfig {
+            secret_key: secret_key?,
+            webhook_secret: webhook_secret?,
+            api_base: api_base?,
+        })
+    }
+}
+
+/// Agora RTC token signing.
+#[derive(Debug, Clone)]
+pub struct AgoraConfig {
+    pub app_id: String,
+    pub app_certificate: Secret,
+}
+
+impl AgoraConfig {
+    pub fn load(l: &mut Loader) -> Option<AgoraConfig> {
+        let hex32 = |v: &str| {
+            if v.len() == 32 && v.bytes().all(|b| b.is_ascii_hexdigit()) {
+                Ok(())
+            } else {
+                Err("must be 32 hexadecimal characters")
+            }
+        };
+        let app_id = l.required_secret("AGORA_APP_ID", "Agora console → project → App ID", hex32);
+        let app_certificate = l.required_secret(
+            "AGORA_APP_CERTIFICATE",
+            "Agora console → project → primary certificate",
+            hex32,
+        );
+        Some(AgoraConfig {
+            app_id: app_id?.expose_secret().to_owned(),
+            app_certificate: app_certificate?,
+        })
+    }
+}
+
+/// Ably realtime.
+#[derive(Debug, Clone)]
+pub struct AblyConfig {
+    pub api_key: Secret,
+    pub api_base: url::Url,
+}
+
+impl AblyConfig {
+    pub fn load(l: &mut Loader) -> Option<AblyConfig> {
+        let api_key = l.required_secret(
+            "ABLY_API_KEY",
+            "Ably dashboard → API keys, name:secret",
+            |v| match v.split_once(':') {
+                Some((name, secret)) if name.contains('.') && !secret.is_empty() => Ok(()),
+                _ => Err("must be of the form appId.keyId:secret"),
+            },
+        );
+        let api_base = base_url(l, "ABLY_API_BASE", "https://rest.ably.io");
+        Some(AblyConfig {
+            api_key: api_key?,
+            api_base: api_base?,
+        })
+    }
+}
+
+/// QStash publishing and callback verification.
+#[derive(Debug, Clone)]
+pub struct QstashConfig {
+    pub token: Secret,
+    pub current_signing_key: Secret,
+    pub next_signing_key: Secret,
+    pub url: url::Url,
+    /// Public base URL of this deployment (callback URLs are built from it).
+    pub public_base_url: url::Url,
+}
+
+impl QstashConfig {
+    pub fn load(l: &mut Loader) -> Option<QstashConfig> {
+        let token = l.required_secret("QSTASH_TOKEN", "Upstash console → QStash → token", |_| Ok(()));
+        let sig = |v: &str| {
+            if v.starts_with("sig_") {
+                Ok(())
+            } else {
+                Err("must start with sig_")
+            }
+        };
+        let current = l.required_secret(
+            "QSTASH_CURRENT_SIGNING_KEY",
+            "Upstash console → QStash → signing keys",
+            sig,
+        );
+        let next = l.required_secret(
+            "QSTASH_NEXT_SIGNING_KEY",
+            "Upstash console → QStash → signing keys",
+            sig,
+        );
+        let url = base_url(l, "QSTASH_URL", "https://qstash.upstash.io");
+        let public_base_url = l.url(
+            "PUBLIC_BASE_URL",
+            &["https"],
+            "the deployment's public URL, e.g. https://api.stagepass.app",
+        );
+        Some(QstashConfig {
+            token: token?,
+            current_signing_key: current?,
+            next_signing_key: next?,
+            url: url?,
+            public_base_url: public_base_url?,
+        })
+    }
+}
+
+/// Vercel Cron's shared secret.
+#[derive(Debug, Clone)]
+pub struct CronConfig {
+    pub secret: Secret,
+}
+
+impl CronConfig {
+    pub fn load(l: &mut Loader) -> Option<CronConfig> {
+        let secret = l.required_secret(
+            "CRON_SECRET",
+            "a random string of at least 16 characters, set in Vercel's project settings",
+            |v| {
+                if v.len() >= 16 {
+                    Ok(())
+                } else {
+                    Err("must be at least 16 characters")
+                }
+            },
+        )?;
+        Some(CronConfig { secret })
+    }
+}
+
+/// A third-party base URL: defaults to the real service.
+fn base_url(l: &mut Loader, name: &'static str, default: &str) -> Option<url::Url> {
+    match l.get(name) {
+        None => url::Url::parse(default).ok(),
+        Some(_) => l.url(name, &["https"], "leave unset to use the real service"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_every_problem_at_once_without_echoing_secrets() {
+        let mut l = Loader::from_map([
+            ("APP_ENV", "production"),
+            ("DATABASE_URL", "mysql://user:hunter2-very-secret@db/x"),
+            ("SUPABASE_JWT_SECRET", "short-secret-value"),
+            ("STRIPE_SECRET_KEY", "pk_live_abcdef123"),
+        ]);
+        let _ = CoreConfig::load(&mut l);
+        let _ = DbConfig::load(&mut l);
+        let _ = AuthConfig::load(&mut l);
+        let _ = StripeConfig::load(&mut l);
+        let errors = l.finish().expect_err("must fail");
+        let vars: Vec<_> = errors.0.iter().map(|p| p.variable).collect();
+        for v in [
+            "ALLOWED_ORIGINS",
+            "DATABASE_URL",
+            "SUPABASE_URL",
+            "SUPABASE_JWT_SECRET",
+            "STRIPE_SECRET_KEY",
+            "STRIPE_WEBHOOK_SECRET",
+        ] {
+            assert!(vars.contains(&v), "{v} missing from {vars:?}");
+        }
+        let text = errors.to_string();
+        for secret in ["hunter2-very-secret", "short-secret-value", "pk_live_abcdef123"] {
+            assert!(!text.contains(secret), "secret echoed: {text}");
+        }
+    }
+
+    #[test]
+    fn a_valid_environment_loads() {
+        let mut l = Loader::from_map([
+            ("APP_ENV", "production"),
+            ("ALLOWED_ORIGINS", "https://stagepass.app, https://www.stagepass.app"),
+            ("DATABASE_URL", "postgres://app:pw@db:5432/postgres"),
+            ("SUPABASE_URL", "https://abcd.supabase.co"),
+        ]);
+        let core = CoreConfig::load(&mut l);
+        let db = DbConfig::load(&mut l).expect("db");
+        let auth = AuthConfig::load(&mut l).expect("auth");
+        assert!(l.finish().is_ok());
+        assert_eq!(core.allowed_origins.len(), 2);
+        assert_eq!(auth.issuer(), "https://abcd.supabase.co/auth/v1");
+        assert_eq!(db.max_connections, 4);
+        assert!(!format!("{db:?}").contains("pw@"), "Debug leaks the URL");
+    }
+
+    #[test]
+    fn production_refuses_http_urls_development_accepts_them() {
+        let mut prod = Loader::from_map([("APP_ENV", "production"), ("SUPABASE_URL", "http://x")]);
+        assert!(AuthConfig::load(&mut prod).is_none());
+        let mut dev = Loader::from_map([("SUPABASE_URL", "http://127.0.0.1:3000")]);
+        assert!(AuthConfig::load(&mut dev).is_some());
+    }
+
+    #[test]
+    fn hook_secret_rule() {
+        assert!(check_hook_secret("v1,whsec_aGVsbG8gd29ybGQ=").is_ok());
+        assert!(check_hook_secret("whsec_aGVsbG8=").is_err());
+        assert!(check_hook_secret("v1,whsec_***").is_err());
+    }
+}

@@ -1,0 +1,139 @@
+//! The database: one small pool per process, and transactions that run a
+//! user's work under row-level security.
+//!
+//! A serverless instance serves one request at a time most of the time, so
+//! the pool is small (default 4), connects lazily (a cold start that never
+//! touches the database never pays for a connection) and bounds every wait:
+//! acquiring a connection (3 s) and every statement (`statement_timeout`,
+//! 5 s, sent in the startup packet).
+//!
+//! Supabase: use the session pooler or a direct connection (port 5432). The
+//! transaction pooler (port 6543) cannot keep sqlx's named prepared
+//! statements across transactions, nor the startup `options` used here for
+//! the statement timeout (docs/ARCHITECTURE.md, "Database connections").
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::auth::Claims;
+use crate::config::{DbConfig, ExposeSecret};
+
+/// Statement timeout for every connection of a function.
+pub const STATEMENT_TIMEOUT: &str = "5s";
+/// Longest wait for a free connection before a request fails with 503.
+pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The database role user requests run as (Supabase's name, so policies
+/// written for Supabase apply unchanged).
+pub const USER_ROLE: &str = "authenticated";
+/// The role webhooks, jobs and cron run as: explicit grants, no `BYPASSRLS`.
+pub const SERVICE_ROLE: &str = "stagepass_service";
+
+/// Builds the per-process pool. Connects lazily.
+pub fn connect_lazy(cfg: &DbConfig) -> Result<PgPool, sqlx::Error> {
+    let options = PgConnectOptions::from_str(cfg.url.expose_secret())?
+        .options([("statement_timeout", STATEMENT_TIMEOUT)])
+        .application_name("stagepass");
+    Ok(pool_options(cfg.max_connections).connect_lazy_with(options))
+}
+
+pub fn pool_options(max_connections: u32) -> PgPoolOptions {
+    PgPoolOptions::new()
+        .min_connections(0)
+        .max_connections(max_connections)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        // Serverless instances freeze between invocations: drop connections
+        // that sat idle long enough to have been cut by a proxy.
+        .idle_timeout(Duration::from_secs(60))
+        .max_lifetime(Duration::from_secs(30 * 60))
+}
+
+/// Begins a transaction in which the caller's SQL runs as the `authenticated`
+/// role with the verified token's claims visible to policies (`auth.uid()`),
+/// exactly as Supabase's PostgREST does. Both settings are transaction-local,
+/// so a pooled connection never carries them to another request.
+pub async fn begin_user<'a>(
+    pool: &'a PgPool,
+    claims: &Claims,
+) -> Result<Transaction<'a, Postgres>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    // `set_config('role', …)` is `SET LOCAL ROLE` in a form that takes a bind
+    // parameter. One round trip for both settings.
+    sqlx::query("select set_config('request.jwt.claims', $1, true), set_config('role', $2, true)")
+        .bind(claims.raw.to_string())
+        .bind(USER_ROLE)
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
+/// Begins a transaction as the service role (webhooks, jobs, cron, admin
+/// tooling). Never used for a user's request.
+pub async fn begin_service(pool: &PgPool) -> Result<Transaction<'_, Postgres>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("select set_config('role', $1, true)")
+        .bind(SERVICE_ROLE)
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
+/// Runs the embedded migrations (the `migrate` command; never a cold start).
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    MIGRATOR.run(pool).await
+}
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// Turns named Postgres failures into API errors (constraint names and
+/// SQLSTATEs are the contract between migrations and handlers; no
+/// "check, then insert").
+pub trait DbResultExt<T> {
+    /// Maps a violation of the constraint `name`.
+    fn on_constraint(
+        self,
+        name: &str,
+        f: impl FnOnce() -> crate::http::ApiError,
+    ) -> Result<T, crate::http::ApiError>;
+    /// Maps an error raised with SQLSTATE `code` (e.g. by a `raise … using errcode`).
+    fn on_sqlstate(
+        self,
+        code: &str,
+        f: impl FnOnce() -> crate::http::ApiError,
+    ) -> Result<T, crate::http::ApiError>;
+}
+
+impl<T> DbResultExt<T> for Result<T, sqlx::Error> {
+    fn on_constraint(
+        self,
+        name: &str,
+        f: impl FnOnce() -> crate::http::ApiError,
+    ) -> Result<T, crate::http::ApiError> {
+        self.map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.constraint() == Some(name) => f(),
+            _ => e.into(),
+        })
+    }
+
+    fn on_sqlstate(
+        self,
+        code: &str,
+        f: impl FnOnce() -> crate::http::ApiError,
+    ) -> Result<T, crate::http::ApiError> {
+        self.map_err(|e| match &e {
+            sqlx::Error::Database(db) if db.code().as_deref() == Some(code) => f(),
+            _ => e.into(),
+        })
+    }
+}
+
+/// The SQLSTATE of a database error, if it is one.
+pub fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}

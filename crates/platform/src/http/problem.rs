@@ -1,0 +1,239 @@
+//! RFC 9457 problem responses with a stable `code`.
+//!
+//! Every error a client can see is an [`ApiError`]. 5xx details are logged
+//! (and reported) but never sent: the client gets a generic title and the
+//! request id to quote.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use serde::Serialize;
+
+use super::request_id::RequestId;
+
+/// One field that failed validation.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct FieldError {
+    /// JSON pointer-ish path of the field, e.g. `handle` or `items[2].amount`.
+    pub field: String,
+    pub message: String,
+}
+
+/// Everything a handler can fail with, each with one status and one code.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("validation failed")]
+    Validation(Vec<FieldError>),
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error("authentication required")]
+    Unauthenticated(&'static str),
+    #[error("forbidden")]
+    Forbidden(&'static str),
+    #[error("not found")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("conflict: {1}")]
+    Conflict(&'static str, String),
+    #[error("payload too large")]
+    PayloadTooLarge,
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
+    #[error("unprocessable: {1}")]
+    Unprocessable(&'static str, String),
+    #[error("rate limited")]
+    RateLimited {
+        policy: String,
+        retry_after_seconds: u64,
+    },
+    #[error("service unavailable: {1}")]
+    Unavailable(&'static str, String),
+    /// Anything unexpected. The source is logged, never shown.
+    #[error("internal error: {0}")]
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ApiError {
+    pub fn internal(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        ApiError::Internal(Box::new(e))
+    }
+
+    pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError::Validation(vec![FieldError {
+            field: field.into(),
+            message: message.into(),
+        }])
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Validation(_) | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(..) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unprocessable(..) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::Validation(_) => "validation_failed",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthenticated(code) => code,
+            ApiError::Forbidden(code) => code,
+            ApiError::NotFound => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::Conflict(code, _) => code,
+            ApiError::PayloadTooLarge => "payload_too_large",
+            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::Unprocessable(code, _) => code,
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::Unavailable(code, _) => code,
+            ApiError::Internal(_) => "internal_error",
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            ApiError::Validation(_) => "Your request has invalid fields.",
+            ApiError::BadRequest(_) => "The request is malformed.",
+            ApiError::Unauthenticated(_) => "A valid access token is required.",
+            ApiError::Forbidden(_) => "You are not allowed to do this.",
+            ApiError::NotFound => "Not found.",
+            ApiError::MethodNotAllowed => "This method is not allowed on this resource.",
+            ApiError::Conflict(..) => "The request conflicts with the current state.",
+            ApiError::PayloadTooLarge => "The request body is too large.",
+            ApiError::UnsupportedMediaType => "Send the body as application/json.",
+            ApiError::Unprocessable(..) => "The request cannot be processed.",
+            ApiError::RateLimited { .. } => "Too many requests.",
+            ApiError::Unavailable(..) => "The service is temporarily unavailable.",
+            ApiError::Internal(_) => "Something went wrong on our side.",
+        }
+    }
+
+    fn detail(&self) -> Option<String> {
+        match self {
+            ApiError::BadRequest(d)
+            | ApiError::Conflict(_, d)
+            | ApiError::Unprocessable(_, d)
+            | ApiError::Unavailable(_, d) => Some(d.clone()),
+            ApiError::RateLimited {
+                policy,
+                retry_after_seconds,
+            } => Some(format!(
+                "limit '{policy}' exceeded; retry after {retry_after_seconds} s"
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// The problem document (RFC 9457) with our extension members.
+#[derive(Debug, Serialize)]
+pub struct ProblemBody<'a> {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub title: &'a str,
+    pub status: u16,
+    pub code: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub errors: Option<&'a [FieldError]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<u64>,
+}
+
+/// Marker put in a response's extensions so outer layers (telemetry) can see
+/// the code and, for 5xx, the hidden cause.
+#[derive(Debug, Clone)]
+pub struct ProblemInfo {
+    pub code: &'static str,
+    pub internal_message: Option<String>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(code = self.code(), error = %self, "request failed");
+        }
+        let errors = match &self {
+            ApiError::Validation(e) => Some(e.as_slice()),
+            _ => None,
+        };
+        let (policy, retry_after_seconds) = match &self {
+            ApiError::RateLimited {
+                policy,
+                retry_after_seconds,
+            } => (Some(policy.as_str()), Some(*retry_after_seconds)),
+            _ => (None, None),
+        };
+        // The request id is filled in by the request-id layer (it rewrites
+        // the body of problem responses it sees without one).
+        let body = ProblemBody {
+            type_: format!("https://docs.stagepass.app/problems/{}", self.code()),
+            title: self.title(),
+            status: status.as_u16(),
+            code: self.code(),
+            detail: self.detail(),
+            request_id: current_request_id(),
+            errors,
+            policy,
+            retry_after_seconds,
+        };
+        let json = serde_json::to_vec(&body).unwrap_or_default();
+        let mut response = (status, json).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        if let Some(secs) = retry_after_seconds {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response.extensions_mut().insert(ProblemInfo {
+            code: self.code(),
+            internal_message: match &self {
+                ApiError::Internal(e) => Some(e.to_string()),
+                _ => None,
+            },
+        });
+        response
+    }
+}
+
+tokio::task_local! {
+    /// The id of the request being served on this task (set by the request-id layer).
+    pub static REQUEST_ID: RequestId;
+}
+
+pub fn current_request_id() -> Option<String> {
+    REQUEST_ID.try_with(|id| id.as_str().to_owned()).ok()
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::PoolTimedOut => {
+                ApiError::Unavailable("database_busy", "the database is busy; retry shortly".into())
+            }
+            _ => ApiError::internal(e),
+        }
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

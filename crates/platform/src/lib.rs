@@ -1,0 +1,16 @@
+//! What every Stagepass function shares.
+//!
+//! - [`config`]: typed per-need settings, validated once at cold start.
+//! - [`auth`]: Supabase access tokens verified locally (HS256 and JWKS).
+//! - [`http`]: problem responses, security headers, CORS, request ids, strict JSON.
+//! - [`db`]: the per-process pool and transactions under row-level security.
+//! - [`telemetry`]: tracing and Sentry.
+//! - [`serve`]: runs a router on Vercel, on Lambda, or locally.
+
+pub mod auth;
+pub mod config;
+pub mod db;
+pub mod http;
+pub mod serve;
+pub mod telemetry;
+pub mod time;

@@ -1,0 +1,25 @@
+//! The HTTP handlers of Stagepass. One module per route family; each
+//! exposes a [`Function`]: the paths it serves and how to build its router
+//! from configuration. `api/**/*.rs` binaries and the dev server both use
+//! [`FUNCTIONS`].
+
+pub mod admin;
+pub mod auth_hook;
+pub mod health;
+pub mod me;
+pub mod openapi;
+mod state;
+
+pub use state::UserApi;
+use stagepass_platform::serve::Function;
+
+/// Every deployable function. A test checks that each has an `api/` binary,
+/// a documented OpenAPI operation, and a router that builds.
+pub const FUNCTIONS: &[Function] = &[
+    health::HEALTH,
+    health::READY,
+    me::FUNCTION,
+    auth_hook::FUNCTION,
+    admin::ROLE,
+    openapi::FUNCTION,
+];

@@ -1,0 +1,114 @@
+//! `GET /api/v1/openapi.json` — the OpenAPI 3.1 document, generated from the
+//! handlers' annotations. A test checks that every function's paths are in it.
+
+use std::sync::LazyLock;
+
+use axum::Router;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use http::{HeaderValue, header};
+use serde::Serialize;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+use stagepass_platform::serve::Function;
+
+pub const FUNCTION: Function = Function {
+    name: "v1_openapi",
+    paths: &["/api/v1/openapi.json"],
+    build: |_, _| {
+        Some(
+            Router::new()
+                .route("/api/v1/openapi.json", get(serve))
+                // Vercel serves this file at /api/v1/openapi; vercel.json rewrites the .json path.
+                .route("/api/v1/openapi", get(serve)),
+        )
+    },
+};
+
+/// An RFC 9457 problem document, as every error is sent.
+#[derive(Serialize, ToSchema)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub title: String,
+    pub status: u16,
+    /// Stable machine-readable code, e.g. `validation_failed`.
+    pub code: String,
+    pub detail: Option<String>,
+    pub request_id: Option<String>,
+    pub errors: Option<Vec<FieldErrorDoc>>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct FieldErrorDoc {
+    pub field: String,
+    pub message: String,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Stagepass API", version = "1",
+         description = "Creator platform backend. Errors are application/problem+json (RFC 9457)."),
+    paths(
+        crate::health::health,
+        crate::health::ready,
+        crate::me::get_me,
+        crate::me::patch_me,
+        crate::admin::set_role,
+        access_token_hook_doc,
+        openapi_doc,
+    ),
+    components(schemas(Problem, FieldErrorDoc)),
+    modifiers(&BearerAuth),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some("A Supabase access token"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// Supabase custom access token hook (Standard Webhooks signature).
+#[utoipa::path(post, path = "/api/v1/auth/access-token-hook", tag = "auth",
+    request_body(content = serde_json::Value, description = "Supabase hook payload: user_id, claims"),
+    responses((status = 200, description = "the claims with app_role added"),
+              (status = 401, description = "bad or stale signature", body = Problem)))]
+#[allow(dead_code)]
+fn access_token_hook_doc() {}
+
+/// This document.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "meta",
+    responses((status = 200, description = "OpenAPI 3.1 document")))]
+#[allow(dead_code)]
+fn openapi_doc() {}
+
+static DOCUMENT: LazyLock<String> =
+    LazyLock::new(|| ApiDoc::openapi().to_pretty_json().unwrap_or_default());
+
+pub fn document() -> &'static str {
+    &DOCUMENT
+}
+
+async fn serve() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=300")),
+        ],
+        document(),
+    )
+}
