@@ -453,8 +453,10 @@ impl JwksState {
         let fresh = self
             .fetched_at
             .is_some_and(|at| now.saturating_duration_since(at) < t.ttl);
-        let attempted_within =
-            |d: Duration| self.attempted_at.is_some_and(|at| now.saturating_duration_since(at) < d);
+        let attempted_within = |d: Duration| {
+            self.attempted_at
+                .is_some_and(|at| now.saturating_duration_since(at) < d)
+        };
         let found = self.find(kid, alg);
         if fresh {
             match found {
@@ -679,7 +681,10 @@ fn bearer_token(value: &http::HeaderValue) -> Result<&str, ApiError> {
     Ok(token)
 }
 
-async fn authenticate(parts: &mut Parts, verifier: &Verifier) -> Result<Option<AuthUser>, ApiError> {
+async fn authenticate(
+    parts: &mut Parts,
+    verifier: &Verifier,
+) -> Result<Option<AuthUser>, ApiError> {
     let Some(value) = authorization(parts)? else {
         return Ok(None);
     };
@@ -691,7 +696,7 @@ async fn authenticate(parts: &mut Parts, verifier: &Verifier) -> Result<Option<A
     match verifier.verify(token).await {
         Ok(claims) => {
             let user = AuthUser(Arc::new(claims));
-            tracing::Span::current().record("user_id", tracing::field::display(user.id()));
+            crate::telemetry::record_user(user.id());
             parts.extensions.insert(user.clone());
             Ok(Some(user))
         }

@@ -14,3 +14,5 @@ pub mod http;
 pub mod serve;
 pub mod telemetry;
 pub mod time;
+#[cfg(feature = "testing")]
+pub mod testing;

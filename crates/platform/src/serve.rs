@@ -269,3 +269,34 @@ pub fn not_configured(function: &Function, missing: Vec<&'static str>) -> Router
     }
     router
 }
+
+/// Every function's router in one, each built from a fresh loader (so each
+/// reports its own problems), wrapped in the shared layers once. A function
+/// whose configuration is incomplete answers 503 `not_configured`. Used by
+/// the dev server and in-process tests.
+pub fn compose(
+    functions: &[Function],
+    env: impl Fn() -> Loader,
+    resources: &Resources,
+) -> (Router, Vec<(&'static str, crate::config::ConfigErrors)>) {
+    let mut loader = env();
+    let core = CoreConfig::load(&mut loader);
+    let mut router = Router::new();
+    let mut failures = Vec::new();
+    for function in functions {
+        let mut loader = env();
+        let built = (function.build)(&mut loader, resources);
+        match (loader.finish(), built) {
+            (Ok(_), Some(r)) => router = router.merge(r),
+            (Err(errors), _) => {
+                let vars = errors.0.iter().map(|p| p.variable).collect();
+                router = router.merge(not_configured(function, vars));
+                failures.push((function.name, errors));
+            }
+            (Ok(_), None) => {
+                router = router.merge(not_configured(function, Vec::new()));
+            }
+        }
+    }
+    (crate::http::stack(router, &core), failures)
+}

@@ -117,7 +117,10 @@ fn hs256_over_parts(secret: &[u8], header: &str, payload: &str) -> String {
     let message = format!("{header}.{payload}");
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
     mac.update(message.as_bytes());
-    format!("{message}.{}", URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+    format!(
+        "{message}.{}",
+        URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes())
+    )
 }
 
 /// Replaces the payload of a signed token, keeping header and signature.
@@ -211,7 +214,7 @@ async fn key_rotation_new_kid_is_accepted_after_a_bounded_refetch() {
     let server = JwksServer::start(jwks_json(&[&old])).await;
     let v = verifier(&server).with_jwks_timing(
         Duration::from_secs(600),
-        Duration::from_millis(300),
+        Duration::from_millis(800),
         Duration::from_millis(50),
     );
     v.verify(&old.sign(&claims_for(Uuid::new_v4())))
@@ -225,7 +228,7 @@ async fn key_rotation_new_kid_is_accepted_after_a_bounded_refetch() {
     assert_eq!(v.verify(&token).await.unwrap_err(), AuthError::UnknownKey);
     assert_eq!(server.fetches(), 1);
 
-    tokio::time::sleep(Duration::from_millis(350)).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
     v.verify(&token).await.unwrap();
     assert_eq!(server.fetches(), 2);
     v.verify(&old.sign(&claims_for(Uuid::new_v4())))
@@ -288,7 +291,11 @@ async fn jwks_failure_keeps_using_cached_keys() {
     v.verify(&key.sign(&claims_for(Uuid::new_v4())))
         .await
         .unwrap();
-    assert_eq!(server.fetches(), 2, "the stale set was refetched (and failed)");
+    assert_eq!(
+        server.fetches(),
+        2,
+        "the stale set was refetched (and failed)"
+    );
 }
 
 #[tokio::test]
@@ -452,10 +459,7 @@ async fn expired_token_is_rejected_beyond_the_leeway() {
     let v = hs256_only();
     let mut c = claims_for(Uuid::new_v4());
     c["exp"] = json!(now() - 60);
-    assert_eq!(
-        v.verify(&hs256(&c)).await.unwrap_err(),
-        AuthError::Expired
-    );
+    assert_eq!(v.verify(&hs256(&c)).await.unwrap_err(), AuthError::Expired);
     c["exp"] = json!(now() - 10);
     v.verify(&hs256(&c)).await.unwrap();
     c.as_object_mut().unwrap().remove("exp");
@@ -547,7 +551,7 @@ async fn unknown_kid_is_rejected_and_refetch_is_bounded() {
         let token = attacker.sign_with_kid(Some(&kid), &claims_for(Uuid::new_v4()));
         assert_eq!(v.verify(&token).await.unwrap_err(), AuthError::UnknownKey);
     }
-    assert!(server.fetches() <= 2, "fetches: {}", server.fetches());
+    assert_eq!(server.fetches(), 1, "one fetch for 50 random kids");
 
     // Warm cache: still no fetch per request.
     let before = server.fetches();
@@ -669,15 +673,29 @@ async fn malformed_tokens_are_rejected() {
         format!("{}.{}.", parts[0], parts[1]),
         "!!!.@@@.###".to_owned(),
         format!("{}=.{}.{}", parts[0], parts[1], parts[2]),
-        format!("{}.{}.{}", URL_SAFE_NO_PAD.encode("not json"), parts[1], parts[2]),
-        format!("{}.{}.{}", URL_SAFE_NO_PAD.encode("[1,2]"), parts[1], parts[2]),
+        format!(
+            "{}.{}.{}",
+            URL_SAFE_NO_PAD.encode("not json"),
+            parts[1],
+            parts[2]
+        ),
+        format!(
+            "{}.{}.{}",
+            URL_SAFE_NO_PAD.encode("[1,2]"),
+            parts[1],
+            parts[2]
+        ),
         // Valid signatures over a non-JSON and a non-object payload.
         hs256_over_parts(
             TEST_JWT_SECRET.as_bytes(),
             &header,
             &URL_SAFE_NO_PAD.encode("not json"),
         ),
-        hs256_over_parts(TEST_JWT_SECRET.as_bytes(), &header, &URL_SAFE_NO_PAD.encode("42")),
+        hs256_over_parts(
+            TEST_JWT_SECRET.as_bytes(),
+            &header,
+            &URL_SAFE_NO_PAD.encode("42"),
+        ),
         format!("{good}{}", "A".repeat(MAX_TOKEN_BYTES)),
     ];
     for (i, token) in cases.iter().enumerate() {

@@ -1,0 +1,185 @@
+//! Test support (feature `testing`): a fresh, migrated database per test.
+//!
+//! The first test in a run migrates a template database (named after the
+//! migrations' checksums, so a changed migration builds a new one); every
+//! test then gets `CREATE DATABASE … TEMPLATE`, which takes milliseconds.
+//! Tests connect as `stagepass_app`, the same unprivileged login the
+//! functions use, so row-level security is exercised for real.
+//!
+//! `DATABASE_ADMIN_URL` names a superuser connection to the cluster
+//! (default `postgres://postgres@127.0.0.1:5432/postgres`).
+
+use std::str::FromStr;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+
+use crate::db::MIGRATOR;
+
+pub const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+/// Every test database's name starts with this (cleanup drops leftovers).
+pub const TEST_DB_PREFIX: &str = "stagepass_t_";
+
+pub fn admin_url() -> String {
+    std::env::var("DATABASE_ADMIN_URL").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned())
+}
+
+/// A throwaway database, dropped when the value is dropped.
+pub struct TestDb {
+    pub name: String,
+    /// Pool connected as `stagepass_app` (what functions use).
+    pub app_pool: PgPool,
+    /// Pool connected as the superuser (fixtures, inspection).
+    pub admin_pool: PgPool,
+    admin_options: PgConnectOptions,
+}
+
+impl TestDb {
+    pub async fn new() -> TestDb {
+        let admin_options =
+            PgConnectOptions::from_str(&admin_url()).expect("DATABASE_ADMIN_URL is not a URL");
+        let template = ensure_template(&admin_options).await;
+        let name = format!("{TEST_DB_PREFIX}{}", uuid::Uuid::new_v4().simple());
+        let mut conn = admin_options.connect().await.expect("connect as admin");
+        // One creation at a time: CREATE DATABASE … TEMPLATE refuses while
+        // another session uses the template.
+        sqlx::query("select pg_advisory_lock(7401)")
+            .execute(&mut conn)
+            .await
+            .expect("lock");
+        sqlx::query(sqlx::AssertSqlSafe(format!(r#"create database "{name}" template "{template}""#)))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        sqlx::query("select pg_advisory_unlock(7401)")
+            .execute(&mut conn)
+            .await
+            .expect("unlock");
+        let _ = conn.close().await;
+        let db_admin = admin_options.clone().database(&name);
+        let app = db_admin.clone().username("stagepass_app").password("");
+        TestDb {
+            app_pool: PgPoolOptions::new()
+                .max_connections(8)
+                .connect_with(app)
+                .await
+                .expect("connect as stagepass_app"),
+            admin_pool: PgPoolOptions::new()
+                .max_connections(4)
+                .connect_with(db_admin)
+                .await
+                .expect("connect to test database as admin"),
+            name,
+            admin_options,
+        }
+    }
+
+    /// A `postgres://` URL for this database as `stagepass_app` (for
+    /// function binaries started by end-to-end tests).
+    pub fn app_url(&self) -> String {
+        let mut url = url::Url::parse(&admin_url()).expect("admin url");
+        let _ = url.set_username("stagepass_app");
+        let _ = url.set_password(None);
+        url.set_path(&format!("/{}", self.name));
+        url.to_string()
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let options = self.admin_options.clone();
+        let app = self.app_pool.clone();
+        let admin = self.admin_pool.clone();
+        // Drop runs inside a runtime; do the async cleanup on a thread of its own.
+        let handle = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                app.close().await;
+                admin.close().await;
+                if let Ok(mut conn) = options.connect().await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(r#"drop database if exists "{name}" with (force)"#)))
+                        .execute(&mut conn)
+                        .await;
+                }
+            });
+        });
+        let _ = handle.join();
+    }
+}
+
+async fn ensure_template(admin: &PgConnectOptions) -> String {
+    let digest: String = MIGRATOR
+        .iter()
+        .map(|m| format!("{}{}", m.version, hex(&m.checksum)))
+        .collect::<Vec<_>>()
+        .join("");
+    let template = format!("stagepass_tpl_{}", &fnv_hex(&digest));
+    let mut conn = admin.connect().await.expect("connect as admin");
+    sqlx::query("select pg_advisory_lock(7400)")
+        .execute(&mut conn)
+        .await
+        .expect("lock");
+    let exists: bool =
+        sqlx::query_scalar("select exists(select 1 from pg_database where datname = $1)")
+            .bind(&template)
+            .fetch_one(&mut conn)
+            .await
+            .expect("query pg_database");
+    if !exists {
+        let building = format!("{template}_building");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(r#"drop database if exists "{building}" with (force)"#)))
+            .execute(&mut conn)
+            .await;
+        sqlx::query(sqlx::AssertSqlSafe(format!(r#"create database "{building}""#)))
+            .execute(&mut conn)
+            .await
+            .expect("create template");
+        let mut tconn = admin
+            .clone()
+            .database(&building)
+            .connect()
+            .await
+            .expect("connect to template");
+        MIGRATOR.run(&mut tconn).await.expect("migrate template");
+        let _ = tconn.close().await;
+        sqlx::query(sqlx::AssertSqlSafe(format!(r#"alter database "{building}" rename to "{template}""#)))
+            .execute(&mut conn)
+            .await
+            .expect("rename template");
+    }
+    sqlx::query("select pg_advisory_unlock(7400)")
+        .execute(&mut conn)
+        .await
+        .expect("unlock");
+    let _ = conn.close().await;
+    template
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn fnv_hex(s: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+/// Connects one raw connection as the superuser to `db` (RLS probes).
+pub async fn admin_connection(db: &TestDb) -> PgConnection {
+    db.admin_options
+        .clone()
+        .database(&db.name)
+        .connect()
+        .await
+        .expect("connect")
+}
