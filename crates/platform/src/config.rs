@@ -26,7 +26,11 @@ pub struct ConfigProblem {
 
 impl fmt::Display for ConfigProblem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {} (hint: {})", self.variable, self.problem, self.hint)
+        write!(
+            f,
+            "{}: {} (hint: {})",
+            self.variable, self.problem, self.hint
+        )
     }
 }
 
@@ -124,7 +128,12 @@ impl Loader {
             .filter(|v| !v.is_empty())
     }
 
-    pub fn problem(&mut self, variable: &'static str, problem: impl Into<String>, hint: &'static str) {
+    pub fn problem(
+        &mut self,
+        variable: &'static str,
+        problem: impl Into<String>,
+        hint: &'static str,
+    ) {
         self.problems.push(ConfigProblem {
             variable,
             problem: problem.into(),
@@ -189,7 +198,12 @@ impl Loader {
 
     /// A URL whose scheme is one of `schemes`. In development and test,
     /// `http` is also accepted where `https` is asked for (local stand-ins).
-    pub fn url(&mut self, name: &'static str, schemes: &[&str], hint: &'static str) -> Option<url::Url> {
+    pub fn url(
+        &mut self,
+        name: &'static str,
+        schemes: &[&str],
+        hint: &'static str,
+    ) -> Option<url::Url> {
         let raw = self.required(name, hint)?;
         self.parse_url(name, &raw, schemes, hint)
     }
@@ -285,12 +299,15 @@ impl CoreConfig {
                 "e.g. https://stagepass-*-team.vercel.app",
             );
         }
-        let sentry_dsn = l.optional_secret("SENTRY_DSN", "a Sentry DSN URL", |v| {
-            match url::Url::parse(v) {
-                Ok(u) if !u.username().is_empty() && u.path().len() > 1 => Ok(()),
-                _ => Err("is not a Sentry DSN (scheme://public_key@host/project_id)"),
-            }
-        });
+        let sentry_dsn =
+            l.optional_secret(
+                "SENTRY_DSN",
+                "a Sentry DSN URL",
+                |v| match url::Url::parse(v) {
+                    Ok(u) if !u.username().is_empty() && u.path().len() > 1 => Ok(()),
+                    _ => Err("is not a Sentry DSN (scheme://public_key@host/project_id)"),
+                },
+            );
         CoreConfig {
             app_env: l.app_env(),
             allowed_origins,
@@ -397,7 +414,10 @@ impl AuthConfig {
     }
 
     pub fn issuer(&self) -> String {
-        format!("{}/auth/v1", self.supabase_url.as_str().trim_end_matches('/'))
+        format!(
+            "{}/auth/v1",
+            self.supabase_url.as_str().trim_end_matches('/')
+        )
     }
 
     pub fn jwks_url(&self) -> String {
@@ -579,7 +599,11 @@ pub struct QstashConfig {
 
 impl QstashConfig {
     pub fn load(l: &mut Loader) -> Option<QstashConfig> {
-        let token = l.required_secret("QSTASH_TOKEN", "Upstash console → QStash → token", |_| Ok(()));
+        let token = l.required_secret(
+            "QSTASH_TOKEN",
+            "Upstash console → QStash → token",
+            |_| Ok(()),
+        );
         let sig = |v: &str| {
             if v.starts_with("sig_") {
                 Ok(())
@@ -673,7 +697,11 @@ mod tests {
             assert!(vars.contains(&v), "{v} missing from {vars:?}");
         }
         let text = errors.to_string();
-        for secret in ["hunter2-very-secret", "short-secret-value", "pk_live_abcdef123"] {
+        for secret in [
+            "hunter2-very-secret",
+            "short-secret-value",
+            "pk_live_abcdef123",
+        ] {
             assert!(!text.contains(secret), "secret echoed: {text}");
         }
     }
@@ -682,7 +710,10 @@ mod tests {
     fn a_valid_environment_loads() {
         let mut l = Loader::from_map([
             ("APP_ENV", "production"),
-            ("ALLOWED_ORIGINS", "https://stagepass.app, https://www.stagepass.app"),
+            (
+                "ALLOWED_ORIGINS",
+                "https://stagepass.app, https://www.stagepass.app",
+            ),
             ("DATABASE_URL", "postgres://app:pw@db:5432/postgres"),
             ("SUPABASE_URL", "https://abcd.supabase.co"),
         ]);

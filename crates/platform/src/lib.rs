@@ -13,6 +13,6 @@ pub mod db;
 pub mod http;
 pub mod serve;
 pub mod telemetry;
-pub mod time;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod time;

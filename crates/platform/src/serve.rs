@@ -93,6 +93,20 @@ pub fn build(
 
 /// The entry point of every `api/**/*.rs` binary.
 pub fn run(function: Function) -> ExitCode {
+    // One thread: a serverless instance has a fraction of a core, and a
+    // current-thread runtime starts fastest. Entered before building, since
+    // pools and clients bind to the runtime they are created in.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{}: cannot start the runtime: {e}", function.name);
+            return ExitCode::FAILURE;
+        }
+    };
+    let _entered = runtime.enter();
     let mut loader = Loader::from_env();
     let resources = Resources::default();
     let built = build(&function, &mut loader, &resources);
@@ -114,18 +128,6 @@ pub fn run(function: Function) -> ExitCode {
         tracing::warn!(function = function.name, "{w}");
     }
     let app = crate::http::stack(router, &core);
-    // One thread: a serverless instance has a fraction of a core, and a
-    // current-thread runtime starts fastest.
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("{}: cannot start the runtime: {e}", function.name);
-            return ExitCode::FAILURE;
-        }
-    };
     match runtime.block_on(serve_platform(app)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -186,8 +188,12 @@ pub struct VercelAdapter {
 
 type AdapterFuture = Pin<
     Box<
-        dyn Future<Output = Result<hyper::Response<vercel_runtime::ResponseBody>, vercel_runtime::Error>>
-            + Send,
+        dyn Future<
+                Output = Result<
+                    hyper::Response<vercel_runtime::ResponseBody>,
+                    vercel_runtime::Error,
+                >,
+            > + Send,
     >,
 >;
 
@@ -200,7 +206,10 @@ impl tower::Service<(vercel_runtime::AppState, vercel_runtime::Request)> for Ver
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, (state, req): (vercel_runtime::AppState, vercel_runtime::Request)) -> Self::Future {
+    fn call(
+        &mut self,
+        (state, req): (vercel_runtime::AppState, vercel_runtime::Request),
+    ) -> Self::Future {
         let router = self.router.clone();
         Box::pin(async move {
             let (mut parts, body) = req.into_parts();

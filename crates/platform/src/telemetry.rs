@@ -57,8 +57,11 @@ pub fn init(function: &'static str, core: &CoreConfig) {
 
 fn init_tracing(json: bool) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     // `try_init` fails when a subscriber is already set (tests): that is fine.
     let _ = if json {
         builder.json().flatten_event(true).try_init()
@@ -185,7 +188,15 @@ fn scrub_event(event: &mut sentry::protocol::Event<'static>) {
 /// of a connection URL.
 pub fn scrub(text: &str) -> String {
     const PREFIXES: [&str; 9] = [
-        "sk_live_", "sk_test_", "rk_live_", "rk_test_", "whsec_", "sig_", "Bearer ", "eyJ", "v1,whsec_",
+        "sk_live_",
+        "sk_test_",
+        "rk_live_",
+        "rk_test_",
+        "whsec_",
+        "sig_",
+        "Bearer ",
+        "eyJ",
+        "v1,whsec_",
     ];
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -227,12 +238,17 @@ mod tests {
 
     #[test]
     fn scrubs_secrets() {
-        let s = scrub("key sk_live_abc123 and Bearer eyJhbGci.x.y, postgres://app:hunter2@db:5432/x whsec_zzz");
+        let s = scrub(
+            "key sk_live_abc123 and Bearer eyJhbGci.x.y, postgres://app:hunter2@db:5432/x whsec_zzz",
+        );
         assert!(!s.contains("abc123"), "{s}");
         assert!(!s.contains("eyJhbGci"), "{s}");
         assert!(!s.contains("hunter2"), "{s}");
         assert!(!s.contains("zzz"), "{s}");
         assert!(s.contains("postgres://app:[Filtered]@db:5432/x"), "{s}");
-        assert_eq!(scrub("plain text, nothing here"), "plain text, nothing here");
+        assert_eq!(
+            scrub("plain text, nothing here"),
+            "plain text, nothing here"
+        );
     }
 }

@@ -47,10 +47,12 @@ impl TestDb {
             .execute(&mut conn)
             .await
             .expect("lock");
-        sqlx::query(sqlx::AssertSqlSafe(format!(r#"create database "{name}" template "{template}""#)))
-            .execute(&mut conn)
-            .await
-            .expect("create test database");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            r#"create database "{name}" template "{template}""#
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("create test database");
         sqlx::query("select pg_advisory_unlock(7401)")
             .execute(&mut conn)
             .await
@@ -89,9 +91,10 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         let name = self.name.clone();
         let options = self.admin_options.clone();
-        let app = self.app_pool.clone();
-        let admin = self.admin_pool.clone();
-        // Drop runs inside a runtime; do the async cleanup on a thread of its own.
+        // Drop runs inside the test's runtime, which may be single-threaded
+        // and is blocked here: do the cleanup on a thread with a runtime of
+        // its own, and do not wait for the pools to close (their tasks live
+        // on the blocked runtime). `with (force)` ends their sessions.
         let handle = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -100,12 +103,12 @@ impl Drop for TestDb {
                 return;
             };
             rt.block_on(async move {
-                app.close().await;
-                admin.close().await;
                 if let Ok(mut conn) = options.connect().await {
-                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(r#"drop database if exists "{name}" with (force)"#)))
-                        .execute(&mut conn)
-                        .await;
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        r#"drop database if exists "{name}" with (force)"#
+                    )))
+                    .execute(&mut conn)
+                    .await;
                 }
             });
         });
@@ -133,13 +136,17 @@ async fn ensure_template(admin: &PgConnectOptions) -> String {
             .expect("query pg_database");
     if !exists {
         let building = format!("{template}_building");
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(r#"drop database if exists "{building}" with (force)"#)))
-            .execute(&mut conn)
-            .await;
-        sqlx::query(sqlx::AssertSqlSafe(format!(r#"create database "{building}""#)))
-            .execute(&mut conn)
-            .await
-            .expect("create template");
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            r#"drop database if exists "{building}" with (force)"#
+        )))
+        .execute(&mut conn)
+        .await;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            r#"create database "{building}""#
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("create template");
         let mut tconn = admin
             .clone()
             .database(&building)
@@ -148,10 +155,12 @@ async fn ensure_template(admin: &PgConnectOptions) -> String {
             .expect("connect to template");
         MIGRATOR.run(&mut tconn).await.expect("migrate template");
         let _ = tconn.close().await;
-        sqlx::query(sqlx::AssertSqlSafe(format!(r#"alter database "{building}" rename to "{template}""#)))
-            .execute(&mut conn)
-            .await
-            .expect("rename template");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            r#"alter database "{building}" rename to "{template}""#
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("rename template");
     }
     sqlx::query("select pg_advisory_unlock(7400)")
         .execute(&mut conn)

@@ -76,7 +76,11 @@ pub async fn set_role(
     JsonBody(change): JsonBody<RoleChange>,
 ) -> ApiResult<Json<RoleChanged>> {
     let target = Uuid::parse_str(&id).map_err(|_| ApiError::field("id", "must be a UUID"))?;
-    if change.reason.as_ref().is_some_and(|r| r.chars().count() > 500) {
+    if change
+        .reason
+        .as_ref()
+        .is_some_and(|r| r.chars().count() > 500)
+    {
         return Err(ApiError::field("reason", "at most 500 characters"));
     }
     let mut tx = db::begin_user(&api.pool, user.claims()).await?;
@@ -92,10 +96,9 @@ pub async fn set_role(
         .map_err(|e| match db::sqlstate(&e).as_deref() {
             Some("42501") => ApiError::Forbidden("admin_required"),
             Some("P0002") => ApiError::NotFound,
-            Some("P0001") => ApiError::Conflict(
-                "last_admin",
-                "cannot remove the last admin".into(),
-            ),
+            Some("P0001") => {
+                ApiError::Conflict("last_admin", "cannot remove the last admin".into())
+            }
             _ => e.into(),
         })?;
     tx.commit().await?;

@@ -79,8 +79,14 @@ impl HookKey {
 
     /// The `webhook-signature` value for a payload (tests and tools).
     pub fn sign(&self, id: &str, timestamp: i64, body: &[u8]) -> String {
-        let tag = self.mac(id, &timestamp.to_string(), body).finalize().into_bytes();
-        format!("v1,{}", base64::engine::general_purpose::STANDARD.encode(tag))
+        let tag = self
+            .mac(id, &timestamp.to_string(), body)
+            .finalize()
+            .into_bytes();
+        format!(
+            "v1,{}",
+            base64::engine::general_purpose::STANDARD.encode(tag)
+        )
     }
 
     /// Verifies the three Standard Webhooks headers against the raw body.

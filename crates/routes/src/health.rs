@@ -52,7 +52,11 @@ pub async fn health() -> Json<Health> {
 
 fn build_ready(l: &mut Loader, r: &Resources) -> Option<Router> {
     let pool = r.db(&DbConfig::load(l)?)?;
-    Some(Router::new().route("/api/health/ready", get(ready)).with_state(pool))
+    Some(
+        Router::new()
+            .route("/api/health/ready", get(ready))
+            .with_state(pool),
+    )
 }
 
 /// Readiness: the database answers within 2 s.

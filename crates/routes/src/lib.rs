@@ -10,8 +10,8 @@ pub mod me;
 pub mod openapi;
 mod state;
 
-pub use state::UserApi;
 use stagepass_platform::serve::Function;
+pub use state::UserApi;
 
 /// Every deployable function. A test checks that each has an `api/` binary,
 /// a documented OpenAPI operation, and a router that builds.

@@ -47,16 +47,26 @@ pub struct Me {
     pub created_at: DateTime<Utc>,
 }
 
+/// Makes the caller exist (first sight) and copies the token's e-mail. Its
+/// own statement: a statement's snapshot does not see rows written by a
+/// function it calls, so reading `user_private` in the same statement would
+/// return the e-mail as it was *before* this request.
+const ENSURE_ME: &str = "select 1 from app.ensure_current_user()";
+
 const SELECT_ME: &str = "select u.id, u.role, u.handle, u.display_name, \
      p.email, coalesce(p.email_verified, false) as email_verified, u.created_at \
-     from app.ensure_current_user() u left join app.user_private p on p.user_id = u.id";
+     from app.users u left join app.user_private p on p.user_id = u.id \
+     where u.id = auth.uid()";
 
 #[utoipa::path(get, path = "/api/v1/me", tag = "session", security(("bearer" = [])),
     responses((status = 200, body = Me),
               (status = 401, body = crate::openapi::Problem)))]
 pub async fn get_me(State(api): State<UserApi>, user: AuthUser) -> ApiResult<Json<Me>> {
     let mut tx = db::begin_user(&api.pool, user.claims()).await?;
-    let me = sqlx::query_as::<_, Me>(SELECT_ME).fetch_one(&mut *tx).await?;
+    sqlx::query(ENSURE_ME).execute(&mut *tx).await?;
+    let me = sqlx::query_as::<_, Me>(SELECT_ME)
+        .fetch_one(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(Json(me))
 }
@@ -125,9 +135,7 @@ pub async fn patch_me(
     let mut tx = db::begin_user(&api.pool, user.claims()).await?;
     // Runs under RLS as `authenticated`: the policy and the column grants
     // allow exactly this row and exactly these two columns.
-    sqlx::query("select 1 from app.ensure_current_user()")
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(ENSURE_ME).execute(&mut *tx).await?;
     sqlx::query(
         "update app.users set handle = coalesce($1, handle), \
          display_name = coalesce($2, display_name) where id = auth.uid()",
@@ -139,7 +147,9 @@ pub async fn patch_me(
     .on_constraint("users_handle_key", || {
         ApiError::Conflict("handle_taken", "that handle is taken".into())
     })?;
-    let me = sqlx::query_as::<_, Me>(SELECT_ME).fetch_one(&mut *tx).await?;
+    let me = sqlx::query_as::<_, Me>(SELECT_ME)
+        .fetch_one(&mut *tx)
+        .await?;
     tx.commit().await?;
     Ok(Json(me))
 }

@@ -13,8 +13,14 @@ use crate::config::CoreConfig;
 
 const ALLOWED_METHODS: &str = "GET, POST, PUT, PATCH, DELETE";
 /// Request headers a browser may send (lower case).
-const ALLOWED_HEADERS: [&str; 4] = ["authorization", "content-type", "idempotency-key", "request-id"];
-const EXPOSED_HEADERS: &str = "Request-Id, API-Version, RateLimit, RateLimit-Policy, Retry-After, Idempotency-Replayed";
+const ALLOWED_HEADERS: [&str; 4] = [
+    "authorization",
+    "content-type",
+    "idempotency-key",
+    "request-id",
+];
+const EXPOSED_HEADERS: &str =
+    "Request-Id, API-Version, RateLimit, RateLimit-Policy, Retry-After, Idempotency-Replayed";
 const MAX_AGE_SECONDS: &str = "600";
 
 #[derive(Clone, Debug)]
@@ -29,10 +35,10 @@ struct Inner {
 
 impl Cors {
     pub fn from_config(core: &CoreConfig) -> Cors {
-        let pattern = core.preview_origin_pattern.as_ref().and_then(|p| {
-            p.split_once('*')
-                .map(|(a, b)| (a.to_owned(), b.to_owned()))
-        });
+        let pattern = core
+            .preview_origin_pattern
+            .as_ref()
+            .and_then(|p| p.split_once('*').map(|(a, b)| (a.to_owned(), b.to_owned())));
         Cors(Arc::new(Inner {
             exact: core.allowed_origins.clone(),
             pattern,
@@ -127,7 +133,9 @@ fn preflight(cors: &Cors, origin: Option<&str>, headers: &HeaderMap) -> Response
     );
     h.insert(
         header::VARY,
-        HeaderValue::from_static("Origin, Access-Control-Request-Method, Access-Control-Request-Headers"),
+        HeaderValue::from_static(
+            "Origin, Access-Control-Request-Method, Access-Control-Request-Headers",
+        ),
     );
     response
 }

@@ -28,6 +28,9 @@ pub async fn catch_panic(req: Request, next: Next) -> Response {
             let mut response =
                 ApiError::Internal(format!("handler panicked: {message}").into()).into_response();
             response.extensions_mut().insert(Panicked(message));
+            // The panic unwound through the security-headers layer (inside
+            // this one), so this response must get the header set here.
+            super::headers::apply(&mut response);
             response
         }
     }

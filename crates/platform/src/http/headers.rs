@@ -40,6 +40,13 @@ pub async fn security_headers(req: Request, next: Next) -> Response {
             response.headers_mut().insert(header::ALLOW, allow);
         }
     }
+    apply(&mut response);
+    response
+}
+
+/// Puts the header set on `response` (also used by the panic guard, whose
+/// 500 never passes back through [`security_headers`]).
+pub fn apply(response: &mut Response) {
     let headers = response.headers_mut();
     for (name, value) in SECURITY_HEADERS {
         headers.insert(
@@ -56,5 +63,4 @@ pub async fn security_headers(req: Request, next: Next) -> Response {
         header::VARY,
         HeaderValue::from_static("Authorization, Origin"),
     );
-    response
 }

@@ -30,7 +30,9 @@ pub fn stack(router: Router, core: &CoreConfig) -> Router {
     router
         .fallback(|| async { ApiError::NotFound })
         .layer(from_fn(guard::request_rules))
-        .layer(from_fn(move |req, next| cors::apply(cors.clone(), req, next)))
+        .layer(from_fn(move |req, next| {
+            cors::apply(cors.clone(), req, next)
+        }))
         .layer(from_fn(headers::security_headers))
         .layer(from_fn(crate::telemetry::observe))
         .layer(from_fn(guard::catch_panic))

@@ -228,9 +228,10 @@ pub fn current_request_id() -> Option<String> {
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
-            sqlx::Error::PoolTimedOut => {
-                ApiError::Unavailable("database_busy", "the database is busy; retry shortly".into())
-            }
+            sqlx::Error::PoolTimedOut => ApiError::Unavailable(
+                "database_busy",
+                "the database is busy; retry shortly".into(),
+            ),
             _ => ApiError::internal(e),
         }
     }

@@ -1,0 +1,469 @@
+//! `GET /api/v1/me` and `PATCH /api/v1/me`: first sight, identity only from
+//! the verified token (SPEC §6 defect 8), strict JSON bodies.
+
+mod common;
+
+use common::{TestApp, claims_for, sign_claims, token_for};
+use http::StatusCode;
+use serde_json::json;
+use uuid::Uuid;
+
+async fn stored_profile(app: &TestApp, id: Uuid) -> (String, Option<String>, Option<String>) {
+    sqlx::query_as("select role, handle, display_name from app.users where id = $1")
+        .bind(id)
+        .fetch_one(&app.db.admin_pool)
+        .await
+        .expect("user row")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn first_sight_creates_a_fan_with_the_tokens_email() {
+    let app = TestApp::new().await;
+    let user = app.new_user();
+    assert_eq!(app.role_of(user.id).await, None, "user must not exist yet");
+
+    let r = app.get("/api/v1/me").bearer(&user.token).send().await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let me = r.json();
+    assert_eq!(me["id"], user.id.to_string());
+    assert_eq!(me["role"], "fan");
+    assert_eq!(me["email"], user.email);
+    assert_eq!(me["email_verified"], true);
+    assert!(me["handle"].is_null());
+
+    assert_eq!(app.role_of(user.id).await.as_deref(), Some("fan"));
+    let email: Option<String> =
+        sqlx::query_scalar("select email from app.user_private where user_id = $1")
+            .bind(user.id)
+            .fetch_one(&app.db.admin_pool)
+            .await
+            .expect("user_private row");
+    assert_eq!(email.as_deref(), Some(user.email.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn second_sight_returns_the_same_row() {
+    let app = TestApp::new().await;
+    let user = app.new_user();
+    let first = app
+        .get("/api/v1/me")
+        .bearer(&user.token)
+        .send()
+        .await
+        .json();
+    let second = app
+        .get("/api/v1/me")
+        .bearer(&user.token)
+        .send()
+        .await
+        .json();
+    assert_eq!(first, second);
+    let count: i64 = sqlx::query_scalar("select count(*) from app.users where id = $1")
+        .bind(user.id)
+        .fetch_one(&app.db.admin_pool)
+        .await
+        .expect("count");
+    assert_eq!(count, 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_later_token_email_is_the_only_email_source() {
+    let app = TestApp::new().await;
+    let user = app.signed_in_user().await;
+    // Supabase reissues the token after an e-mail change: the token is the authority.
+    let token = token_for(user.id, Some("changed@example.test"));
+    let me = app.get("/api/v1/me").bearer(&token).send().await.json();
+    assert_eq!(me["email"], "changed@example.test");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_claims_cannot_set_the_role() {
+    let app = TestApp::new().await;
+    for claim in [
+        json!({ "app_role": "admin" }),
+        json!({ "user_metadata": { "role": "admin", "email_verified": true } }),
+        json!({ "app_metadata": { "role": "admin", "provider": "email" } }),
+        json!({ "app_role": "admin", "user_metadata": { "role": "admin" } }),
+    ] {
+        let id = Uuid::new_v4();
+        let mut claims = claims_for(id, Some("x@example.test"), 3600);
+        for (k, v) in claim.as_object().expect("object") {
+            claims[k] = v.clone();
+        }
+        let r = app
+            .get("/api/v1/me")
+            .bearer(&sign_claims(&claims))
+            .send()
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(
+            r.json()["role"],
+            "fan",
+            "claims {claim} must not set the role"
+        );
+        assert_eq!(app.role_of(id).await.as_deref(), Some("fan"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn creator_set_by_operator_is_kept_on_later_sign_ins() {
+    // Defect 8: mobile logins demoted creators.
+    let app = TestApp::new().await;
+    let user = app.signed_in_user().await;
+    app.set_role(user.id, "creator").await;
+    let mut claims = claims_for(user.id, Some(&user.email), 3600);
+    claims["app_role"] = json!("fan");
+    let me = app
+        .get("/api/v1/me")
+        .bearer(&sign_claims(&claims))
+        .send()
+        .await
+        .json();
+    assert_eq!(me["role"], "creator");
+    assert_eq!(app.role_of(user.id).await.as_deref(), Some("creator"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn session_response_headers() {
+    let app = TestApp::new().await;
+    let user = app.new_user();
+    let r = app.get("/api/v1/me").bearer(&user.token).send().await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let vary = r.header_all("vary").to_ascii_lowercase();
+    assert!(vary.contains("authorization"), "Vary: {vary}");
+    assert!(vary.contains("origin"), "Vary: {vary}");
+    let request_id = r.header("request-id").expect("Request-Id");
+    assert!(
+        Uuid::parse_str(request_id).is_ok(),
+        "Request-Id {request_id}"
+    );
+    assert_eq!(r.header("api-version"), Some("1"));
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("application/json")),
+        "content type {:?}",
+        r.header("content-type")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_token_is_401_missing_token() {
+    let app = TestApp::new().await;
+    let r = app.get("/api/v1/me").send().await;
+    r.assert_problem(StatusCode::UNAUTHORIZED, "missing_token");
+    assert_eq!(app.total_role_changes().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_token_is_401_invalid_token() {
+    let app = TestApp::new().await;
+    for value in [
+        "Bearer garbage",
+        "Bearer a.b.c",
+        "Basic dXNlcjpwYXNz",
+        "Bearer ",
+    ] {
+        let r = app
+            .get("/api/v1/me")
+            .header("authorization", value)
+            .send()
+            .await;
+        r.assert_problem(StatusCode::UNAUTHORIZED, "invalid_token");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_signed_with_another_secret_is_401() {
+    let app = TestApp::new().await;
+    let id = Uuid::new_v4();
+    let token = stagepass_platform::auth::testing::mint_hs256(
+        "a-completely-different-secret-0123456789abcdef",
+        common::ISSUER,
+        id,
+        Some("x@example.test"),
+        3600,
+    );
+    let r = app.get("/api/v1/me").bearer(&token).send().await;
+    r.assert_problem(StatusCode::UNAUTHORIZED, "invalid_token");
+    assert_eq!(app.role_of(id).await, None, "no user may be created");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_token_is_401() {
+    let app = TestApp::new().await;
+    let id = Uuid::new_v4();
+    let token = sign_claims(&claims_for(id, Some("x@example.test"), -3600));
+    let r = app.get("/api/v1/me").bearer(&token).send().await;
+    r.assert_problem(StatusCode::UNAUTHORIZED, "invalid_token");
+    assert_eq!(app.role_of(id).await, None, "no user may be created");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn patch_updates_handle_and_display_name() {
+    let app = TestApp::new().await;
+    let user = app.signed_in_user().await;
+    let r = app
+        .patch("/api/v1/me")
+        .bearer(&user.token)
+        .json(&json!({ "handle": "  Jane_Doe42 ", "display_name": " Jane Doe " }))
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let me = r.json();
+    assert_eq!(me["handle"], "jane_doe42");
+    assert_eq!(me["display_name"], "Jane Doe");
+    assert_eq!(me["role"], "fan");
+    assert_eq!(
+        stored_profile(&app, user.id).await,
+        (
+            "fan".into(),
+            Some("jane_doe42".into()),
+            Some("Jane Doe".into())
+        )
+    );
+
+    // Only one field: the other is kept.
+    let r = app
+        .patch("/api/v1/me")
+        .bearer(&user.token)
+        .json(&json!({ "display_name": "J" }))
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        stored_profile(&app, user.id).await,
+        ("fan".into(), Some("jane_doe42".into()), Some("J".into()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn patch_on_first_sight_creates_the_user() {
+    let app = TestApp::new().await;
+    let user = app.new_user();
+    let r = app
+        .patch("/api/v1/me")
+        .bearer(&user.token)
+        .json(&json!({ "handle": "newbie" }))
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["handle"], "newbie");
+    assert_eq!(stored_profile(&app, user.id).await.0, "fan");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn patch_refuses_role_as_unknown_field() {
+    let app = TestApp::new().await;
+    let user = app.signed_in_user().await;
+    let before = stored_profile(&app, user.id).await;
+    for body in [
+        json!({ "role": "admin" }),
+        json!({ "handle": "sneaky", "role": "admin" }),
+        json!({ "display_name": "x", "role": "creator" }),
+    ] {
+        let r = app
+            .patch("/api/v1/me")
+            .bearer(&user.token)
+            .json(&body)
+            .send()
+            .await;
+        r.assert_problem(StatusCode::BAD_REQUEST, "validation_failed");
+        assert_eq!(r.first_error_field(), "role", "body {body}");
+        assert_eq!(
+            stored_profile(&app, user.id).await,
+            before,
+            "row changed by {body}"
+        );
+    }
+    for (body, field) in [
+        (json!({ "email": "attacker@example.test" }), "email"),
+        (json!({ "id": Uuid::new_v4() }), "id"),
+    ] {
+        let r = app
+            .patch("/api/v1/me")
+            .bearer(&user.token)
+            .json(&body)
+            .send()
+            .await;
+        r.assert_problem(StatusCode::BAD_REQUEST, "validation_failed");
+        assert_eq!(r.first_error_field(), field);
+    }
+    let email: Option<String> =
+        sqlx::query_scalar("select email from app.user_private where user_id = $1")
+            .bind(user.id)
+            .fetch_one(&app.db.admin_pool)
+            .await
+            .expect("email");
+    assert_eq!(email.as_deref(), Some(user.email.as_str()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn patch_wrong_type_names_the_field() {
+    let app = TestApp::new().await;
+    let user = app.signed_in_user().await;
+    for (body, field) in [
+        (json!({ "handle": 42 }), "handle"),
+        (json!({ "display_name": ["a"] }), "display_name"),
+        (
+            json!({ "handle": "okay_handle", "display_name": true }),
+            "display_name",
+        ),
+    ] {
+        let r = app
+            .patch("/api/v1/me")
+            .bearer(&user.token)
+            .json(&body)
+            .send()
+            .await;
+        r.assert_problem(StatusCode::BAD_REQUEST, "validation_failed");
+        assert_eq!(r.first_error_field(), field, "body {body}");
+    }
+    assert_eq!(stored_profile(&app, user.id).await.1, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn patch_bad_handle_format_is_400() {
+    let app = TestApp::new().await;
+    let user = app.signed_in_user().await;
+    for handle in [
+        "ab",
+        "has space",
+        "dash-ed",
+        "émile",
+        "x".repeat(31).as_str(),
+        "",
+    ] {
+        let r = app
+            .patch("/api/v1/me")
+            .bearer(&user.token)
+            .json(&json!({ "handle": handle }))
+            .send()
+            .await;
+        r.assert_problem(StatusCode::BAD_REQUEST, "validation_failed");
+        assert_eq!(r.first_error_field(), "handle", "handle {handle:?}");
+    }
+    let r = app
+        .patch("/api/v1/me")
+        .bearer(&user.token)
+        .json(&json!({ "display_name": "bad\u{0007}name" }))
+        .send()
+        .await;
+    r.assert_problem(StatusCode::BAD_REQUEST, "validation_failed");
+    assert_eq!(r.first_error_field(), "display_name");
+    assert_eq!(
+        stored_profile(&app, user.id).await,
+        ("fan".into(), None, None)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn patch_empty_body_is_400() {
+    let app = TestApp::new().await;
+    let user = app.signed_in_user().await;
+    let r = app
+        .patch("/api/v1/me")
+        .bearer(&user.token)
+        .json(&json!({}))
+        .send()
+        .await;
+    r.assert_problem(StatusCode::BAD_REQUEST, "validation_failed");
+    // Not JSON at all is also a 400 (never a 500).
+    let r = app
+        .patch("/api/v1/me")
+        .bearer(&user.token)
+        .raw_body("application/json", "{not json")
+        .send()
+        .await;
+    r.assert_problem(StatusCode::BAD_REQUEST, "bad_request");
+    let r = app
+        .patch("/api/v1/me")
+        .bearer(&user.token)
+        .raw_body("application/json", "")
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn patch_duplicate_handle_is_409() {
+    let app = TestApp::new().await;
+    let alice = app.signed_in_user().await;
+    let bob = app.signed_in_user().await;
+    let r = app
+        .patch("/api/v1/me")
+        .bearer(&alice.token)
+        .json(&json!({ "handle": "taken_one" }))
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // Case-insensitive: stored lower-case, so "TAKEN_ONE" collides.
+    let r = app
+        .patch("/api/v1/me")
+        .bearer(&bob.token)
+        .json(&json!({ "handle": "TAKEN_ONE", "display_name": "Bob" }))
+        .send()
+        .await;
+    r.assert_problem(StatusCode::CONFLICT, "handle_taken");
+    assert_eq!(
+        stored_profile(&app, bob.id).await,
+        ("fan".into(), None, None)
+    );
+    // Setting one's own handle again is fine.
+    let r = app
+        .patch("/api/v1/me")
+        .bearer(&alice.token)
+        .json(&json!({ "handle": "taken_one" }))
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn patch_needs_json_content_type() {
+    let app = TestApp::new().await;
+    let user = app.signed_in_user().await;
+    for ct in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data",
+    ] {
+        let r = app
+            .patch("/api/v1/me")
+            .bearer(&user.token)
+            .raw_body(ct, r#"{"handle":"plain_text"}"#)
+            .send()
+            .await;
+        r.assert_problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+    }
+    // No content type at all.
+    let r = app.patch("/api/v1/me").bearer(&user.token).send().await;
+    r.assert_problem(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+    assert_eq!(stored_profile(&app, user.id).await.1, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn patch_body_over_64_kib_is_413() {
+    let app = TestApp::new().await;
+    let user = app.signed_in_user().await;
+    let big = json!({ "display_name": "x".repeat(70 * 1024) });
+    let r = app
+        .patch("/api/v1/me")
+        .bearer(&user.token)
+        .json(&big)
+        .send()
+        .await;
+    r.assert_problem(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    assert_eq!(stored_profile(&app, user.id).await.2, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn patch_without_token_is_401() {
+    let app = TestApp::new().await;
+    let r = app
+        .patch("/api/v1/me")
+        .json(&json!({ "handle": "anon_user" }))
+        .send()
+        .await;
+    r.assert_problem(StatusCode::UNAUTHORIZED, "missing_token");
+}
