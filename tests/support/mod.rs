@@ -19,6 +19,10 @@ fn binary(name: &str) -> &'static str {
         "v1_openapi" => env!("CARGO_BIN_EXE_v1_openapi"),
         "v1_auth_access_token_hook" => env!("CARGO_BIN_EXE_v1_auth_access_token_hook"),
         "v1_admin_users_role" => env!("CARGO_BIN_EXE_v1_admin_users_role"),
+        "v1_tokens_packages" => env!("CARGO_BIN_EXE_v1_tokens_packages"),
+        "v1_tokens_balance" => env!("CARGO_BIN_EXE_v1_tokens_balance"),
+        "v1_tokens_ledger" => env!("CARGO_BIN_EXE_v1_tokens_ledger"),
+        "v1_tips" => env!("CARGO_BIN_EXE_v1_tips"),
         other => panic!("unknown function binary {other}"),
     }
 }

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod config;
 pub mod db;
 pub mod http;
+pub mod idempotency;
 pub mod serve;
 pub mod telemetry;
 #[cfg(feature = "testing")]

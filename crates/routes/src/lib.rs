@@ -9,6 +9,8 @@ pub mod health;
 pub mod me;
 pub mod openapi;
 mod state;
+pub mod tips;
+pub mod tokens;
 
 use stagepass_platform::serve::Function;
 pub use state::UserApi;
@@ -22,4 +24,8 @@ pub const FUNCTIONS: &[Function] = &[
     auth_hook::FUNCTION,
     admin::ROLE,
     openapi::FUNCTION,
+    tokens::PACKAGES_FUNCTION,
+    tokens::BALANCE_FUNCTION,
+    tokens::LEDGER_FUNCTION,
+    tips::FUNCTION,
 ];

@@ -53,6 +53,13 @@ pub struct Me {
 /// return the e-mail as it was *before* this request.
 const ENSURE_ME: &str = "select 1 from app.ensure_current_user()";
 
+/// Creates the caller's user row (and wallet) on first sight, from the
+/// verified claims of the transaction. Every route that touches the caller's
+/// data calls this first.
+pub async fn ensure_user(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query(ENSURE_ME).execute(conn).await.map(|_| ())
+}
+
 const SELECT_ME: &str = "select u.id, u.role, u.handle, u.display_name, \
      p.email, coalesce(p.email_verified, false) as email_verified, u.created_at \
      from app.users u left join app.user_private p on p.user_id = u.id \

@@ -164,29 +164,25 @@ pub struct ProblemInfo {
     pub internal_message: Option<String>,
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = self.status();
-        if status.is_server_error() {
-            tracing::error!(code = self.code(), error = %self, "request failed");
-        }
-        let errors = match &self {
+impl ApiError {
+    /// The problem document this error is sent as (also what an idempotency
+    /// record stores, so a replay answers byte for byte the same).
+    pub fn body_json(&self) -> serde_json::Value {
+        let errors = match self {
             ApiError::Validation(e) => Some(e.as_slice()),
             _ => None,
         };
-        let (policy, retry_after_seconds) = match &self {
+        let (policy, retry_after_seconds) = match self {
             ApiError::RateLimited {
                 policy,
                 retry_after_seconds,
             } => (Some(policy.as_str()), Some(*retry_after_seconds)),
             _ => (None, None),
         };
-        // The request id is filled in by the request-id layer (it rewrites
-        // the body of problem responses it sees without one).
         let body = ProblemBody {
             type_: format!("https://docs.stagepass.app/problems/{}", self.code()),
             title: self.title(),
-            status: status.as_u16(),
+            status: self.status().as_u16(),
             code: self.code(),
             detail: self.detail(),
             request_id: current_request_id(),
@@ -194,6 +190,24 @@ impl IntoResponse for ApiError {
             policy,
             retry_after_seconds,
         };
+        serde_json::to_value(&body).unwrap_or_default()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(code = self.code(), error = %self, "request failed");
+        }
+        let retry_after_seconds = match &self {
+            ApiError::RateLimited {
+                retry_after_seconds,
+                ..
+            } => Some(*retry_after_seconds),
+            _ => None,
+        };
+        let body = self.body_json();
         let json = serde_json::to_vec(&body).unwrap_or_default();
         let mut response = (status, json).into_response();
         response.headers_mut().insert(

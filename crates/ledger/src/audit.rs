@@ -1,0 +1,72 @@
+//! The ledger invariants of SPEC §2, checked over the whole database. Used
+//! by the `ledger-audit` cron and by every money test after each step.
+
+use serde::Serialize;
+use sqlx::PgConnection;
+use utoipa::ToSchema;
+
+use crate::LedgerError;
+
+/// What the audit found. Empty vectors and a zero total mean all is well.
+#[derive(Debug, Default, Clone, Serialize, ToSchema, PartialEq, Eq)]
+pub struct AuditReport {
+    /// Journals whose entries do not sum to zero.
+    pub unbalanced_journals: Vec<String>,
+    /// Accounts whose stored balance differs from the sum of their entries.
+    pub drifted_accounts: Vec<String>,
+    /// Wallets, escrows or payout clearing below zero, debt above zero.
+    pub sign_violations: Vec<String>,
+    /// The sum of every balance (must be 0).
+    pub total_balance: i64,
+    pub journals_checked: i64,
+    pub accounts_checked: i64,
+}
+
+impl AuditReport {
+    pub fn is_clean(&self) -> bool {
+        self.unbalanced_journals.is_empty()
+            && self.drifted_accounts.is_empty()
+            && self.sign_violations.is_empty()
+            && self.total_balance == 0
+    }
+}
+
+/// Runs every check. Needs read access to the `ledger` schema (the service
+/// role or a superuser).
+pub async fn audit(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> {
+    let unbalanced_journals: Vec<String> = sqlx::query_scalar(
+        "select journal_id::text from ledger.entries group by journal_id having sum(amount) <> 0 limit 100",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let drifted_accounts: Vec<String> = sqlx::query_scalar(
+        "select a.id::text from ledger.accounts a \
+         left join (select account_id, sum(amount) as s from ledger.entries group by account_id) e \
+           on e.account_id = a.id \
+         where a.balance <> coalesce(e.s, 0) limit 100",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let sign_violations: Vec<String> = sqlx::query_scalar(
+        "select id::text from ledger.accounts where \
+         (kind in ('wallet', 'escrow', 'payout_clearing', 'platform_revenue') and balance < 0) \
+         or (kind = 'debt' and balance > 0) limit 100",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let (total_balance, accounts_checked): (i64, i64) =
+        sqlx::query_as("select coalesce(sum(balance), 0)::bigint, count(*) from ledger.accounts")
+            .fetch_one(&mut *conn)
+            .await?;
+    let journals_checked: i64 = sqlx::query_scalar("select count(*) from ledger.journals")
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(AuditReport {
+        unbalanced_journals,
+        drifted_accounts,
+        sign_violations,
+        total_balance,
+        journals_checked,
+        accounts_checked,
+    })
+}

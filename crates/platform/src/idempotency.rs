@@ -1,0 +1,212 @@
+//! Idempotency for money routes (SPEC §2).
+//!
+//! A money request carries `Idempotency-Key` (1–255 visible ASCII
+//! characters). Records are scoped per user and route and live in Postgres
+//! with a fingerprint of the request and the response, written **in the same
+//! transaction as the effect**, so a crash can never leave an effect without
+//! its record or the other way round.
+//!
+//! In the transaction, before the effect:
+//! 1. `pg_try_advisory_xact_lock` on (user, route, key): taken by a
+//!    concurrent duplicate still in flight → 409 `idempotency_in_progress`.
+//! 2. A stored, unexpired record: same fingerprint → replay the stored status
+//!    and body with `Idempotency-Replayed: true`; a different one → 422
+//!    `idempotency_key_reused`.
+//!
+//! After the effect, [`Idempotency::store`] writes the response. Client
+//! errors (4xx) of the effect are stored too, so a replay answers the same;
+//! server errors are not, so the client may retry.
+
+use axum::extract::FromRequestParts;
+use axum::response::{IntoResponse, Response};
+use http::request::Parts;
+use http::{HeaderValue, StatusCode};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::http::ApiError;
+
+pub const HEADER: &str = "idempotency-key";
+pub const REPLAYED_HEADER: &str = "idempotency-replayed";
+
+/// How long records live: 24 h (payouts: 48 h).
+pub const DEFAULT_TTL_HOURS: i32 = 24;
+pub const PAYOUT_TTL_HOURS: i32 = 48;
+
+/// A validated `Idempotency-Key` header (required).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub fn parse(raw: &str) -> Result<IdempotencyKey, ApiError> {
+        let ok = (1..=255).contains(&raw.len()) && raw.bytes().all(|b| (0x21..=0x7e).contains(&b));
+        if ok {
+            Ok(IdempotencyKey(raw.to_owned()))
+        } else {
+            Err(ApiError::field(
+                "Idempotency-Key",
+                "must be 1–255 visible ASCII characters",
+            ))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let mut values = parts.headers.get_all(HEADER).iter();
+        match (values.next(), values.next()) {
+            (None, _) => Err(ApiError::BadRequest(
+                "this route requires an Idempotency-Key header".into(),
+            )),
+            (Some(_), Some(_)) => Err(ApiError::field(
+                "Idempotency-Key",
+                "give the header exactly once",
+            )),
+            (Some(v), None) => IdempotencyKey::parse(v.to_str().unwrap_or("")),
+        }
+    }
+}
+
+/// One idempotent request in progress.
+pub struct Idempotency {
+    user: Uuid,
+    route: &'static str,
+    key: IdempotencyKey,
+    fingerprint: String,
+    ttl_hours: i32,
+}
+
+/// A stored response, replayed as it was.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    pub status: StatusCode,
+    pub body: serde_json::Value,
+}
+
+impl IntoResponse for Replay {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, axum::Json(self.body)).into_response();
+        if self.status.is_client_error() {
+            response.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/problem+json"),
+            );
+        }
+        response
+            .headers_mut()
+            .insert(REPLAYED_HEADER, HeaderValue::from_static("true"));
+        response
+    }
+}
+
+impl Idempotency {
+    /// `request` is the parsed body; its canonical JSON (keys sorted) is the
+    /// fingerprint, so formatting differences do not matter but any change
+    /// of a value does.
+    pub fn new(
+        user: Uuid,
+        route: &'static str,
+        key: IdempotencyKey,
+        request: &impl Serialize,
+        ttl_hours: i32,
+    ) -> Idempotency {
+        let canonical = serde_json::to_value(request)
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        let mut hasher = Sha256::new();
+        hasher.update(route.as_bytes());
+        hasher.update([0]);
+        hasher.update(canonical.as_bytes());
+        let fingerprint = hasher
+            .finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Idempotency {
+            user,
+            route,
+            key,
+            fingerprint,
+            ttl_hours,
+        }
+    }
+
+    /// Step 1 and 2 of the module docs. `Ok(Some(replay))`: answer with it
+    /// and do nothing else.
+    pub async fn begin(&self, conn: &mut PgConnection) -> Result<Option<Replay>, ApiError> {
+        let locked: bool = sqlx::query_scalar(
+            "select pg_try_advisory_xact_lock(hashtextextended($1 || '|' || $2 || '|' || $3, 7402))",
+        )
+        .bind(self.user.to_string())
+        .bind(self.route)
+        .bind(self.key.as_str())
+        .fetch_one(&mut *conn)
+        .await?;
+        if !locked {
+            return Err(ApiError::Conflict(
+                "idempotency_in_progress",
+                "a request with this Idempotency-Key is still being processed".into(),
+            ));
+        }
+        let stored: Option<(String, i16, serde_json::Value)> = sqlx::query_as(
+            "select fingerprint, status_code, response from app.idempotency_keys \
+             where user_id = $1 and route = $2 and key = $3 and expires_at > now()",
+        )
+        .bind(self.user)
+        .bind(self.route)
+        .bind(self.key.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+        match stored {
+            None => Ok(None),
+            Some((fingerprint, _, _)) if fingerprint != self.fingerprint => {
+                Err(ApiError::Unprocessable(
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was used with a different request".into(),
+                ))
+            }
+            Some((_, status, body)) => Ok(Some(Replay {
+                status: u16::try_from(status)
+                    .ok()
+                    .and_then(|s| StatusCode::from_u16(s).ok())
+                    .unwrap_or(StatusCode::OK),
+                body,
+            })),
+        }
+    }
+
+    /// Records the response of the effect (same transaction).
+    pub async fn store(
+        &self,
+        conn: &mut PgConnection,
+        status: StatusCode,
+        body: &serde_json::Value,
+    ) -> Result<(), ApiError> {
+        sqlx::query(
+            "insert into app.idempotency_keys \
+               (user_id, route, key, fingerprint, status_code, response, expires_at) \
+             values ($1, $2, $3, $4, $5, $6, now() + make_interval(hours => $7)) \
+             on conflict (user_id, route, key) do update set \
+               fingerprint = excluded.fingerprint, status_code = excluded.status_code, \
+               response = excluded.response, created_at = now(), expires_at = excluded.expires_at",
+        )
+        .bind(self.user)
+        .bind(self.route)
+        .bind(self.key.as_str())
+        .bind(&self.fingerprint)
+        .bind(i16::try_from(status.as_u16()).unwrap_or(500))
+        .bind(body)
+        .bind(self.ttl_hours)
+        .execute(conn)
+        .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,171 @@
+//! `POST /api/v1/tips` — a fan tips a creator.
+//!
+//! One transaction under RLS holds everything: first-sight user creation,
+//! the idempotency record, and `app.tip` (which locks the tipper's wallet,
+//! checks debt, funds and the daily spending limit, and posts the journal).
+//! A tip's client errors are recorded with the key, so a replay answers the
+//! same; a deadlock between two mutual tips is retried.
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use http::StatusCode;
+use serde::{Deserialize, Serialize};
+use sqlx::Acquire;
+use stagepass_ledger::{LedgerError, Tip, TokenAmount};
+use stagepass_platform::auth::AuthUser;
+use stagepass_platform::db;
+use stagepass_platform::http::{ApiError, ApiResult, JsonBody};
+use stagepass_platform::idempotency::{DEFAULT_TTL_HOURS, Idempotency, IdempotencyKey};
+use stagepass_platform::serve::Function;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::UserApi;
+
+pub const FUNCTION: Function = Function {
+    name: "v1_tips",
+    paths: &["/api/v1/tips"],
+    build: |l, r| {
+        let api = UserApi::load(l, r)?;
+        Some(
+            Router::new()
+                .route("/api/v1/tips", post(create_tip))
+                .with_state(api),
+        )
+    },
+};
+
+const ROUTE: &str = "POST /api/v1/tips";
+pub const MIN_TIP: i64 = 1;
+pub const MAX_TIP: i64 = 10_000;
+const MAX_MESSAGE_CHARS: usize = 280;
+/// Attempts when Postgres picks this transaction as a deadlock victim.
+const DEADLOCK_ATTEMPTS: usize = 3;
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TipRequest {
+    /// The creator receiving the tip.
+    pub recipient_id: Uuid,
+    /// 1–10,000 tokens.
+    pub amount: i64,
+    /// Up to 280 characters.
+    pub message: Option<String>,
+}
+
+impl TipRequest {
+    fn validate(&self) -> Result<TokenAmount, ApiError> {
+        let amount = TokenAmount::parse(self.amount, MIN_TIP, MAX_TIP)?;
+        if let Some(m) = &self.message
+            && (m.chars().count() > MAX_MESSAGE_CHARS
+                || m.chars().any(|c| c.is_control() && c != '\n'))
+        {
+            return Err(ApiError::field(
+                "message",
+                "at most 280 characters, no control characters",
+            ));
+        }
+        Ok(amount)
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/tips", tag = "tips", security(("bearer" = [])),
+    params(("Idempotency-Key" = String, Header, description = "1–255 visible ASCII characters")),
+    request_body = TipRequest,
+    responses(
+        (status = 201, body = Tip),
+        (status = 400, body = crate::openapi::Problem),
+        (status = 409, description = "the same key is in flight", body = crate::openapi::Problem),
+        (status = 422, description = "insufficient_funds, daily_limit_exceeded, account_in_debt, recipient_not_creator, self_tip, idempotency_key_reused", body = crate::openapi::Problem)))]
+pub async fn create_tip(
+    State(api): State<UserApi>,
+    user: AuthUser,
+    key: IdempotencyKey,
+    JsonBody(request): JsonBody<TipRequest>,
+) -> ApiResult<Response> {
+    let amount = request.validate()?;
+    let idempotency = Idempotency::new(user.id(), ROUTE, key, &request, DEFAULT_TTL_HOURS);
+    let mut attempt = 1;
+    loop {
+        match try_tip(&api, &user, &idempotency, &request, amount).await {
+            Err(Retry::Deadlock) if attempt < DEADLOCK_ATTEMPTS => attempt += 1,
+            Err(Retry::Deadlock) => {
+                return Err(ApiError::Unavailable(
+                    "busy",
+                    "the ledger is busy; retry with the same Idempotency-Key".into(),
+                ));
+            }
+            Err(Retry::Fail(e)) => return Err(e),
+            Ok(response) => return Ok(response),
+        }
+    }
+}
+
+enum Retry {
+    Deadlock,
+    Fail(ApiError),
+}
+
+impl<E: Into<ApiError>> From<E> for Retry {
+    fn from(e: E) -> Self {
+        Retry::Fail(e.into())
+    }
+}
+
+async fn try_tip(
+    api: &UserApi,
+    user: &AuthUser,
+    idempotency: &Idempotency,
+    request: &TipRequest,
+    amount: TokenAmount,
+) -> Result<Response, Retry> {
+    let mut tx = db::begin_user(&api.pool, user.claims()).await?;
+    crate::me::ensure_user(&mut tx).await?;
+    if let Some(replay) = idempotency.begin(&mut tx).await? {
+        tx.commit().await?;
+        return Ok(replay.into_response());
+    }
+    // The effect runs in a savepoint: a refusal (insufficient funds, …) is
+    // rolled back to here and recorded with the key.
+    let mut savepoint = tx.begin().await?;
+    let outcome = stagepass_ledger::tip(
+        &mut savepoint,
+        Uuid::now_v7(),
+        request.recipient_id,
+        amount,
+        request.message.as_deref(),
+    )
+    .await;
+    let (status, body) = match outcome {
+        Ok(tip) => {
+            savepoint.commit().await?;
+            (
+                StatusCode::CREATED,
+                serde_json::to_value(&tip).unwrap_or_default(),
+            )
+        }
+        Err(LedgerError::Db(e)) if db::sqlstate(&e).as_deref() == Some("40P01") => {
+            return Err(Retry::Deadlock);
+        }
+        Err(e) => {
+            let error = ApiError::from(e);
+            if !error.status().is_client_error() {
+                return Err(Retry::Fail(error));
+            }
+            savepoint.rollback().await?;
+            (error.status(), error.body_json())
+        }
+    };
+    idempotency.store(&mut tx, status, &body).await?;
+    tx.commit().await?;
+    let mut response = (status, Json(body)).into_response();
+    if status.is_client_error() {
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/problem+json"),
+        );
+    }
+    Ok(response)
+}
