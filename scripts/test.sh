@@ -28,8 +28,9 @@ fi
 redis-cli -h 127.0.0.1 -p 6379 ping
 
 say "test stand-ins (cached in $CACHE)"
-# kent: a fake Sentry server (PyPI). Pinned; installed once.
-STANDINS="kent==2.2.0"
+# kent: a fake Sentry server; localstripe: a stateful fake Stripe that signs
+# webhooks (both PyPI). Pinned; installed once.
+STANDINS="kent==2.2.0 localstripe==1.15.10"
 if [ ! -f "$CACHE/venv/.installed" ] || [ "$(cat "$CACHE/venv/.installed")" != "$STANDINS" ]; then
   rm -rf "$CACHE/venv"
   python3 -m venv "$CACHE/venv"
@@ -37,6 +38,9 @@ if [ ! -f "$CACHE/venv/.installed" ] || [ "$(cat "$CACHE/venv/.installed")" != "
   echo "$STANDINS" > "$CACHE/venv/.installed"
 fi
 export KENT_BIN="$CACHE/venv/bin/kent-server"
+export LOCALSTRIPE_BIN="$CACHE/venv/bin/localstripe"
+# localstripe keeps its state in a fixed file; a stale one breaks it.
+rm -f /tmp/localstripe.pickle
 
 say "leftover test databases"
 psql -h 127.0.0.1 -U postgres -d postgres -Atc \

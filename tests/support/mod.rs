@@ -23,6 +23,11 @@ fn binary(name: &str) -> &'static str {
         "v1_tokens_balance" => env!("CARGO_BIN_EXE_v1_tokens_balance"),
         "v1_tokens_ledger" => env!("CARGO_BIN_EXE_v1_tokens_ledger"),
         "v1_tips" => env!("CARGO_BIN_EXE_v1_tips"),
+        "v1_tokens_purchases" => env!("CARGO_BIN_EXE_v1_tokens_purchases"),
+        "webhooks_stripe" => env!("CARGO_BIN_EXE_webhooks_stripe"),
+        "cron_ledger_audit" => env!("CARGO_BIN_EXE_cron_ledger_audit"),
+        "cron_cleanup" => env!("CARGO_BIN_EXE_cron_cleanup"),
+        "cron_reconcile_purchases" => env!("CARGO_BIN_EXE_cron_reconcile_purchases"),
         other => panic!("unknown function binary {other}"),
     }
 }

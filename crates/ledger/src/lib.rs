@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod packages;
+pub mod purchases;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};

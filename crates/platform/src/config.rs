@@ -485,16 +485,15 @@ impl UpstashConfig {
     }
 }
 
-/// Stripe API and webhooks.
+/// The Stripe API (purchases, reconciliation, payouts).
 #[derive(Debug, Clone)]
-pub struct StripeConfig {
+pub struct StripeApiConfig {
     pub secret_key: Secret,
-    pub webhook_secret: Secret,
     pub api_base: url::Url,
 }
 
-impl StripeConfig {
-    pub fn load(l: &mut Loader) -> Option<StripeConfig> {
+impl StripeApiConfig {
+    pub fn load(l: &mut Loader) -> Option<StripeApiConfig> {
         let secret_key = l.required_secret(
             "STRIPE_SECRET_KEY",
             "Stripe dashboard → Developers → API keys (sk_live_… in production)",
@@ -512,6 +511,22 @@ impl StripeConfig {
         {
             l.warn("STRIPE_SECRET_KEY is a test key (sk_test_) in production");
         }
+        let api_base = base_url(l, "STRIPE_API_BASE", "https://api.stripe.com");
+        Some(StripeApiConfig {
+            secret_key: secret_key?,
+            api_base: api_base?,
+        })
+    }
+}
+
+/// Stripe webhook signature verification.
+#[derive(Debug, Clone)]
+pub struct StripeWebhookConfig {
+    pub webhook_secret: Secret,
+}
+
+impl StripeWebhookConfig {
+    pub fn load(l: &mut Loader) -> Option<StripeWebhookConfig> {
         let webhook_secret = l.required_secret(
             "STRIPE_WEBHOOK_SECRET",
             "Stripe dashboard → Webhooks → signing secret (whsec_…)",
@@ -522,13 +537,8 @@ impl StripeConfig {
                     Err("must start with whsec_")
                 }
             },
-        );
-        let api_base = base_url(l, "STRIPE_API_BASE", "https://api.stripe.com");
-        Some(StripeConfig {
-            secret_key: secret_key?,
-            webhook_secret: webhook_secret?,
-            api_base: api_base?,
-        })
+        )?;
+        Some(StripeWebhookConfig { webhook_secret })
     }
 }
 
@@ -683,7 +693,8 @@ mod tests {
         let _ = CoreConfig::load(&mut l);
         let _ = DbConfig::load(&mut l);
         let _ = AuthConfig::load(&mut l);
-        let _ = StripeConfig::load(&mut l);
+        let _ = StripeApiConfig::load(&mut l);
+        let _ = StripeWebhookConfig::load(&mut l);
         let errors = l.finish().expect_err("must fail");
         let vars: Vec<_> = errors.0.iter().map(|p| p.variable).collect();
         for v in [

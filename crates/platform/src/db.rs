@@ -81,6 +81,21 @@ pub async fn begin_service(pool: &PgPool) -> Result<Transaction<'_, Postgres>, s
     Ok(tx)
 }
 
+/// [`begin_service`] in a read-only snapshot (`REPEATABLE READ`): every
+/// query of the transaction sees the same committed state (audits).
+pub async fn begin_service_snapshot(
+    pool: &PgPool,
+) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+    let mut tx = pool
+        .begin_with("begin isolation level repeatable read read only")
+        .await?;
+    sqlx::query("select set_config('role', $1, true)")
+        .bind(SERVICE_ROLE)
+        .execute(&mut *tx)
+        .await?;
+    Ok(tx)
+}
+
 /// Runs the embedded migrations (the `migrate` command; never a cold start).
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await

@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod cron;
 pub mod db;
 pub mod http;
 pub mod idempotency;

@@ -5,12 +5,15 @@
 
 pub mod admin;
 pub mod auth_hook;
+pub mod cron;
 pub mod health;
 pub mod me;
 pub mod openapi;
+pub mod purchases;
 mod state;
 pub mod tips;
 pub mod tokens;
+pub mod webhooks;
 
 use stagepass_platform::serve::Function;
 pub use state::UserApi;
@@ -28,4 +31,9 @@ pub const FUNCTIONS: &[Function] = &[
     tokens::BALANCE_FUNCTION,
     tokens::LEDGER_FUNCTION,
     tips::FUNCTION,
+    purchases::FUNCTION,
+    webhooks::STRIPE,
+    cron::LEDGER_AUDIT,
+    cron::CLEANUP,
+    cron::RECONCILE_PURCHASES,
 ];

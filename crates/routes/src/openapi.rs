@@ -60,6 +60,11 @@ pub struct FieldErrorDoc {
         crate::tokens::balance,
         crate::tokens::ledger,
         crate::tips::create_tip,
+        crate::purchases::create_purchase,
+        crate::webhooks::stripe_webhook,
+        crate::cron::ledger_audit,
+        crate::cron::cleanup,
+        crate::cron::reconcile_purchases,
         access_token_hook_doc,
         openapi_doc,
     ),
@@ -80,6 +85,15 @@ impl Modify for BearerAuth {
                     .scheme(HttpAuthScheme::Bearer)
                     .bearer_format("JWT")
                     .description(Some("A Supabase access token"))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "cron",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("Vercel Cron: Bearer $CRON_SECRET"))
                     .build(),
             ),
         );

@@ -46,8 +46,18 @@ pub fn test_env(database_url: &str) -> Vec<(&'static str, String)> {
         ("AUTH_HOOK_SECRET", HOOK_SECRET.to_owned()),
         ("ALLOWED_ORIGINS", ALLOWED_ORIGIN.to_owned()),
         ("ALLOWED_ORIGIN_PATTERN", ORIGIN_PATTERN.to_owned()),
+        ("STRIPE_SECRET_KEY", STRIPE_SECRET_KEY.to_owned()),
+        ("STRIPE_WEBHOOK_SECRET", STRIPE_WEBHOOK_SECRET.to_owned()),
+        // Nothing listens here; tests that talk to Stripe start localstripe
+        // and use `TestApp::with_env`.
+        ("STRIPE_API_BASE", "http://127.0.0.1:9".to_owned()),
+        ("CRON_SECRET", CRON_SECRET.to_owned()),
     ]
 }
+
+pub const STRIPE_SECRET_KEY: &str = "sk_test_stagepass_routes_tests";
+pub const STRIPE_WEBHOOK_SECRET: &str = "whsec_stagepass_routes_tests_secret";
+pub const CRON_SECRET: &str = "cron-secret-for-tests-0123456789";
 
 pub fn loader(env: &[(&'static str, String)]) -> Loader {
     Loader::from_map(env.iter().cloned())
@@ -70,8 +80,17 @@ pub struct TestApp {
 
 impl TestApp {
     pub async fn new() -> TestApp {
+        Self::with_env(&[]).await
+    }
+
+    /// The test environment with some variables replaced or added.
+    pub async fn with_env(overrides: &[(&'static str, String)]) -> TestApp {
         let db = TestDb::new().await;
-        let env = test_env(&db.app_url());
+        let mut env = test_env(&db.app_url());
+        for (k, v) in overrides {
+            env.retain(|(name, _)| name != k);
+            env.push((k, v.clone()));
+        }
         let resources = Resources::with_pool(db.app_pool.clone());
         let (router, failures) = compose(stagepass_routes::FUNCTIONS, || loader(&env), &resources);
         assert!(

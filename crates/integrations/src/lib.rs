@@ -1,0 +1,17 @@
+//! Clients for the services Stagepass talks to.
+//!
+//! - [`stripe`]: PaymentIntents and refunds over Stripe's form-encoded API, and
+//!   [`stripe::webhook`] for signed webhook events.
+//! - `testing` (feature `testing`): a `localstripe` process per test and a
+//!   webhook recorder.
+
+// Money flows through this crate: a panic would turn a Stripe answer into a
+// lost request, so fallible paths return errors instead.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::as_conversions)
+)]
+
+pub mod stripe;
+#[cfg(feature = "testing")]
+pub mod testing;

@@ -1,0 +1,312 @@
+//! The HTTP side: one `send` that every call goes through.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use reqwest::Method;
+use reqwest::header::{CONTENT_TYPE, HeaderMap};
+use secrecy::{ExposeSecret, SecretString};
+use serde::de::DeserializeOwned;
+use url::Url;
+
+use super::error::{ResponseMeta, StripeError};
+use super::form::Form;
+use super::types::{PaymentIntent, Refund};
+
+/// The API version every request asks for. Pinned so a change on Stripe's
+/// side (or in the account's default version) cannot change the shapes we
+/// read; the fields we use are unchanged since `latest_charge` replaced
+/// `charges` (2022-11-15). Webhook payloads follow the *endpoint's* version,
+/// set when the endpoint is created: create it with this one.
+/// localstripe ignores the header and answers in its own 2017 shapes.
+pub const STRIPE_API_VERSION: &str = "2025-03-31.basil";
+
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_MAX_ATTEMPTS: u32 = 2;
+const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(250);
+/// Never wait longer than this between attempts, whatever `Retry-After` says:
+/// a serverless function has a few seconds, not minutes.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(2);
+/// Stripe's limit on `Idempotency-Key`.
+const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+/// A small typed Stripe client. Cheap to clone (the HTTP client is shared).
+#[derive(Clone, Debug)]
+pub struct StripeClient {
+    http: reqwest::Client,
+    api_base: Url,
+    /// `SecretString`'s `Debug` prints `[REDACTED]`.
+    secret_key: SecretString,
+    timeout: Duration,
+    max_attempts: u32,
+    retry_backoff: Duration,
+}
+
+/// Parameters of `POST /v1/payment_intents`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreatePaymentIntent {
+    /// In the currency's smallest unit (cents for USD).
+    pub amount_cents: i64,
+    /// Lower-case ISO code, e.g. `usd`.
+    pub currency: String,
+    /// Our references (user, purchase, package). Keys must not contain `[`
+    /// or `]` (Stripe's form syntax); at most 50 keys of ≤ 40 characters.
+    pub metadata: BTreeMap<String, String>,
+    /// Only for tests and server-side confirmation; the frontend normally
+    /// attaches the card through Stripe.js.
+    pub payment_method: Option<String>,
+    /// `["card"]`: localstripe rejects `automatic_payment_methods`, and card
+    /// (with wallets and 3-D Secure through Stripe.js) is all we sell with.
+    pub payment_method_types: Vec<String>,
+}
+
+impl CreatePaymentIntent {
+    /// A card payment of `amount_cents` in `currency`.
+    pub fn card(amount_cents: i64, currency: &str) -> Self {
+        CreatePaymentIntent {
+            amount_cents,
+            currency: currency.to_owned(),
+            metadata: BTreeMap::new(),
+            payment_method: None,
+            payment_method_types: vec!["card".to_owned()],
+        }
+    }
+
+    fn form(&self) -> Form {
+        Form::new()
+            .field("amount", self.amount_cents.to_string())
+            .field("currency", self.currency.as_str())
+            .map("metadata", &self.metadata)
+            .optional("payment_method", self.payment_method.as_deref())
+            .list("payment_method_types", &self.payment_method_types)
+    }
+}
+
+/// Parameters of `POST /v1/refunds`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateRefund {
+    pub payment_intent: String,
+    /// `None` refunds what is left of the payment.
+    pub amount_cents: Option<i64>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl CreateRefund {
+    fn form(&self) -> Form {
+        let amount = self.amount_cents.map(|a| a.to_string());
+        Form::new()
+            .field("payment_intent", self.payment_intent.as_str())
+            .optional("amount", amount.as_deref())
+            .map("metadata", &self.metadata)
+    }
+}
+
+/// One request, before it is sent (possibly more than once).
+struct Call<'a> {
+    method: Method,
+    path: &'a [&'a str],
+    form: Option<Form>,
+    idempotency_key: Option<&'a str>,
+}
+
+impl StripeClient {
+    /// `api_base` is `https://api.stripe.com` in production (`STRIPE_API_BASE`
+    /// in tests). Defaults: 10 s per attempt, 2 attempts for retry-safe calls.
+    pub fn new(api_base: Url, secret_key: SecretString, http: reqwest::Client) -> Self {
+        StripeClient {
+            http,
+            api_base,
+            secret_key,
+            timeout: DEFAULT_TIMEOUT,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            retry_backoff: DEFAULT_RETRY_BACKOFF,
+        }
+    }
+
+    /// The bound on each attempt (connect + send + read).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Attempts for retry-safe calls (`GET`, or `POST` with an idempotency
+    /// key); at least 1. Other calls are always sent once.
+    pub fn with_max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = max_attempts.max(1);
+        self
+    }
+
+    /// The base wait between attempts, multiplied by the attempt number.
+    pub fn with_retry_backoff(mut self, backoff: Duration) -> Self {
+        self.retry_backoff = backoff;
+        self
+    }
+
+    /// Creates a PaymentIntent. `idempotency_key` makes a resend (ours or a
+    /// client's retry) return the first PaymentIntent instead of a new one;
+    /// derive it from the user and their request's key. Real Stripe honours
+    /// it for 24 h; localstripe ignores it.
+    pub async fn create_payment_intent(
+        &self,
+        params: &CreatePaymentIntent,
+        idempotency_key: &str,
+    ) -> Result<PaymentIntent, StripeError> {
+        self.send(Call {
+            method: Method::POST,
+            path: &["v1", "payment_intents"],
+            form: Some(params.form()),
+            idempotency_key: Some(idempotency_key),
+        })
+        .await
+    }
+
+    pub async fn retrieve_payment_intent(&self, id: &str) -> Result<PaymentIntent, StripeError> {
+        self.send(Call {
+            method: Method::GET,
+            path: &["v1", "payment_intents", id],
+            form: None,
+            idempotency_key: None,
+        })
+        .await
+    }
+
+    /// Confirms server-side (tests; the frontend confirms with Stripe.js).
+    /// A `payment_method` is attached by an update first, because
+    /// localstripe's confirm refuses the parameter (real Stripe takes
+    /// either). A declined card is `Err` with `is_card_declined()`.
+    pub async fn confirm_payment_intent(
+        &self,
+        id: &str,
+        payment_method: Option<&str>,
+    ) -> Result<PaymentIntent, StripeError> {
+        if let Some(pm) = payment_method {
+            self.send::<PaymentIntent>(Call {
+                method: Method::POST,
+                path: &["v1", "payment_intents", id],
+                form: Some(Form::new().field("payment_method", pm)),
+                idempotency_key: None,
+            })
+            .await?;
+        }
+        self.send(Call {
+            method: Method::POST,
+            path: &["v1", "payment_intents", id, "confirm"],
+            form: Some(Form::new()),
+            idempotency_key: None,
+        })
+        .await
+    }
+
+    /// Refunds (part of) a payment. The key makes a resend refund once.
+    pub async fn create_refund(
+        &self,
+        params: &CreateRefund,
+        idempotency_key: &str,
+    ) -> Result<Refund, StripeError> {
+        self.send(Call {
+            method: Method::POST,
+            path: &["v1", "refunds"],
+            form: Some(params.form()),
+            idempotency_key: Some(idempotency_key),
+        })
+        .await
+    }
+
+    /// Sends `call`, retrying only what cannot take effect twice: a `GET`,
+    /// or a `POST` resent with the same idempotency key (Stripe then answers
+    /// with the first result).
+    async fn send<T: DeserializeOwned>(&self, call: Call<'_>) -> Result<T, StripeError> {
+        let url = self.endpoint(call.path)?;
+        if let Some(key) = call.idempotency_key {
+            check_idempotency_key(key)?;
+        }
+        let retry_safe = call.method == Method::GET || call.idempotency_key.is_some();
+        let attempts = if retry_safe { self.max_attempts } else { 1 };
+        let mut attempt = 1;
+        loop {
+            match self.send_once(&call, &url).await {
+                Err(e) if attempt < attempts && e.is_retryable() => {
+                    tracing::warn!(error = %e, attempt, path = url.path(), "retrying Stripe call");
+                    tokio::time::sleep(self.retry_wait(&e, attempt)).await;
+                    attempt += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    async fn send_once<T: DeserializeOwned>(
+        &self,
+        call: &Call<'_>,
+        url: &Url,
+    ) -> Result<T, StripeError> {
+        let mut request = self
+            .http
+            .request(call.method.clone(), url.clone())
+            .bearer_auth(self.secret_key.expose_secret())
+            .header("Stripe-Version", STRIPE_API_VERSION)
+            .timeout(self.timeout);
+        if let Some(key) = call.idempotency_key {
+            request = request.header("Idempotency-Key", key);
+        }
+        if let Some(form) = &call.form {
+            request = request
+                .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
+                .body(form.encode());
+        }
+        let response = request.send().await.map_err(StripeError::from_transport)?;
+        let status = response.status().as_u16();
+        let meta = response_meta(response.headers());
+        let body = response
+            .bytes()
+            .await
+            .map_err(StripeError::from_transport)?;
+        if !(200..300).contains(&status) {
+            return Err(StripeError::from_response(status, &body, meta));
+        }
+        serde_json::from_slice(&body).map_err(|e| StripeError::Decode(e.to_string()))
+    }
+
+    /// `api_base` + path segments, each percent-encoded: an id taken from a
+    /// webhook cannot reach another path (`../`, `?`).
+    fn endpoint(&self, segments: &[&str]) -> Result<Url, StripeError> {
+        let mut url = self.api_base.clone();
+        url.path_segments_mut()
+            .map_err(|()| StripeError::InvalidRequest("STRIPE_API_BASE is not a base URL".into()))?
+            .pop_if_empty()
+            .extend(segments);
+        Ok(url)
+    }
+
+    fn retry_wait(&self, error: &StripeError, attempt: u32) -> Duration {
+        let wait = match error {
+            StripeError::RateLimited {
+                retry_after_seconds: Some(s),
+            } => Duration::from_secs(*s),
+            _ => self.retry_backoff.saturating_mul(attempt),
+        };
+        wait.min(MAX_RETRY_WAIT)
+    }
+}
+
+fn check_idempotency_key(key: &str) -> Result<(), StripeError> {
+    let visible = key.bytes().all(|b| b.is_ascii_graphic());
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_LEN || !visible {
+        return Err(StripeError::InvalidRequest(
+            "idempotency key must be 1–255 visible ASCII characters".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn response_meta(headers: &HeaderMap) -> ResponseMeta {
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    ResponseMeta {
+        request_id: text("request-id").map(str::to_owned),
+        should_retry: text("stripe-should-retry").and_then(|v| v.parse().ok()),
+        retry_after_seconds: text("retry-after").and_then(|v| v.parse().ok()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

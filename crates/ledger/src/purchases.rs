@@ -1,0 +1,201 @@
+//! Token purchases as the ledger sees them: starting one (the caller's
+//! transaction), and the service path's credit, failure and claw-back driven
+//! by Stripe (webhooks, reconciliation). Every function here is idempotent
+//! by construction: the journal reference makes a second credit or the
+//! same claw-back a no-op.
+
+use serde::Serialize;
+use sqlx::PgConnection;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::LedgerError;
+
+/// The caller's purchase as `app.begin_purchase` found or created it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PurchaseStart {
+    pub id: Uuid,
+    pub tokens: i64,
+    pub price_cents: i64,
+    pub payment_intent_id: Option<String>,
+    pub client_secret: Option<String>,
+    pub status: String,
+    /// Another request is creating this purchase's PaymentIntent right now.
+    pub busy: bool,
+}
+
+/// The purchase id for (user, Idempotency-Key): a retry finds the same row
+/// and Stripe sees the same idempotency key.
+pub fn purchase_id(user: Uuid, idempotency_key: &str) -> Uuid {
+    const NAMESPACE: Uuid = Uuid::from_u128(0x5f6a_7c1e_2b4d_4e8f_9a0b_1c2d_3e4f_5a6b);
+    Uuid::new_v5(&NAMESPACE, format!("{user}/{idempotency_key}").as_bytes())
+}
+
+/// Starts (or finds) the caller's purchase of `package`.
+pub async fn begin(
+    conn: &mut PgConnection,
+    id: Uuid,
+    package: &str,
+) -> Result<PurchaseStart, PurchaseError> {
+    Ok(
+        sqlx::query_as::<_, PurchaseStart>("select * from app.begin_purchase($1, $2)")
+            .bind(id)
+            .bind(package)
+            .fetch_one(conn)
+            .await?,
+    )
+}
+
+pub async fn attach_payment_intent(
+    conn: &mut PgConnection,
+    id: Uuid,
+    payment_intent: &str,
+    client_secret: Option<&str>,
+) -> Result<(), PurchaseError> {
+    sqlx::query("select app.attach_payment_intent($1, $2, $3)")
+        .bind(id)
+        .bind(payment_intent)
+        .bind(client_secret)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// What crediting a PaymentIntent did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CreditOutcome {
+    Credited,
+    AlreadyCredited,
+    /// Refunded, disputed or canceled before the success arrived.
+    NotCreditable,
+    /// No purchase of ours has this PaymentIntent.
+    Unknown,
+}
+
+/// Service path: credits a succeeded PaymentIntent exactly once.
+pub async fn credit(
+    conn: &mut PgConnection,
+    payment_intent: &str,
+    amount_cents: i64,
+) -> Result<CreditOutcome, PurchaseError> {
+    let outcome: String = sqlx::query_scalar("select app.credit_purchase($1, $2)")
+        .bind(payment_intent)
+        .bind(amount_cents)
+        .fetch_one(conn)
+        .await?;
+    Ok(match outcome.as_str() {
+        "credited" => CreditOutcome::Credited,
+        "already_credited" => CreditOutcome::AlreadyCredited,
+        "not_creditable" => CreditOutcome::NotCreditable,
+        _ => CreditOutcome::Unknown,
+    })
+}
+
+/// Service path: a PaymentIntent failed or was canceled.
+pub async fn fail(
+    conn: &mut PgConnection,
+    payment_intent: &str,
+    canceled: bool,
+) -> Result<(), PurchaseError> {
+    sqlx::query("select app.fail_purchase($1, $2)")
+        .bind(payment_intent)
+        .bind(if canceled { "canceled" } else { "failed" })
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Why tokens are taken back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClawBack {
+    /// The charge's cumulative refunded amount, in cents.
+    Refund {
+        amount_refunded_cents: i64,
+    },
+    Dispute,
+}
+
+/// Service path: claws back tokens after a refund or dispute (into debt if
+/// they were spent). `reference` names the refund state or the dispute.
+/// Returns the tokens taken back by this call.
+pub async fn claw_back(
+    conn: &mut PgConnection,
+    payment_intent: &str,
+    reason: ClawBack,
+    reference: &str,
+) -> Result<i64, PurchaseError> {
+    let (kind, refunded) = match reason {
+        ClawBack::Refund {
+            amount_refunded_cents,
+        } => ("refund", amount_refunded_cents),
+        ClawBack::Dispute => ("dispute", 0),
+    };
+    let taken: i64 = sqlx::query_scalar("select app.claw_back_purchase($1, $2, $3, $4)")
+        .bind(payment_intent)
+        .bind(kind)
+        .bind(reference)
+        .bind(refunded)
+        .fetch_one(conn)
+        .await
+        .or_else(|e| match LedgerError::from(e) {
+            // The same refund state or dispute delivered again.
+            LedgerError::AlreadyApplied => Ok(0),
+            LedgerError::Db(e) => Err(e),
+            other => Err(sqlx::Error::Protocol(other.to_string())),
+        })?;
+    Ok(taken)
+}
+
+/// Service path: pending purchases older than `older_than_seconds`.
+pub async fn stale_pending(
+    conn: &mut PgConnection,
+    older_than_seconds: i64,
+    limit: i32,
+) -> Result<Vec<(Uuid, String)>, PurchaseError> {
+    Ok(sqlx::query_as(
+        "select id, payment_intent_id from app.stale_pending_purchases(make_interval(secs => $1), $2)",
+    )
+    .bind(f64::from(i32::try_from(older_than_seconds).unwrap_or(i32::MAX)))
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PurchaseError {
+    #[error("unknown package")]
+    UnknownPackage,
+    #[error("this Idempotency-Key belongs to a different purchase")]
+    KeyConflict,
+    #[error("the amount paid does not match the package price")]
+    AmountMismatch,
+    #[error(transparent)]
+    Ledger(LedgerError),
+}
+
+impl From<sqlx::Error> for PurchaseError {
+    fn from(e: sqlx::Error) -> Self {
+        match stagepass_platform::db::sqlstate(&e).as_deref() {
+            Some("SP020") => PurchaseError::UnknownPackage,
+            Some("SP021") => PurchaseError::KeyConflict,
+            Some("SP022") => PurchaseError::AmountMismatch,
+            _ => PurchaseError::Ledger(LedgerError::from(e)),
+        }
+    }
+}
+
+impl From<PurchaseError> for stagepass_platform::http::ApiError {
+    fn from(e: PurchaseError) -> Self {
+        use stagepass_platform::http::ApiError;
+        match e {
+            PurchaseError::UnknownPackage => ApiError::field("package", "unknown package"),
+            PurchaseError::KeyConflict => ApiError::Unprocessable(
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with a different request".into(),
+            ),
+            PurchaseError::AmountMismatch => ApiError::Internal(e.to_string().into()),
+            PurchaseError::Ledger(l) => l.into(),
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Vercel Cron functions (GET, `Authorization: Bearer $CRON_SECRET`,
+//! overlap-safe). Declared in `vercel.json`.
+//!
+//! - `ledger-audit`: recomputes every balance from its entries and checks
+//!   every journal sums to zero; a violation is reported (500, so Sentry
+//!   sees it) and returned.
+//! - `cleanup`: removes expired idempotency records.
+//! - `reconcile-purchases`: asks Stripe about purchases still pending after
+//!   15 minutes and applies the outcome, so a lost webhook never loses tokens.
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use http::HeaderMap;
+use serde::Serialize;
+use sqlx::PgPool;
+use stagepass_integrations::stripe::{PaymentIntentStatus, StripeClient};
+use stagepass_ledger::audit::{AuditReport, audit};
+use stagepass_ledger::purchases;
+use stagepass_platform::config::{CronConfig, DbConfig, Secret, StripeApiConfig};
+use stagepass_platform::cron;
+use stagepass_platform::db;
+use stagepass_platform::http::{ApiError, ApiResult};
+use stagepass_platform::serve::Function;
+use utoipa::ToSchema;
+
+#[derive(Clone)]
+pub struct CronState {
+    pub pool: PgPool,
+    pub secret: Secret,
+}
+
+fn cron_state(
+    l: &mut stagepass_platform::config::Loader,
+    r: &stagepass_platform::serve::Resources,
+) -> Option<CronState> {
+    let db = DbConfig::load(l);
+    let cron = CronConfig::load(l);
+    Some(CronState {
+        pool: r.db(&db?)?,
+        secret: cron?.secret,
+    })
+}
+
+pub const LEDGER_AUDIT: Function = Function {
+    name: "cron_ledger_audit",
+    paths: &["/api/cron/ledger-audit"],
+    build: |l, r| {
+        let state = cron_state(l, r)?;
+        Some(
+            Router::new()
+                .route("/api/cron/ledger-audit", get(ledger_audit))
+                .with_state(state),
+        )
+    },
+};
+
+pub const CLEANUP: Function = Function {
+    name: "cron_cleanup",
+    paths: &["/api/cron/cleanup"],
+    build: |l, r| {
+        let state = cron_state(l, r)?;
+        Some(
+            Router::new()
+                .route("/api/cron/cleanup", get(cleanup))
+                .with_state(state),
+        )
+    },
+};
+
+pub const RECONCILE_PURCHASES: Function = Function {
+    name: "cron_reconcile_purchases",
+    paths: &["/api/cron/reconcile-purchases"],
+    build: |l, r| {
+        let state = cron_state(l, r);
+        let stripe = StripeApiConfig::load(l);
+        let stripe = stripe?;
+        let state = ReconcileState {
+            cron: state?,
+            stripe: StripeClient::new(stripe.api_base, stripe.secret_key, r.http()),
+        };
+        Some(
+            Router::new()
+                .route("/api/cron/reconcile-purchases", get(reconcile_purchases))
+                .with_state(state),
+        )
+    },
+};
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobRun {
+    /// Another run held the lock; this one did nothing.
+    pub skipped: bool,
+    pub processed: i64,
+}
+
+#[utoipa::path(get, path = "/api/cron/ledger-audit", tag = "cron", security(("cron" = [])),
+    responses((status = 200, body = AuditReport),
+              (status = 401, body = crate::openapi::Problem),
+              (status = 500, description = "an invariant is violated", body = crate::openapi::Problem)))]
+pub async fn ledger_audit(
+    State(s): State<CronState>,
+    headers: HeaderMap,
+) -> ApiResult<Json<AuditReport>> {
+    cron::authorize(&headers, &s.secret)?;
+    // One snapshot for every check.
+    let mut tx = db::begin_service_snapshot(&s.pool).await?;
+    let report = audit(&mut tx).await?;
+    tx.commit().await?;
+    if !report.is_clean() {
+        return Err(ApiError::Internal(
+            format!("ledger invariants violated: {report:?}").into(),
+        ));
+    }
+    Ok(Json(report))
+}
+
+#[utoipa::path(get, path = "/api/cron/cleanup", tag = "cron", security(("cron" = [])),
+    responses((status = 200, body = JobRun), (status = 401, body = crate::openapi::Problem)))]
+pub async fn cleanup(State(s): State<CronState>, headers: HeaderMap) -> ApiResult<Json<JobRun>> {
+    cron::authorize(&headers, &s.secret)?;
+    let mut tx = db::begin_service(&s.pool).await?;
+    if !cron::try_lock(&mut tx, "cleanup").await? {
+        return Ok(Json(JobRun {
+            skipped: true,
+            processed: 0,
+        }));
+    }
+    let removed = sqlx::query("delete from app.idempotency_keys where expires_at < now()")
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    tx.commit().await?;
+    Ok(Json(JobRun {
+        skipped: false,
+        processed: i64::try_from(removed).unwrap_or(i64::MAX),
+    }))
+}
+
+#[derive(Clone)]
+pub struct ReconcileState {
+    pub cron: CronState,
+    pub stripe: StripeClient,
+}
+
+/// Pending purchases younger than this are left to their webhook.
+const RECONCILE_AFTER_SECONDS: i64 = 15 * 60;
+const RECONCILE_BATCH: i32 = 100;
+
+#[utoipa::path(get, path = "/api/cron/reconcile-purchases", tag = "cron", security(("cron" = [])),
+    responses((status = 200, body = JobRun), (status = 401, body = crate::openapi::Problem)))]
+pub async fn reconcile_purchases(
+    State(s): State<ReconcileState>,
+    headers: HeaderMap,
+) -> ApiResult<Json<JobRun>> {
+    cron::authorize(&headers, &s.cron.secret)?;
+    let mut tx = db::begin_service(&s.cron.pool).await?;
+    if !cron::try_lock(&mut tx, "reconcile-purchases").await? {
+        return Ok(Json(JobRun {
+            skipped: true,
+            processed: 0,
+        }));
+    }
+    let stale = purchases::stale_pending(&mut tx, RECONCILE_AFTER_SECONDS, RECONCILE_BATCH).await?;
+    tx.commit().await?;
+    let mut processed = 0;
+    for (_, payment_intent) in stale {
+        // One purchase at a time, each in its own transaction: a Stripe
+        // error on one does not hold back the others.
+        let intent = match s.stripe.retrieve_payment_intent(&payment_intent).await {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::warn!(%payment_intent, error = %e, "reconcile: Stripe lookup failed");
+                continue;
+            }
+        };
+        let mut tx = db::begin_service(&s.cron.pool).await?;
+        match intent.status {
+            PaymentIntentStatus::Succeeded => {
+                purchases::credit(&mut tx, &intent.id, intent.amount_cents).await?;
+            }
+            PaymentIntentStatus::Canceled => purchases::fail(&mut tx, &intent.id, true).await?,
+            _ => {}
+        }
+        tx.commit().await?;
+        processed += 1;
+    }
+    Ok(Json(JobRun {
+        skipped: false,
+        processed,
+    }))
+}
