@@ -1,4 +1,6 @@
 //! Starting compiled function binaries and local stand-ins for end-to-end tests.
+// Shared by several test binaries; each uses a part of it.
+#![allow(dead_code)]
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -88,6 +90,10 @@ impl Function {
             .await
             .expect("the binary should exit on a broken environment")
             .expect("output")
+    }
+
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
     }
 
     pub fn url(&self, path: &str) -> String {

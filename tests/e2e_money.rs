@@ -1,0 +1,119 @@
+//! End-to-end money path: the compiled purchase, webhook, tip and balance
+//! functions, with localstripe as Stripe (it creates PaymentIntents and
+//! sends signed webhooks by itself).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use stagepass_integrations::testing::{CARD_SUCCEEDS, LocalStripe, SECRET_KEY};
+use stagepass_platform::testing::TestDb;
+use support::{Function, env_for, mint};
+
+const WEBHOOK_SECRET: &str = "whsec_e2e_money_secret";
+
+async fn balance(f: &Function, token: &str) -> Value {
+    f.get("/api/v1/tokens/balance", Some(token))
+        .await
+        .json()
+        .await
+        .expect("json")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_card_purchase_is_credited_once_by_the_webhook_and_a_retry_charges_nothing() {
+    let Some(stripe) = LocalStripe::start().await else {
+        return;
+    };
+    let db = TestDb::new().await;
+    let mut env = env_for(&db);
+    let base = stripe.base_url().to_string();
+    let base: &'static str = Box::leak(base.into_boxed_str());
+    env.extend([
+        ("STRIPE_SECRET_KEY", SECRET_KEY),
+        ("STRIPE_API_BASE", base),
+        ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET),
+    ]);
+    let purchases = Function::start("v1_tokens_purchases", &env).await;
+    let webhooks = Function::start("webhooks_stripe", &env).await;
+    let balances = Function::start("v1_tokens_balance", &env).await;
+    stripe
+        .register_webhook(&webhooks.url("/api/webhooks/stripe"), WEBHOOK_SECRET)
+        .await
+        .expect("register webhook");
+
+    let fan = uuid::Uuid::new_v4();
+    let token = mint(fan, Some("buyer@example.com"));
+    let buy = || async {
+        let r = purchases
+            .client()
+            .post(purchases.url("/api/v1/tokens/purchases"))
+            .bearer_auth(&token)
+            .header("idempotency-key", "buy-small-1")
+            .json(&json!({"package": "small"}))
+            .send()
+            .await
+            .expect("request");
+        (
+            r.status().as_u16(),
+            r.headers().get("idempotency-replayed").is_some(),
+            r.json::<Value>().await.expect("json"),
+        )
+    };
+    let (status, replayed, created) = buy().await;
+    assert_eq!(status, 201, "{created}");
+    assert!(!replayed);
+    assert_eq!(created["tokens"], 200);
+    assert_eq!(created["price_cents"], 1_900);
+    let intent = created["payment_intent_id"]
+        .as_str()
+        .expect("pi")
+        .to_owned();
+    assert!(created["client_secret"].as_str().is_some());
+
+    // A client retry with the same key: the same PaymentIntent, no new charge.
+    let (status, replayed, again) = buy().await;
+    assert_eq!(status, 201);
+    assert!(replayed);
+    assert_eq!(again["payment_intent_id"], intent.as_str());
+
+    // Nothing is credited before Stripe says so.
+    assert_eq!(balance(&balances, &token).await["balance"], 0);
+
+    // The frontend confirms with Stripe.js; localstripe then sends the
+    // signed payment_intent.succeeded webhook to the webhook function.
+    let confirmed = stripe
+        .client()
+        .confirm_payment_intent(&intent, Some(CARD_SUCCEEDS))
+        .await
+        .expect("confirm");
+    assert_eq!(format!("{:?}", confirmed.status), "Succeeded");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let b = balance(&balances, &token).await;
+        if b["balance"] == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the webhook never credited: {b}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Exactly once: one purchase journal, one PaymentIntent at Stripe's side.
+    let journals: i64 =
+        sqlx::query_scalar("select count(*) from ledger.journals where kind = 'purchase'")
+            .fetch_one(&db.admin_pool)
+            .await
+            .expect("count");
+    assert_eq!(journals, 1);
+    let purchases_rows: i64 =
+        sqlx::query_scalar("select count(*) from app.purchases where status = 'succeeded'")
+            .fetch_one(&db.admin_pool)
+            .await
+            .expect("count");
+    assert_eq!(purchases_rows, 1);
+    let mut conn = db.admin_pool.acquire().await.expect("conn");
+    let report = stagepass_ledger::audit::audit(&mut conn)
+        .await
+        .expect("audit");
+    assert!(report.is_clean(), "{report:?}");
+}
