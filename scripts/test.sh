@@ -58,3 +58,5 @@ cargo clippy --bins --features lambda -- -D warnings
 
 say "tests"
 cargo test --workspace --all-targets
+# The Lambda target: API Gateway events through the same stack.
+cargo test -p stagepass-platform --features lambda --lib serve::lambda_tests

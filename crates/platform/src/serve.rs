@@ -309,3 +309,68 @@ pub fn compose(
     }
     (crate::http::stack(router, &core), failures)
 }
+
+/// The Lambda target: an API Gateway HTTP API (v2) event goes through the
+/// same adapter `lambda_http::run` uses, into the same stacked router.
+#[cfg(all(test, feature = "lambda"))]
+mod lambda_tests {
+    use lambda_http::lambda_runtime::{Context, LambdaEvent};
+    use lambda_http::request::LambdaRequest;
+    use tower::ServiceExt;
+
+    fn event(path: &str) -> LambdaRequest {
+        serde_json::from_value(serde_json::json!({
+            "version": "2.0",
+            "routeKey": "$default",
+            "rawPath": path,
+            "rawQueryString": "",
+            "headers": {"host": "api.example.com", "origin": "https://stagepass.app"},
+            "requestContext": {
+                "accountId": "123456789012", "apiId": "api", "domainName": "api.example.com",
+                "domainPrefix": "api", "requestId": "req-1", "routeKey": "$default",
+                "stage": "$default", "time": "27/Nov/2026:00:00:00 +0000", "timeEpoch": 0,
+                "http": {"method": "GET", "path": path, "protocol": "HTTP/1.1",
+                         "sourceIp": "127.0.0.1", "userAgent": "test"}
+            },
+            "isBase64Encoded": false
+        }))
+        .expect("an API Gateway v2 event")
+    }
+
+    async fn call(path: &str) -> serde_json::Value {
+        let router = axum::Router::new().route(
+            "/api/health",
+            axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
+        );
+        let mut loader =
+            crate::config::Loader::from_map([("ALLOWED_ORIGINS", "https://stagepass.app")]);
+        let core = crate::config::CoreConfig::load(&mut loader);
+        let app = crate::http::stack(router, &core);
+        let adapter = lambda_http::Adapter::from(app);
+        let response = adapter
+            .oneshot(LambdaEvent::new(event(path), Context::default()))
+            .await
+            .expect("response");
+        serde_json::to_value(&response).expect("serialise")
+    }
+
+    #[tokio::test]
+    async fn api_gateway_events_reach_the_same_stack() {
+        let ok = call("/api/health").await;
+        assert_eq!(ok["statusCode"], 200, "{ok}");
+        assert_eq!(ok["body"], r#"{"status":"ok"}"#);
+        let headers = &ok["headers"];
+        assert!(headers["request-id"].is_string(), "{ok}");
+        assert_eq!(headers["x-frame-options"], "DENY");
+        assert_eq!(
+            headers["access-control-allow-origin"],
+            "https://stagepass.app"
+        );
+        let missing = call("/api/nope").await;
+        assert_eq!(missing["statusCode"], 404);
+        assert_eq!(
+            missing["headers"]["content-type"],
+            "application/problem+json"
+        );
+    }
+}
