@@ -152,6 +152,11 @@ grant execute on function app.fail_purchase(text, text) to stagepass_service;
 -- the charge's cumulative amount refunded) or a dispute ('dispute', all of
 -- it). Takes what the wallet holds and records the rest as debt. The journal
 -- reference makes each distinct refund state and each dispute apply once.
+-- Only what was credited can be taken back: whether it was is the purchase
+-- journal's existence, not the status (a refund or dispute that arrived
+-- before the success also leaves 'refunded' or 'disputed'). A chargeback
+-- stays on record ('disputed') whatever arrives after it: trust levels
+-- depend on it.
 create function app.claw_back_purchase(
   p_payment_intent text, p_kind text, p_reference text, p_amount_refunded_cents bigint
 ) returns bigint
@@ -177,11 +182,13 @@ begin
     -- refund takes every token back.
     target := least(p.tokens, (p.tokens * p_amount_refunded_cents + p.price_cents - 1) / p.price_cents);
   end if;
-  if p.status <> 'succeeded' and p.status not in ('refunded', 'disputed') then
+  if not exists (select 1 from ledger.journals j
+                  where j.kind = 'purchase' and j.reference = p_payment_intent) then
     -- Never credited (events out of order): nothing to take back, and the
     -- later success must not credit.
     update app.purchases
-       set status = case when p_kind = 'dispute' then 'disputed' else 'refunded' end
+       set status = case when p_kind = 'dispute' or p.status = 'disputed' then 'disputed'
+                         else 'refunded' end
      where id = p.id;
     return 0;
   end if;
@@ -200,7 +207,7 @@ begin
   end if;
   update app.purchases
      set tokens_clawed_back = tokens_clawed_back + due,
-         status = case when p_kind = 'dispute' then 'disputed'
+         status = case when p_kind = 'dispute' or p.status = 'disputed' then 'disputed'
                        when target >= p.tokens then 'refunded' else status end
    where id = p.id;
   return due;
@@ -220,3 +227,8 @@ create function app.stale_pending_purchases(p_older_than interval, p_limit integ
 $$;
 revoke all on function app.stale_pending_purchases(interval, integer) from public;
 grant execute on function app.stale_pending_purchases(interval, integer) to stagepass_service;
+
+-- The rate limiter asks for a caller's trust level before the request's
+-- transaction exists, in one round trip: the function only maps a user id
+-- to a level name.
+grant execute on function app.trust_level(uuid) to stagepass_app;

@@ -485,6 +485,27 @@ impl UpstashConfig {
     }
 }
 
+/// Whether rate limits apply (`RATE_LIMITS=off` only outside production:
+/// tests of other behaviour and load tests of a single caller).
+pub fn rate_limits_enabled(l: &mut Loader) -> bool {
+    match l.get("RATE_LIMITS").as_deref() {
+        None | Some("on") => true,
+        Some("off") if !l.app_env().is_production() => false,
+        Some("off") => {
+            l.problem(
+                "RATE_LIMITS",
+                "cannot be off in production",
+                "remove RATE_LIMITS from the production environment",
+            );
+            true
+        }
+        Some(_) => {
+            l.problem("RATE_LIMITS", "must be on or off", "default: on");
+            true
+        }
+    }
+}
+
 /// The Stripe API (purchases, reconciliation, payouts).
 #[derive(Debug, Clone)]
 pub struct StripeApiConfig {

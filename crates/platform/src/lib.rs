@@ -6,6 +6,8 @@
 //! - [`db`]: the per-process pool and transactions under row-level security.
 //! - [`telemetry`]: tracing and Sentry.
 //! - [`serve`]: runs a router on Vercel, on Lambda, or locally.
+//! - [`upstash`]: a small Upstash Redis REST client.
+//! - [`ratelimit`]: every limit of a request in one Upstash round trip.
 
 pub mod auth;
 pub mod config;
@@ -13,8 +15,10 @@ pub mod cron;
 pub mod db;
 pub mod http;
 pub mod idempotency;
+pub mod ratelimit;
 pub mod serve;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod time;
+pub mod upstash;

@@ -33,6 +33,42 @@ pub struct Function {
     pub name: &'static str,
     pub paths: &'static [&'static str],
     pub build: fn(&mut Loader, &Resources) -> Option<Router>,
+    /// The rate limits of SPEC §4 this function's routes get (applied by
+    /// [`build`] and [`compose`], never by the route itself).
+    pub limits: Limits,
+}
+
+/// A function's rate-limit declaration. Every function must declare one; a
+/// test fails otherwise.
+#[derive(Clone, Copy, Debug)]
+pub enum Limits {
+    /// Public routes: per client IP.
+    Public,
+    /// Authenticated reads and profile edits: per user.
+    Authenticated,
+    /// Money operations (tip, enrol, call request): burst, API, and the
+    /// money limit of the caller's trust level — fail closed.
+    Money,
+    /// Token purchases: burst, purchases, API — fail closed.
+    Purchase,
+    /// Signed callers (Stripe, QStash, Vercel Cron): per source.
+    Webhook(&'static str),
+    /// No limiter at all, with the reason (liveness must do no I/O).
+    Exempt(&'static str),
+}
+
+impl Limits {
+    pub fn policies(self) -> &'static [crate::ratelimit::Policy] {
+        use crate::ratelimit::policies::routes;
+        match self {
+            Limits::Public => routes::PUBLIC,
+            Limits::Authenticated => routes::AUTHENTICATED,
+            Limits::Money => routes::MONEY,
+            Limits::Purchase => routes::PURCHASE,
+            Limits::Webhook(_) => routes::WEBHOOK,
+            Limits::Exempt(_) => &[],
+        }
+    }
 }
 
 /// Process-wide resources shared by every router built in this process
@@ -42,6 +78,8 @@ pub struct Function {
 pub struct Resources {
     pool: Arc<OnceCell<sqlx::PgPool>>,
     http: Arc<std::sync::OnceLock<reqwest::Client>>,
+    verifier: Arc<std::sync::OnceLock<Arc<crate::auth::Verifier>>>,
+    limiter: Arc<std::sync::OnceLock<Arc<crate::ratelimit::RateLimiter>>>,
     pub clock: crate::time::Clock,
 }
 
@@ -61,6 +99,30 @@ impl Resources {
         let r = Resources::default();
         let _ = r.pool.set(pool);
         r
+    }
+
+    /// The process's token verifier (one JWKS cache per process).
+    pub fn verifier(&self, cfg: &crate::config::AuthConfig) -> Arc<crate::auth::Verifier> {
+        self.verifier
+            .get_or_init(|| Arc::new(crate::auth::Verifier::new(cfg, self.http())))
+            .clone()
+    }
+
+    /// The process's rate limiter (one deny cache per process): Upstash
+    /// when configured, in-process outside production otherwise.
+    pub fn rate_limiter(
+        &self,
+        upstash: Option<&crate::config::UpstashConfig>,
+        env: crate::config::AppEnv,
+    ) -> Arc<crate::ratelimit::RateLimiter> {
+        self.limiter
+            .get_or_init(|| {
+                Arc::new(
+                    crate::ratelimit::RateLimiter::from_config(upstash, env, self.http())
+                        .with_clock(self.clock.clone()),
+                )
+            })
+            .clone()
     }
 
     /// The process's outbound HTTP client: bounded timeouts, connection reuse
@@ -87,8 +149,61 @@ pub fn build(
     resources: &Resources,
 ) -> Option<(Router, CoreConfig)> {
     let core = CoreConfig::load(loader);
-    let router = (function.build)(loader, resources)?;
+    let router = (function.build)(loader, resources);
+    let router = with_limits(function, router?, loader, resources)?;
     Some((router, core))
+}
+
+/// Wraps a function's router in its declared rate limits: all of a
+/// request's limits in one round trip (`ratelimit::layer`).
+fn with_limits(
+    function: &Function,
+    router: Router,
+    l: &mut Loader,
+    r: &Resources,
+) -> Option<Router> {
+    use crate::config::{AuthConfig, UpstashConfig, rate_limits_enabled};
+    if matches!(function.limits, Limits::Exempt(_)) || !rate_limits_enabled(l) {
+        return Some(router);
+    }
+    let upstash = UpstashConfig::load(l);
+    let limiter = r.rate_limiter(upstash.as_ref(), l.app_env());
+    let mut layer = crate::ratelimit::layer(limiter, function.limits.policies());
+    match function.limits {
+        Limits::Webhook(source) => layer = layer.with_source(source),
+        Limits::Public => {}
+        Limits::Authenticated | Limits::Purchase | Limits::Money => {
+            let auth = AuthConfig::load(l)?;
+            layer = layer.with_verifier(r.verifier(&auth));
+        }
+        Limits::Exempt(_) => {}
+    }
+    if matches!(function.limits, Limits::Money) {
+        let pool = r.db(&DbConfig::load(l)?)?;
+        layer = layer.with_trust(Arc::new(DbTrust(pool)));
+    }
+    Some(router.layer(layer))
+}
+
+/// Trust levels from Postgres (`app.trust_level`, derived from account
+/// facts; SPEC §4). One round trip.
+struct DbTrust(sqlx::PgPool);
+
+impl crate::ratelimit::TrustSource for DbTrust {
+    fn trust_level(
+        &self,
+        user: uuid::Uuid,
+    ) -> futures_util::future::BoxFuture<'_, Result<crate::ratelimit::TrustLevel, ApiError>> {
+        Box::pin(async move {
+            let level: Option<String> = sqlx::query_scalar("select app.trust_level($1)")
+                .bind(user)
+                .fetch_one(&self.0)
+                .await?;
+            Ok(crate::ratelimit::TrustLevel::parse(
+                level.as_deref().unwrap_or("basic"),
+            ))
+        })
+    }
 }
 
 /// The entry point of every `api/**/*.rs` binary.
@@ -294,7 +409,8 @@ pub fn compose(
     let mut failures = Vec::new();
     for function in functions {
         let mut loader = env();
-        let built = (function.build)(&mut loader, resources);
+        let built = (function.build)(&mut loader, resources)
+            .and_then(|router| with_limits(function, router, &mut loader, resources));
         match (loader.finish(), built) {
             (Ok(_), Some(r)) => router = router.merge(r),
             (Err(errors), _) => {

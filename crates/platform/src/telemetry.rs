@@ -114,7 +114,12 @@ pub async fn observe(req: Request, next: Next) -> Response {
     span.in_scope(|| {
         tracing::info!(status = status.as_u16(), elapsed_ms, "served");
     });
-    if status.is_server_error() && sentry_enabled() {
+    // The rate limiter reports its own outages, at most once a minute.
+    let self_reported = response
+        .extensions()
+        .get::<ProblemInfo>()
+        .is_some_and(|p| p.code == "rate_limiter_unavailable");
+    if status.is_server_error() && sentry_enabled() && !self_reported {
         let message = response
             .extensions()
             .get::<Panicked>()

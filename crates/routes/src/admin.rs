@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use stagepass_platform::auth::AuthUser;
 use stagepass_platform::db;
 use stagepass_platform::http::{ApiError, ApiResult, JsonBody};
-use stagepass_platform::serve::Function;
+use stagepass_platform::serve::{Function, Limits};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -17,6 +17,7 @@ use crate::UserApi;
 
 pub const ROLE: Function = Function {
     name: "v1_admin_users_role",
+    limits: Limits::Authenticated,
     paths: &["/api/v1/admin/users/{id}/role"],
     build: |l, r| {
         let api = UserApi::load(l, r)?;

@@ -22,12 +22,13 @@ use sqlx::PgPool;
 use stagepass_platform::config::{AuthHookConfig, DbConfig, ExposeSecret, Secret};
 use stagepass_platform::db;
 use stagepass_platform::http::{ApiError, ApiResult};
-use stagepass_platform::serve::Function;
+use stagepass_platform::serve::{Function, Limits};
 use stagepass_platform::time::Clock;
 use uuid::Uuid;
 
 pub const FUNCTION: Function = Function {
     name: "v1_auth_access_token_hook",
+    limits: Limits::Webhook("supabase-auth"),
     paths: &["/api/v1/auth/access-token-hook"],
     build: |l, r| {
         let db = DbConfig::load(l);

@@ -21,7 +21,7 @@ use stagepass_platform::config::{CronConfig, DbConfig, Secret, StripeApiConfig};
 use stagepass_platform::cron;
 use stagepass_platform::db;
 use stagepass_platform::http::{ApiError, ApiResult};
-use stagepass_platform::serve::Function;
+use stagepass_platform::serve::{Function, Limits};
 use utoipa::ToSchema;
 
 #[derive(Clone)]
@@ -44,6 +44,7 @@ fn cron_state(
 
 pub const LEDGER_AUDIT: Function = Function {
     name: "cron_ledger_audit",
+    limits: Limits::Webhook("vercel-cron"),
     paths: &["/api/cron/ledger-audit"],
     build: |l, r| {
         let state = cron_state(l, r)?;
@@ -57,6 +58,7 @@ pub const LEDGER_AUDIT: Function = Function {
 
 pub const CLEANUP: Function = Function {
     name: "cron_cleanup",
+    limits: Limits::Webhook("vercel-cron"),
     paths: &["/api/cron/cleanup"],
     build: |l, r| {
         let state = cron_state(l, r)?;
@@ -70,6 +72,7 @@ pub const CLEANUP: Function = Function {
 
 pub const RECONCILE_PURCHASES: Function = Function {
     name: "cron_reconcile_purchases",
+    limits: Limits::Webhook("vercel-cron"),
     paths: &["/api/cron/reconcile-purchases"],
     build: |l, r| {
         let state = cron_state(l, r);

@@ -10,17 +10,19 @@ use serde::Serialize;
 use sqlx::PgPool;
 use stagepass_platform::config::{DbConfig, Loader};
 use stagepass_platform::http::{ApiError, ApiResult};
-use stagepass_platform::serve::{Function, Resources};
+use stagepass_platform::serve::{Function, Limits, Resources};
 use utoipa::ToSchema;
 
 pub const HEALTH: Function = Function {
     name: "health",
+    limits: Limits::Exempt("liveness does no I/O"),
     paths: &["/api/health"],
     build: |_, _| Some(Router::new().route("/api/health", get(health))),
 };
 
 pub const READY: Function = Function {
     name: "health_ready",
+    limits: Limits::Public,
     paths: &["/api/health/ready"],
     build: build_ready,
 };

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use stagepass_platform::auth::AuthUser;
 use stagepass_platform::db::{self, DbResultExt};
 use stagepass_platform::http::{ApiError, ApiResult, FieldError, JsonBody};
-use stagepass_platform::serve::Function;
+use stagepass_platform::serve::{Function, Limits};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -22,6 +22,7 @@ use crate::UserApi;
 
 pub const FUNCTION: Function = Function {
     name: "v1_me",
+    limits: Limits::Authenticated,
     paths: &["/api/v1/me"],
     build: |l, r| {
         let api = UserApi::load(l, r)?;

@@ -11,10 +11,11 @@ use serde::Serialize;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use stagepass_platform::serve::Function;
+use stagepass_platform::serve::{Function, Limits};
 
 pub const FUNCTION: Function = Function {
     name: "v1_openapi",
+    limits: Limits::Public,
     paths: &["/api/v1/openapi.json"],
     build: |_, _| {
         Some(

@@ -27,7 +27,7 @@ use stagepass_platform::config::StripeApiConfig;
 use stagepass_platform::db;
 use stagepass_platform::http::{ApiError, ApiResult, JsonBody};
 use stagepass_platform::idempotency::{DEFAULT_TTL_HOURS, Idempotency, IdempotencyKey};
-use stagepass_platform::serve::Function;
+use stagepass_platform::serve::{Function, Limits};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -35,6 +35,7 @@ use crate::UserApi;
 
 pub const FUNCTION: Function = Function {
     name: "v1_tokens_purchases",
+    limits: Limits::Purchase,
     paths: &["/api/v1/tokens/purchases"],
     build: |l, r| {
         let api = UserApi::load(l, r);

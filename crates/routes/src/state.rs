@@ -21,7 +21,7 @@ impl UserApi {
         let pool = r.db(&db?)?;
         Some(UserApi {
             pool,
-            verifier: Arc::new(Verifier::new(&auth?, r.http())),
+            verifier: r.verifier(&auth?),
         })
     }
 }

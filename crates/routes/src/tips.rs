@@ -18,7 +18,7 @@ use stagepass_platform::auth::AuthUser;
 use stagepass_platform::db;
 use stagepass_platform::http::{ApiError, ApiResult, JsonBody};
 use stagepass_platform::idempotency::{DEFAULT_TTL_HOURS, Idempotency, IdempotencyKey};
-use stagepass_platform::serve::Function;
+use stagepass_platform::serve::{Function, Limits};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -26,6 +26,7 @@ use crate::UserApi;
 
 pub const FUNCTION: Function = Function {
     name: "v1_tips",
+    limits: Limits::Money,
     paths: &["/api/v1/tips"],
     build: |l, r| {
         let api = UserApi::load(l, r)?;

@@ -9,19 +9,21 @@ use stagepass_ledger::{Balance, Entry};
 use stagepass_platform::auth::AuthUser;
 use stagepass_platform::db;
 use stagepass_platform::http::{ApiError, ApiResult};
-use stagepass_platform::serve::Function;
+use stagepass_platform::serve::{Function, Limits};
 use utoipa::{IntoParams, ToSchema};
 
 use crate::UserApi;
 
 pub const PACKAGES_FUNCTION: Function = Function {
     name: "v1_tokens_packages",
+    limits: Limits::Public,
     paths: &["/api/v1/tokens/packages"],
     build: |_, _| Some(Router::new().route("/api/v1/tokens/packages", get(packages))),
 };
 
 pub const BALANCE_FUNCTION: Function = Function {
     name: "v1_tokens_balance",
+    limits: Limits::Authenticated,
     paths: &["/api/v1/tokens/balance"],
     build: |l, r| {
         let api = UserApi::load(l, r)?;
@@ -35,6 +37,7 @@ pub const BALANCE_FUNCTION: Function = Function {
 
 pub const LEDGER_FUNCTION: Function = Function {
     name: "v1_tokens_ledger",
+    limits: Limits::Authenticated,
     paths: &["/api/v1/tokens/ledger"],
     build: |l, r| {
         let api = UserApi::load(l, r)?;

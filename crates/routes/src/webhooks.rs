@@ -19,12 +19,13 @@ use stagepass_ledger::purchases::{self, ClawBack, CreditOutcome};
 use stagepass_platform::config::{DbConfig, ExposeSecret, Secret, StripeWebhookConfig};
 use stagepass_platform::db;
 use stagepass_platform::http::{ApiError, ApiResult};
-use stagepass_platform::serve::Function;
+use stagepass_platform::serve::{Function, Limits};
 use stagepass_platform::time::Clock;
 use utoipa::ToSchema;
 
 pub const STRIPE: Function = Function {
     name: "webhooks_stripe",
+    limits: Limits::Webhook("stripe"),
     paths: &["/api/webhooks/stripe"],
     build: |l, r| {
         let db = DbConfig::load(l);

@@ -101,7 +101,7 @@ async fn events_recorded(app: &TestApp) -> i64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_succeeded_payment_is_credited_exactly_once() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let fan = app.signed_in_user().await;
     pending_purchase(&app, fan.id, "pi_1", 200, 1_900).await;
 
@@ -123,7 +123,7 @@ async fn a_succeeded_payment_is_credited_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_and_stale_signatures_are_refused_and_change_nothing() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let fan = app.signed_in_user().await;
     pending_purchase(&app, fan.id, "pi_s", 50, 500).await;
     let body = succeeded("evt_s", "pi_s", 500);
@@ -164,7 +164,7 @@ async fn bad_and_stale_signatures_are_refused_and_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_effect_answers_5xx_records_nothing_and_the_retry_succeeds() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let fan = app.signed_in_user().await;
     pending_purchase(&app, fan.id, "pi_f", 50, 500).await;
     sqlx::query(
@@ -193,7 +193,7 @@ async fn a_failing_effect_answers_5xx_records_nothing_and_the_retry_succeeds() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_refund_before_the_success_means_no_tokens_ever() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let fan = app.signed_in_user().await;
     pending_purchase(&app, fan.id, "pi_o", 200, 1_900).await;
     let r = deliver(&app, &refunded("evt_r", "pi_o", "ch_o", 1_900, 1_900)).await;
@@ -206,7 +206,7 @@ async fn a_refund_before_the_success_means_no_tokens_ever() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn spent_tokens_clawed_back_become_debt_that_blocks_spending_until_repaid() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let fan = app.signed_in_user().await;
     let creator = app.signed_in_user().await;
     app.set_role(creator.id, "creator").await;
@@ -266,7 +266,7 @@ async fn spent_tokens_clawed_back_become_debt_that_blocks_spending_until_repaid(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dispute_claws_everything_back_and_drops_trust_to_basic() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let fan = app.signed_in_user().await;
     pending_purchase(&app, fan.id, "pi_x", 200, 1_900).await;
     deliver(&app, &succeeded("evt_x1", "pi_x", 1_900)).await;
@@ -282,7 +282,7 @@ async fn a_dispute_claws_everything_back_and_drops_trust_to_basic() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_events_are_acknowledged_and_mismatched_amounts_fail_loudly() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let r = deliver(
         &app,
         &event(
@@ -304,7 +304,7 @@ async fn unknown_events_are_acknowledged_and_mismatched_amounts_fail_loudly() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_deliveries_of_one_event_credit_once() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let fan = app.signed_in_user().await;
     pending_purchase(&app, fan.id, "pi_c", 433, 3_900).await;
     let body = succeeded("evt_c", "pi_c", 3_900);
@@ -329,7 +329,7 @@ async fn concurrent_deliveries_of_one_event_credit_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cron_routes_require_the_secret() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     for path in [
         "/api/cron/ledger-audit",
         "/api/cron/cleanup",
@@ -354,7 +354,7 @@ async fn cron_routes_require_the_secret() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn cleanup_removes_only_expired_idempotency_records() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let fan = app.signed_in_user().await;
     for (key, hours) in [("old", -1), ("fresh", 24)] {
         sqlx::query(
@@ -384,7 +384,7 @@ async fn cleanup_removes_only_expired_idempotency_records() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_audit_cron_reports_a_corrupted_ledger() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let fan = app.signed_in_user().await;
     // Corrupt a stored balance behind the ledger's back (as a superuser).
     sqlx::query("update ledger.accounts set balance = 5 where kind = 'wallet' and owner_id = $1")
@@ -402,7 +402,7 @@ async fn the_audit_cron_reports_a_corrupted_ledger() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn purchases_validate_and_fail_cleanly_when_stripe_is_down() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let fan = app.signed_in_user().await;
     let no_key = app
         .post("/api/v1/tokens/purchases")

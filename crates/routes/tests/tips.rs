@@ -74,7 +74,7 @@ async fn tip(app: &TestApp, from: &User, key: &str, body: &Value) -> common::Tes
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tip_moves_tokens_once_and_a_replay_answers_the_same() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let c = creator(&app).await;
     let f = fan_with(&app, 100).await;
     let body = json!({"recipient_id": c.id, "amount": 30, "message": "great show"});
@@ -97,7 +97,7 @@ async fn a_tip_moves_tokens_once_and_a_replay_answers_the_same() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_key_with_another_body_is_422_and_moves_nothing() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let c = creator(&app).await;
     let f = fan_with(&app, 100).await;
     let ok = tip(&app, &f, "k", &json!({"recipient_id": c.id, "amount": 10})).await;
@@ -120,7 +120,7 @@ async fn the_same_key_with_another_body_is_422_and_moves_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_requests_are_4xx_and_change_nothing() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let c = creator(&app).await;
     let f = fan_with(&app, 100).await;
     let body = json!({"recipient_id": c.id, "amount": 10});
@@ -189,7 +189,7 @@ async fn bad_requests_are_4xx_and_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn insufficient_funds_is_422_and_its_replay_answers_the_same() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let c = creator(&app).await;
     let f = fan_with(&app, 5).await;
     let body = json!({"recipient_id": c.id, "amount": 6});
@@ -205,7 +205,7 @@ async fn insufficient_funds_is_422_and_its_replay_answers_the_same() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_tips_racing_for_the_last_tokens_one_wins() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let c = creator(&app).await;
     let f = fan_with(&app, 50).await;
     let body = json!({"recipient_id": c.id, "amount": 40});
@@ -229,7 +229,7 @@ async fn two_tips_racing_for_the_last_tokens_one_wins() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fifty_fans_tipping_one_creator_at_once_are_all_credited() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let c = creator(&app).await;
     let mut fans = Vec::new();
     for _ in 0..50 {
@@ -248,7 +248,7 @@ async fn fifty_fans_tipping_one_creator_at_once_are_all_credited() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_replays_of_one_key_have_one_effect() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let c = creator(&app).await;
     let f = fan_with(&app, 100).await;
     let body = json!({"recipient_id": c.id, "amount": 9});
@@ -274,7 +274,7 @@ async fn concurrent_replays_of_one_key_have_one_effect() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn mutual_tips_between_creators_never_deadlock_a_request_away() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let a = creator(&app).await;
     let b = creator(&app).await;
     fund(&app, a.id, 1_000).await;
@@ -296,7 +296,7 @@ async fn mutual_tips_between_creators_never_deadlock_a_request_away() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_daily_spending_limit_is_enforced_in_the_spend_transaction() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let c = creator(&app).await;
     let f = fan_with(&app, 1_000).await;
     sqlx::query("update app.user_private set daily_spend_limit_tokens = 100 where user_id = $1")
@@ -335,7 +335,7 @@ async fn the_daily_spending_limit_is_enforced_in_the_spend_transaction() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_wallet_in_debt_cannot_spend() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let c = creator(&app).await;
     let f = fan_with(&app, 100).await;
     // A claw-back larger than the wallet: 100 from the wallet, 20 as debt.
@@ -369,7 +369,7 @@ async fn a_wallet_in_debt_cannot_spend() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_database_refuses_an_overdraft_even_from_the_superuser() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let f = fan_with(&app, 10).await;
     let err = sqlx::query(
         "select ledger.post('tip', 'overdraft', \
@@ -400,7 +400,7 @@ async fn the_database_refuses_an_overdraft_even_from_the_superuser() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn users_cannot_touch_the_ledger_directly() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let f = fan_with(&app, 10).await;
     let mut tx = app.db.app_pool.begin().await.expect("begin");
     sqlx::query("select set_config('request.jwt.claims', $1, true), set_config('role', 'authenticated', true)")
@@ -425,7 +425,7 @@ async fn users_cannot_touch_the_ledger_directly() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_ledger_lists_own_entries_with_a_cursor() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let c = creator(&app).await;
     let f = fan_with(&app, 100).await;
     for i in 0..3 {
@@ -482,7 +482,7 @@ async fn the_ledger_lists_own_entries_with_a_cursor() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn packages_are_the_spec_table() {
-    let app = TestApp::new().await;
+    let app = TestApp::unlimited().await;
     let r = app.get("/api/v1/tokens/packages").send().await;
     assert_eq!(r.status, StatusCode::OK);
     let mega = r.json()["packages"]

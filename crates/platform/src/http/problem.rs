@@ -214,6 +214,12 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if let ApiError::Unavailable("rate_limiter_unavailable", _) = &self {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(crate::ratelimit::UNAVAILABLE_RETRY_AFTER_SECONDS),
+            );
+        }
         if let Some(secs) = retry_after_seconds {
             response
                 .headers_mut()

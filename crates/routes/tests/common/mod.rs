@@ -83,6 +83,12 @@ impl TestApp {
         Self::with_env(&[]).await
     }
 
+    /// Rate limits off: for tests of the ledger that send many money
+    /// requests per second as one user (the limits have their own tests).
+    pub async fn unlimited() -> TestApp {
+        Self::with_env(&[("RATE_LIMITS", "off".to_owned())]).await
+    }
+
     /// The test environment with some variables replaced or added.
     pub async fn with_env(overrides: &[(&'static str, String)]) -> TestApp {
         let db = TestDb::new().await;

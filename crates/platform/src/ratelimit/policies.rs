@@ -1,0 +1,338 @@
+//! The limits of SPEC §4, in one table, and the route sets built from them.
+//!
+//! | policy | limit | algorithm | key | fails |
+//! |---|---|---|---|---|
+//! | `burst` | 2 / s | token bucket (2 per 1 s, 2 max) | user | closed |
+//! | `money` | basic 5, verified 15, trusted 30, vip 50 / min | sliding window | user | closed |
+//! | `purchases` | 5 / 5 min | sliding window | user | closed |
+//! | `payouts` | 3 / h | sliding window | user | closed |
+//! | `api` | 300 / min | sliding window | user | open |
+//! | `public` | 600 / min | sliding window | client IP | open |
+//! | `webhooks` | 10 / s | token bucket (10 per 1 s, 10 max) | source | open |
+//!
+//! Money fails closed: a limiter outage must not open the door to a
+//! spending spree. Reads and webhooks fail open: Stripe's events are
+//! authenticated by signature and applied exactly once anyway, and refusing
+//! them would only delay credits.
+//!
+//! Every trust level's money limit is named `money` and shares one counter,
+//! so a user promoted mid-minute keeps what they already used.
+//!
+//! Daily spending limits are not here: they are enforced inside the
+//! Postgres spend transaction, where they cannot be raced.
+
+use super::policy::{Algorithm, FailMode, KeyKind, Policy};
+
+const MINUTE_MS: u64 = 60_000;
+
+/// 2 requests per second on every money route.
+pub const BURST: Policy = Policy {
+    name: "burst",
+    algorithm: Algorithm::TokenBucket {
+        refill: 2,
+        interval_ms: 1_000,
+        max: 2,
+    },
+    key: KeyKind::User,
+    fail: FailMode::Closed,
+};
+
+/// Money operations (tip, enrol, call request, payout request) by trust level.
+pub const MONEY_BASIC: Policy = money(5);
+pub const MONEY_VERIFIED: Policy = money(15);
+pub const MONEY_TRUSTED: Policy = money(30);
+pub const MONEY_VIP: Policy = money(50);
+
+const fn money(per_minute: u32) -> Policy {
+    Policy {
+        name: "money",
+        algorithm: Algorithm::SlidingWindow {
+            limit: per_minute,
+            window_ms: MINUTE_MS,
+        },
+        key: KeyKind::User,
+        fail: FailMode::Closed,
+    }
+}
+
+/// Token purchases: 5 per 5 minutes.
+pub const PURCHASES: Policy = Policy {
+    name: "purchases",
+    algorithm: Algorithm::SlidingWindow {
+        limit: 5,
+        window_ms: 5 * MINUTE_MS,
+    },
+    key: KeyKind::User,
+    fail: FailMode::Closed,
+};
+
+/// Payout requests: 3 per hour.
+pub const PAYOUT_REQUESTS: Policy = Policy {
+    name: "payouts",
+    algorithm: Algorithm::SlidingWindow {
+        limit: 3,
+        window_ms: 60 * MINUTE_MS,
+    },
+    key: KeyKind::User,
+    fail: FailMode::Closed,
+};
+
+/// Any authenticated route: 300 per minute per user.
+pub const AUTHENTICATED_API: Policy = Policy {
+    name: "api",
+    algorithm: Algorithm::SlidingWindow {
+        limit: 300,
+        window_ms: MINUTE_MS,
+    },
+    key: KeyKind::User,
+    fail: FailMode::Open,
+};
+
+/// Public, unauthenticated routes: 600 per minute per client IP.
+pub const PUBLIC: Policy = Policy {
+    name: "public",
+    algorithm: Algorithm::SlidingWindow {
+        limit: 600,
+        window_ms: MINUTE_MS,
+    },
+    key: KeyKind::ClientIp,
+    fail: FailMode::Open,
+};
+
+/// Webhooks: 10 per second per source.
+pub const WEBHOOKS: Policy = Policy {
+    name: "webhooks",
+    algorithm: Algorithm::TokenBucket {
+        refill: 10,
+        interval_ms: 1_000,
+        max: 10,
+    },
+    key: KeyKind::Source,
+    fail: FailMode::Open,
+};
+
+/// Every policy of the table (documentation, tests).
+pub const ALL: &[Policy] = &[
+    BURST,
+    MONEY_BASIC,
+    MONEY_VERIFIED,
+    MONEY_TRUSTED,
+    MONEY_VIP,
+    PURCHASES,
+    PAYOUT_REQUESTS,
+    AUTHENTICATED_API,
+    PUBLIC,
+    WEBHOOKS,
+];
+
+/// Route sets. Money routes add [`money_policy`] for the caller's trust
+/// level (see `RateLimitLayer::with_trust`), so all their limits are still
+/// decided in one round trip.
+pub mod routes {
+    use super::*;
+
+    /// Tip, enrol, call request: burst + API (+ money by trust).
+    pub const MONEY: &[Policy] = &[BURST, AUTHENTICATED_API];
+    /// Token purchases: burst + purchases + API.
+    pub const PURCHASE: &[Policy] = &[BURST, PURCHASES, AUTHENTICATED_API];
+    /// Payout requests: burst + payouts + API (+ money by trust).
+    pub const PAYOUT_REQUEST: &[Policy] = &[BURST, PAYOUT_REQUESTS, AUTHENTICATED_API];
+    /// Other authenticated routes.
+    pub const AUTHENTICATED: &[Policy] = &[AUTHENTICATED_API];
+    /// Public routes; also limits anonymous calls to routes with optional auth.
+    pub const PUBLIC: &[Policy] = &[super::PUBLIC];
+    /// Stripe webhooks, QStash callbacks, cron.
+    pub const WEBHOOK: &[Policy] = &[WEBHOOKS];
+}
+
+/// How far a user is trusted with money, derived from account facts
+/// ([`TrustLevel::derive`]); nothing but `vip` is ever set by hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TrustLevel {
+    Basic,
+    Verified,
+    Trusted,
+    Vip,
+}
+
+/// What trust is derived from. Loading these from Postgres is the money
+/// path's job; the rules are here so they can be tested without a database.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AccountFacts {
+    pub email_verified: bool,
+    pub account_age_days: u32,
+    /// Purchases whose payment succeeded and was not refunded.
+    pub settled_purchases: u32,
+    pub chargebacks: u32,
+    /// An admin's explicit grant.
+    pub vip_grant: bool,
+}
+
+/// Account age needed for `verified`.
+pub const VERIFIED_MIN_AGE_DAYS: u32 = 7;
+/// Account age needed for `trusted`.
+pub const TRUSTED_MIN_AGE_DAYS: u32 = 30;
+
+impl TrustLevel {
+    /// The rules, in order: any chargeback → `basic` (even over a vip
+    /// grant: a disputed payment must be looked at first); a vip grant →
+    /// `vip`; 30 days and a settled purchase → `trusted`; a verified e-mail
+    /// and 7 days → `verified`; else `basic`.
+    ///
+    /// `trusted` does not require a verified e-mail: a settled card payment
+    /// is a stronger signal than a clicked link.
+    pub fn derive(facts: &AccountFacts) -> TrustLevel {
+        if facts.chargebacks > 0 {
+            TrustLevel::Basic
+        } else if facts.vip_grant {
+            TrustLevel::Vip
+        } else if facts.account_age_days >= TRUSTED_MIN_AGE_DAYS && facts.settled_purchases >= 1 {
+            TrustLevel::Trusted
+        } else if facts.email_verified && facts.account_age_days >= VERIFIED_MIN_AGE_DAYS {
+            TrustLevel::Verified
+        } else {
+            TrustLevel::Basic
+        }
+    }
+
+    /// Parses `app.trust_level`'s answer; anything unknown is `basic`,
+    /// the strictest.
+    pub fn parse(level: &str) -> TrustLevel {
+        match level {
+            "vip" => TrustLevel::Vip,
+            "trusted" => TrustLevel::Trusted,
+            "verified" => TrustLevel::Verified,
+            _ => TrustLevel::Basic,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrustLevel::Basic => "basic",
+            TrustLevel::Verified => "verified",
+            TrustLevel::Trusted => "trusted",
+            TrustLevel::Vip => "vip",
+        }
+    }
+}
+
+/// The money-operations limit for a trust level.
+pub const fn money_policy(level: TrustLevel) -> Policy {
+    match level {
+        TrustLevel::Basic => MONEY_BASIC,
+        TrustLevel::Verified => MONEY_VERIFIED,
+        TrustLevel::Trusted => MONEY_TRUSTED,
+        TrustLevel::Vip => MONEY_VIP,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts() -> AccountFacts {
+        AccountFacts::default()
+    }
+
+    #[test]
+    fn a_new_account_is_basic() {
+        assert_eq!(TrustLevel::derive(&facts()), TrustLevel::Basic);
+    }
+
+    #[test]
+    fn verified_needs_email_and_seven_days() {
+        let f = AccountFacts {
+            email_verified: true,
+            account_age_days: 7,
+            ..facts()
+        };
+        assert_eq!(TrustLevel::derive(&f), TrustLevel::Verified);
+        let young = AccountFacts {
+            account_age_days: 6,
+            ..f
+        };
+        assert_eq!(TrustLevel::derive(&young), TrustLevel::Basic);
+        let unverified = AccountFacts {
+            email_verified: false,
+            ..f
+        };
+        assert_eq!(TrustLevel::derive(&unverified), TrustLevel::Basic);
+    }
+
+    #[test]
+    fn trusted_needs_thirty_days_and_a_settled_purchase() {
+        let f = AccountFacts {
+            email_verified: true,
+            account_age_days: 30,
+            settled_purchases: 1,
+            ..facts()
+        };
+        assert_eq!(TrustLevel::derive(&f), TrustLevel::Trusted);
+        let no_purchase = AccountFacts {
+            settled_purchases: 0,
+            ..f
+        };
+        assert_eq!(TrustLevel::derive(&no_purchase), TrustLevel::Verified);
+        let young = AccountFacts {
+            account_age_days: 29,
+            ..f
+        };
+        assert_eq!(TrustLevel::derive(&young), TrustLevel::Verified);
+    }
+
+    #[test]
+    fn vip_is_a_grant() {
+        let f = AccountFacts {
+            vip_grant: true,
+            ..facts()
+        };
+        assert_eq!(TrustLevel::derive(&f), TrustLevel::Vip);
+    }
+
+    #[test]
+    fn a_chargeback_drops_everyone_to_basic() {
+        let upgraded = AccountFacts {
+            email_verified: true,
+            account_age_days: 400,
+            settled_purchases: 12,
+            vip_grant: true,
+            chargebacks: 0,
+        };
+        assert_eq!(TrustLevel::derive(&upgraded), TrustLevel::Vip);
+        let disputed = AccountFacts {
+            chargebacks: 1,
+            ..upgraded
+        };
+        assert_eq!(TrustLevel::derive(&disputed), TrustLevel::Basic);
+    }
+
+    #[test]
+    fn money_limits_grow_with_trust() {
+        let quotas: Vec<u32> = [
+            TrustLevel::Basic,
+            TrustLevel::Verified,
+            TrustLevel::Trusted,
+            TrustLevel::Vip,
+        ]
+        .into_iter()
+        .map(|l| money_policy(l).quota())
+        .collect();
+        assert_eq!(quotas, [5, 15, 30, 50]);
+        assert!(ALL.iter().all(|p| p.quota() > 0 && p.window_ms() > 0));
+    }
+
+    #[test]
+    fn names_are_header_safe_and_distinct_except_money() {
+        for p in ALL {
+            assert!(p.name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'));
+        }
+        let mut names: Vec<&str> = ALL.iter().map(|p| p.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(
+            names.len(),
+            ALL.len() - 3,
+            "only the money levels share a name"
+        );
+    }
+}
