@@ -118,6 +118,11 @@ begin
     raise exception 'amount % does not match the package price %', p_amount_cents, p.price_cents
       using errcode = 'SP022';
   end if;
+  -- The user's wallet, then their debt: the order claw-backs and spends
+  -- lock them in, so a credit and a claw-back of one user arriving together
+  -- cannot deadlock.
+  perform 1 from ledger.accounts
+   where kind = 'wallet' and owner_id = p.user_id and reference is null for update;
   select -balance into owed from ledger.accounts
    where kind = 'debt' and owner_id = p.user_id and reference is null for update;
   repay := least(owed, p.tokens);

@@ -30,6 +30,13 @@ fn binary(name: &str) -> &'static str {
         "cron_ledger_audit" => env!("CARGO_BIN_EXE_cron_ledger_audit"),
         "cron_cleanup" => env!("CARGO_BIN_EXE_cron_cleanup"),
         "cron_reconcile_purchases" => env!("CARGO_BIN_EXE_cron_reconcile_purchases"),
+        "v1_classes" => env!("CARGO_BIN_EXE_v1_classes"),
+        "v1_classes_id" => env!("CARGO_BIN_EXE_v1_classes_id"),
+        "v1_classes_enrollments" => env!("CARGO_BIN_EXE_v1_classes_enrollments"),
+        "v1_classes_enrollments_me" => env!("CARGO_BIN_EXE_v1_classes_enrollments_me"),
+        "v1_classes_cancel" => env!("CARGO_BIN_EXE_v1_classes_cancel"),
+        "v1_schedule" => env!("CARGO_BIN_EXE_v1_schedule"),
+        "cron_settle_classes" => env!("CARGO_BIN_EXE_cron_settle_classes"),
         other => panic!("unknown function binary {other}"),
     }
 }

@@ -1,6 +1,7 @@
 //! The token ledger's typed door. See README.md.
 
 pub mod audit;
+pub mod classes;
 pub mod packages;
 pub mod purchases;
 

@@ -7,6 +7,8 @@
 //! - `cleanup`: removes expired idempotency records.
 //! - `reconcile-purchases`: asks Stripe about purchases still pending after
 //!   15 minutes and applies the outcome, so a lost webhook never loses tokens.
+//! - `settle-classes`: pays the escrow of classes that have ended to their
+//!   creators (every 5 minutes).
 
 use axum::extract::State;
 use axum::routing::get;
@@ -16,6 +18,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 use stagepass_integrations::stripe::{PaymentIntentStatus, StripeClient};
 use stagepass_ledger::audit::{AuditReport, audit};
+use stagepass_ledger::classes;
 use stagepass_ledger::purchases;
 use stagepass_platform::config::{CronConfig, DbConfig, Secret, StripeApiConfig};
 use stagepass_platform::cron;
@@ -85,6 +88,20 @@ pub const RECONCILE_PURCHASES: Function = Function {
         Some(
             Router::new()
                 .route("/api/cron/reconcile-purchases", get(reconcile_purchases))
+                .with_state(state),
+        )
+    },
+};
+
+pub const SETTLE_CLASSES: Function = Function {
+    name: "cron_settle_classes",
+    limits: Limits::Webhook("vercel-cron"),
+    paths: &["/api/cron/settle-classes"],
+    build: |l, r| {
+        let state = cron_state(l, r)?;
+        Some(
+            Router::new()
+                .route("/api/cron/settle-classes", get(settle_classes))
                 .with_state(state),
         )
     },
@@ -192,4 +209,49 @@ pub async fn reconcile_purchases(
         skipped: false,
         processed,
     }))
+}
+
+/// Classes settled per run; the rest wait for the next run (5 minutes).
+const SETTLE_BATCH: i32 = 100;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SettlementRun {
+    /// Another run held the lock; this one did nothing.
+    pub skipped: bool,
+    pub settled_classes: i32,
+    /// Tokens moved from escrow (to creators and the platform fee).
+    pub settled_tokens: i64,
+}
+
+#[utoipa::path(get, path = "/api/cron/settle-classes", tag = "cron", security(("cron" = [])),
+    responses((status = 200, body = SettlementRun), (status = 401, body = crate::openapi::Problem)))]
+pub async fn settle_classes(
+    State(s): State<CronState>,
+    headers: HeaderMap,
+) -> ApiResult<Json<SettlementRun>> {
+    cron::authorize(&headers, &s.secret)?;
+    // Settlement credits creators' wallets, so it can deadlock with a tip
+    // between two of them; the whole batch is then retried.
+    let s = &s;
+    crate::retry::on_deadlock(|| async move {
+        let mut tx = db::begin_service(&s.pool).await?;
+        if !cron::try_lock(&mut tx, "settle-classes").await? {
+            return Ok(Json(SettlementRun {
+                skipped: true,
+                settled_classes: 0,
+                settled_tokens: 0,
+            }));
+        }
+        let settled = match classes::settle_ended(&mut tx, SETTLE_BATCH).await {
+            Err(e) if e.is_deadlock() => return Err(crate::retry::Retry::Deadlock),
+            other => other?,
+        };
+        tx.commit().await?;
+        Ok(Json(SettlementRun {
+            skipped: false,
+            settled_classes: settled.settled_classes,
+            settled_tokens: settled.settled_tokens,
+        }))
+    })
+    .await
 }

@@ -5,11 +5,14 @@
 
 pub mod admin;
 pub mod auth_hook;
+pub mod classes;
 pub mod cron;
 pub mod health;
 pub mod me;
 pub mod openapi;
 pub mod purchases;
+mod retry;
+pub mod schedule;
 mod state;
 pub mod tips;
 pub mod tokens;
@@ -32,8 +35,15 @@ pub const FUNCTIONS: &[Function] = &[
     tokens::LEDGER_FUNCTION,
     tips::FUNCTION,
     purchases::FUNCTION,
+    classes::COLLECTION,
+    classes::ITEM,
+    classes::ENROLLMENTS,
+    classes::ENROLLMENT_ME,
+    classes::CANCEL,
+    schedule::FUNCTION,
     webhooks::STRIPE,
     cron::LEDGER_AUDIT,
     cron::CLEANUP,
     cron::RECONCILE_PURCHASES,
+    cron::SETTLE_CLASSES,
 ];

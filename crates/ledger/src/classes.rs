@@ -1,0 +1,336 @@
+//! Classes as the ledger sees them: enrolment pays the price into the
+//! class's escrow account, withdrawal and cancellation refund from it, and
+//! settlement pays it to the creator. The rules (capacity, cut-off,
+//! ownership, escrow = sum of active enrolments) are SQL in
+//! `migrations/*_classes.sql`; this module is their typed door. Every
+//! function takes the caller's transaction; the user functions read the
+//! caller from its verified claims (`auth.uid()`), never from a parameter.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgConnection;
+use stagepass_platform::http::ApiError;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::LedgerError;
+
+/// A class as the API returns it (`app.class_view`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct Class {
+    pub id: Uuid,
+    pub creator_id: Uuid,
+    pub title: String,
+    pub description: String,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+    /// IANA zone the creator scheduled in, for display.
+    pub time_zone: String,
+    pub duration_minutes: i32,
+    pub capacity: i32,
+    pub price_tokens: i64,
+    /// `scheduled`, `cancelled` or `settled`.
+    pub status: String,
+    pub seats_taken: i32,
+    /// Bumped on every change.
+    pub sequence: i32,
+    /// Until this instant an enrolled fan may withdraw with a full refund.
+    pub withdraw_until: DateTime<Utc>,
+    /// Whether the caller holds a seat.
+    pub enrolled: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The fields of a class a creator sets. For an update, `None` keeps the
+/// current value.
+#[derive(Debug, Clone, Default)]
+pub struct ClassFields {
+    pub title: Option<String>,
+    pub description: Option<String>,
+    pub starts_at: Option<DateTime<Utc>>,
+    pub time_zone: Option<String>,
+    pub duration_minutes: Option<i32>,
+    pub capacity: Option<i32>,
+    pub price_tokens: Option<i64>,
+}
+
+/// Every reason a class operation is refused (SQLSTATEs SP030–SP042 of the
+/// classes migration), plus the ledger's own refusals of the payment.
+#[derive(Debug, thiserror::Error)]
+pub enum ClassError {
+    #[error("class not found")]
+    NotFound,
+    #[error("only creators can create classes")]
+    NotCreator,
+    #[error("only the class's creator can do this")]
+    NotOwner,
+    #[error("you cannot enrol in your own class")]
+    OwnClass,
+    #[error("the class is not open (cancelled, settled or already started)")]
+    NotOpen,
+    #[error("you are already enrolled in this class")]
+    AlreadyEnrolled,
+    #[error("the class is full")]
+    Full,
+    #[error("the withdrawal cut-off has passed")]
+    CutoffPassed,
+    #[error("you are not enrolled in this class")]
+    NotEnrolled,
+    #[error("unknown time zone")]
+    UnknownTimeZone,
+    #[error("the class must start in the future")]
+    StartsInPast,
+    #[error("the price cannot change once fans have enrolled")]
+    PriceLocked,
+    #[error("capacity cannot be below the {seats_taken} seats taken")]
+    CapacityBelowSeats { seats_taken: i64 },
+    #[error(transparent)]
+    Ledger(LedgerError),
+}
+
+impl From<sqlx::Error> for ClassError {
+    fn from(e: sqlx::Error) -> Self {
+        let detail = match &e {
+            sqlx::Error::Database(db) => db
+                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                .and_then(|pg| pg.detail())
+                .unwrap_or_default()
+                .to_owned(),
+            _ => String::new(),
+        };
+        match stagepass_platform::db::sqlstate(&e).as_deref() {
+            Some("SP030") => ClassError::Full,
+            Some("SP031") => ClassError::NotOpen,
+            Some("SP032") => ClassError::AlreadyEnrolled,
+            Some("SP033") => ClassError::NotCreator,
+            Some("SP034") => ClassError::CutoffPassed,
+            Some("SP035") => ClassError::NotOwner,
+            Some("SP036") => ClassError::OwnClass,
+            Some("SP037") => ClassError::NotEnrolled,
+            Some("SP038") => ClassError::UnknownTimeZone,
+            Some("SP039") => ClassError::StartsInPast,
+            Some("SP040") => ClassError::PriceLocked,
+            Some("SP041") => ClassError::NotFound,
+            Some("SP042") => ClassError::CapacityBelowSeats {
+                seats_taken: detail.trim().parse().unwrap_or_default(),
+            },
+            _ => ClassError::Ledger(LedgerError::from(e)),
+        }
+    }
+}
+
+impl From<ClassError> for ApiError {
+    fn from(e: ClassError) -> Self {
+        let detail = e.to_string();
+        match e {
+            ClassError::NotFound => ApiError::NotFound,
+            ClassError::NotCreator => ApiError::Forbidden("creator_required"),
+            ClassError::NotOwner => ApiError::Forbidden("not_class_owner"),
+            ClassError::OwnClass => ApiError::Unprocessable("own_class", detail),
+            ClassError::NotOpen => ApiError::Conflict("class_not_open", detail),
+            ClassError::AlreadyEnrolled => ApiError::Conflict("already_enrolled", detail),
+            ClassError::Full => ApiError::Conflict("class_full", detail),
+            ClassError::CutoffPassed => ApiError::Conflict("cutoff_passed", detail),
+            ClassError::NotEnrolled => ApiError::Conflict("not_enrolled", detail),
+            ClassError::UnknownTimeZone => ApiError::field("time_zone", "unknown IANA time zone"),
+            ClassError::StartsInPast => ApiError::field("starts_at", "must be in the future"),
+            ClassError::PriceLocked => ApiError::Conflict("price_locked", detail),
+            ClassError::CapacityBelowSeats { .. } => ApiError::field("capacity", detail),
+            ClassError::Ledger(l) => l.into(),
+        }
+    }
+}
+
+impl ClassError {
+    /// Postgres chose this transaction as a deadlock victim: the caller may
+    /// retry it whole.
+    pub fn is_deadlock(&self) -> bool {
+        matches!(self, ClassError::Ledger(LedgerError::Db(e))
+            if stagepass_platform::db::sqlstate(e).as_deref() == Some("40P01"))
+    }
+}
+
+/// Creates a class owned by the caller (a creator), with its escrow account
+/// and the creator's calendar copy.
+pub async fn create(
+    conn: &mut PgConnection,
+    id: Uuid,
+    fields: &ClassFields,
+) -> Result<Class, ClassError> {
+    write(
+        "select * from app.create_class($1, $2, $3, $4, $5, $6, $7, $8)",
+        conn,
+        id,
+        fields,
+    )
+    .await
+}
+
+/// Edits the caller's scheduled class; every calendar copy follows.
+pub async fn update(
+    conn: &mut PgConnection,
+    id: Uuid,
+    fields: &ClassFields,
+) -> Result<Class, ClassError> {
+    write(
+        "select * from app.update_class($1, $2, $3, $4, $5, $6, $7, $8)",
+        conn,
+        id,
+        fields,
+    )
+    .await
+}
+
+async fn write(
+    sql: &'static str,
+    conn: &mut PgConnection,
+    id: Uuid,
+    f: &ClassFields,
+) -> Result<Class, ClassError> {
+    sqlx::query_as::<_, Class>(sql)
+        .bind(id)
+        .bind(f.title.as_deref())
+        .bind(f.description.as_deref())
+        .bind(f.starts_at)
+        .bind(f.time_zone.as_deref())
+        .bind(f.duration_minutes)
+        .bind(f.capacity)
+        .bind(f.price_tokens)
+        .fetch_optional(conn)
+        .await?
+        .ok_or(ClassError::NotFound)
+}
+
+/// One class the caller may see (RLS: scheduled, or their own, or one they
+/// enrolled in).
+pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Class, ClassError> {
+    sqlx::query_as::<_, Class>("select * from app.class_view where id = $1")
+        .bind(id)
+        .fetch_optional(conn)
+        .await?
+        .ok_or(ClassError::NotFound)
+}
+
+/// Position in the upcoming list: classes after (`starts_at`, `id`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClassCursor {
+    pub starts_at: DateTime<Utc>,
+    pub id: Uuid,
+}
+
+/// Scheduled classes that have not started, soonest first, optionally of one
+/// creator, after `cursor`.
+pub async fn upcoming(
+    conn: &mut PgConnection,
+    creator: Option<Uuid>,
+    after: Option<ClassCursor>,
+    limit: i64,
+) -> Result<Vec<Class>, ClassError> {
+    Ok(sqlx::query_as::<_, Class>(
+        "select * from app.class_view \
+         where status = 'scheduled' and starts_at > now() \
+           and ($1::uuid is null or creator_id = $1) \
+           and ($2::timestamptz is null or (starts_at, id) > ($2, $3::uuid)) \
+         order by starts_at, id limit $4",
+    )
+    .bind(creator)
+    .bind(after.map(|c| c.starts_at))
+    .bind(after.map(|c| c.id))
+    .bind(limit)
+    .fetch_all(conn)
+    .await?)
+}
+
+/// The outcome of an enrolment.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct Enrollment {
+    pub enrollment_id: Uuid,
+    pub class_id: Uuid,
+    /// The payment into escrow; absent for a free class.
+    pub journal_id: Option<Uuid>,
+    pub price_tokens: i64,
+    /// The fan's wallet balance after paying.
+    pub balance: i64,
+}
+
+/// The caller enrols in `class`, paying its price into escrow. Capacity,
+/// funds, debt and the daily limit are checked under the class's and the
+/// caller's row locks.
+pub async fn enroll(
+    conn: &mut PgConnection,
+    class: Uuid,
+    enrollment: Uuid,
+) -> Result<Enrollment, ClassError> {
+    let (enrollment_id, journal_id, price_tokens, balance): (Uuid, Option<Uuid>, i64, i64) =
+        sqlx::query_as(
+            "select enrollment_id, journal_id, price_tokens, balance from app.enroll($1, $2)",
+        )
+        .bind(class)
+        .bind(enrollment)
+        .fetch_one(conn)
+        .await?;
+    Ok(Enrollment {
+        enrollment_id,
+        class_id: class,
+        journal_id,
+        price_tokens,
+        balance,
+    })
+}
+
+/// The outcome of a withdrawal.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct Withdrawal {
+    pub enrollment_id: Uuid,
+    /// The refund from escrow; absent for a free class.
+    pub journal_id: Option<Uuid>,
+    pub refunded_tokens: i64,
+}
+
+/// The caller leaves `class` with a full refund, before the cut-off.
+pub async fn withdraw(conn: &mut PgConnection, class: Uuid) -> Result<Withdrawal, ClassError> {
+    Ok(
+        sqlx::query_as::<_, Withdrawal>("select * from app.withdraw($1)")
+            .bind(class)
+            .fetch_one(conn)
+            .await?,
+    )
+}
+
+/// The outcome of a cancellation.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct Cancellation {
+    /// Fans refunded from escrow (each by its own journal).
+    pub refunded_enrollments: i32,
+    pub refunded_tokens: i64,
+}
+
+/// The caller cancels their scheduled class: every fan refunded, every
+/// calendar copy cancelled.
+pub async fn cancel(conn: &mut PgConnection, class: Uuid) -> Result<Cancellation, ClassError> {
+    Ok(
+        sqlx::query_as::<_, Cancellation>("select * from app.cancel_class($1)")
+            .bind(class)
+            .fetch_one(conn)
+            .await?,
+    )
+}
+
+/// What one settlement run did.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
+pub struct Settlement {
+    pub settled_classes: i32,
+    pub settled_tokens: i64,
+}
+
+/// Service path: pays the escrow of up to `limit` ended classes to their
+/// creators (less the platform fee). A settled class is never settled again.
+pub async fn settle_ended(conn: &mut PgConnection, limit: i32) -> Result<Settlement, ClassError> {
+    Ok(
+        sqlx::query_as::<_, Settlement>("select * from app.settle_ended_classes($1)")
+            .bind(limit)
+            .fetch_one(conn)
+            .await?,
+    )
+}

@@ -1,0 +1,43 @@
+//! Whole-transaction retries when Postgres picks a transaction as a deadlock
+//! victim (ADR 0005 §5: deadlocks between wallets are detected and retried,
+//! not prevented by a global lock order). Safe because every retried
+//! transaction is all-or-nothing and money routes are keyed by
+//! `Idempotency-Key`.
+
+use std::future::Future;
+
+use stagepass_platform::http::ApiError;
+
+/// Attempts before answering 503 `busy`.
+pub const DEADLOCK_ATTEMPTS: usize = 3;
+
+/// Why an attempt did not produce a response.
+pub enum Retry {
+    Deadlock,
+    Fail(ApiError),
+}
+
+impl<E: Into<ApiError>> From<E> for Retry {
+    fn from(e: E) -> Self {
+        Retry::Fail(e.into())
+    }
+}
+
+/// Runs `attempt` up to [`DEADLOCK_ATTEMPTS`] times while it deadlocks.
+pub async fn on_deadlock<T, F, Fut>(mut attempt: F) -> Result<T, ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Retry>>,
+{
+    for _ in 0..DEADLOCK_ATTEMPTS {
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(Retry::Fail(e)) => return Err(e),
+            Err(Retry::Deadlock) => {}
+        }
+    }
+    Err(ApiError::Unavailable(
+        "busy",
+        "the ledger is busy; retry the request".into(),
+    ))
+}

@@ -1,0 +1,784 @@
+//! Classes: creation, enrolment into escrow (replays, a race for seats),
+//! withdrawal and its cut-off, cancellation, rescheduling, settlement, and
+//! the schedule JSON. The ledger invariants are checked after every money
+//! test (SPEC §2, §3).
+
+mod common;
+
+use axum::http::StatusCode;
+use chrono::{DateTime, Duration, SecondsFormat, Utc};
+use common::{CRON_SECRET, TestApp, TestResponse, User};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+/// Credits `tokens` to a wallet the way a purchase does, as the superuser.
+async fn fund(app: &TestApp, user: Uuid, tokens: i64) {
+    sqlx::query(
+        "select ledger.post('purchase', $1, \
+           array[ledger.singleton('stripe_clearing'), ledger.account_of('wallet', $2)], \
+           array[-$3::bigint, $3::bigint], null)",
+    )
+    .bind(format!("test-{}", Uuid::new_v4()))
+    .bind(user)
+    .bind(tokens)
+    .execute(&app.db.admin_pool)
+    .await
+    .expect("fund");
+}
+
+async fn wallet(app: &TestApp, user: Uuid) -> i64 {
+    sqlx::query_scalar(
+        "select balance from ledger.accounts where kind = 'wallet' and owner_id = $1 \
+         and reference is null",
+    )
+    .bind(user)
+    .fetch_one(&app.db.admin_pool)
+    .await
+    .expect("wallet")
+}
+
+async fn escrow(app: &TestApp, class: &str) -> i64 {
+    sqlx::query_scalar(
+        "select balance from ledger.accounts where kind = 'escrow' and reference = 'class:' || $1",
+    )
+    .bind(class)
+    .fetch_one(&app.db.admin_pool)
+    .await
+    .expect("escrow")
+}
+
+async fn journal_count(app: &TestApp, kind: &str) -> i64 {
+    sqlx::query_scalar("select count(*) from ledger.journals where kind = $1")
+        .bind(kind)
+        .fetch_one(&app.db.admin_pool)
+        .await
+        .expect("count")
+}
+
+/// Every calendar copy of a class: (user, role, status, sequence, starts_at, title).
+async fn copies(
+    app: &TestApp,
+    class: &str,
+) -> Vec<(Uuid, String, String, i32, DateTime<Utc>, String)> {
+    sqlx::query_as(
+        "select user_id, role, status, sequence, starts_at, title from app.calendar_events \
+         where source_kind = 'class' and source_id = $1::uuid order by role desc, user_id",
+    )
+    .bind(class)
+    .fetch_all(&app.db.admin_pool)
+    .await
+    .expect("calendar copies")
+}
+
+/// SPEC §2 invariants over the whole database, plus this slice's own: every
+/// scheduled class's escrow holds exactly its active enrolments' prices.
+async fn assert_ledger_clean(app: &TestApp) {
+    let mut conn = app.db.admin_pool.acquire().await.expect("conn");
+    let report = stagepass_ledger::audit::audit(&mut conn)
+        .await
+        .expect("audit");
+    assert!(report.is_clean(), "ledger invariants violated: {report:?}");
+    let drifted: Vec<Uuid> = sqlx::query_scalar(
+        "select c.id from app.classes c \
+         join ledger.accounts a on a.kind = 'escrow' and a.reference = 'class:' || c.id \
+         where a.balance <> case when c.status = 'scheduled' then \
+           (select coalesce(sum(price_tokens), 0) from app.enrollments e \
+             where e.class_id = c.id and e.status = 'enrolled') else 0 end",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .expect("escrow check");
+    assert!(
+        drifted.is_empty(),
+        "escrow differs from enrolments: {drifted:?}"
+    );
+}
+
+async fn creator(app: &TestApp) -> User {
+    let c = app.signed_in_user().await;
+    app.set_role(c.id, "creator").await;
+    c
+}
+
+async fn fan_with(app: &TestApp, tokens: i64) -> User {
+    let f = app.signed_in_user().await;
+    fund(app, f.id, tokens).await;
+    f
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// A valid class body starting `hours` from now.
+fn class_body(hours: i64, price: i64, capacity: i64) -> Value {
+    json!({
+        "title": "Morning flow",
+        "description": "Gentle yoga.\nBring a mat.",
+        "starts_at": rfc3339(Utc::now() + Duration::hours(hours)),
+        "time_zone": "Europe/Berlin",
+        "duration_minutes": 60,
+        "capacity": capacity,
+        "price_tokens": price,
+    })
+}
+
+async fn create(app: &TestApp, who: &User, body: &Value) -> TestResponse {
+    app.post("/api/v1/classes")
+        .bearer(&who.token)
+        .json(body)
+        .send()
+        .await
+}
+
+/// Creates a class and returns its id.
+async fn class(app: &TestApp, who: &User, hours: i64, price: i64, capacity: i64) -> String {
+    let r = create(app, who, &class_body(hours, price, capacity)).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    r.json()["id"].as_str().expect("id").to_owned()
+}
+
+async fn enroll(app: &TestApp, fan: &User, class: &str, key: &str) -> TestResponse {
+    app.post(&format!("/api/v1/classes/{class}/enrollments"))
+        .bearer(&fan.token)
+        .header("idempotency-key", key)
+        .send()
+        .await
+}
+
+async fn withdraw(app: &TestApp, fan: &User, class: &str) -> TestResponse {
+    app.request(
+        http::Method::DELETE,
+        &format!("/api/v1/classes/{class}/enrollments/me"),
+    )
+    .bearer(&fan.token)
+    .send()
+    .await
+}
+
+async fn cancel(app: &TestApp, who: &User, class: &str) -> TestResponse {
+    app.post(&format!("/api/v1/classes/{class}/cancel"))
+        .bearer(&who.token)
+        .send()
+        .await
+}
+
+async fn settle(app: &TestApp) -> TestResponse {
+    app.get("/api/cron/settle-classes")
+        .header("authorization", &format!("Bearer {CRON_SECRET}"))
+        .send()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_creators_create_classes_and_every_field_is_validated() {
+    let app = TestApp::new().await;
+    let c = creator(&app).await;
+    let fan = app.signed_in_user().await;
+
+    create(&app, &fan, &class_body(48, 10, 5))
+        .await
+        .assert_problem(StatusCode::FORBIDDEN, "creator_required");
+
+    let mut bad = class_body(48, -1, 0);
+    bad["title"] = json!("  ");
+    bad["duration_minutes"] = json!(14);
+    bad["time_zone"] = json!("EST");
+    let r = create(&app, &c, &bad).await;
+    let body = r.assert_problem(StatusCode::BAD_REQUEST, "validation_failed");
+    let mut fields: Vec<&str> = body["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .filter_map(|e| e["field"].as_str())
+        .collect();
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        [
+            "capacity",
+            "duration_minutes",
+            "price_tokens",
+            "time_zone",
+            "title"
+        ]
+    );
+
+    for (field, value) in [
+        ("time_zone", json!("Europe/Nowhere")),
+        (
+            "starts_at",
+            json!(rfc3339(Utc::now() - Duration::minutes(1))),
+        ),
+        ("starts_at", json!("tomorrow")),
+        ("capacity", json!(1001)),
+        ("price", json!(5)),
+    ] {
+        let mut body = class_body(48, 10, 5);
+        body[field] = value;
+        let r = create(&app, &c, &body).await;
+        r.assert_problem(StatusCode::BAD_REQUEST, "validation_failed");
+        assert_eq!(r.first_error_field(), field, "{}", r.text());
+    }
+
+    let r = create(&app, &c, &class_body(48, 10, 5)).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let created = r.json();
+    let id = created["id"].as_str().expect("id");
+    assert_eq!(created["status"], "scheduled");
+    assert_eq!(created["creator_id"], c.id.to_string());
+    assert_eq!(created["time_zone"], "Europe/Berlin");
+    assert_eq!(created["seats_taken"], 0);
+    assert_eq!(escrow(&app, id).await, 0);
+    let host = copies(&app, id).await;
+    assert_eq!(host.len(), 1);
+    assert_eq!((host[0].0, host[0].1.as_str()), (c.id, "host"));
+
+    let seen = app
+        .get(&format!("/api/v1/classes/{id}"))
+        .bearer(&fan.token)
+        .send()
+        .await;
+    assert_eq!(seen.status, StatusCode::OK, "{}", seen.text());
+    assert_eq!(seen.json()["enrolled"], false);
+    let missing = app
+        .get(&format!("/api/v1/classes/{}", Uuid::new_v4()))
+        .bearer(&fan.token)
+        .send()
+        .await;
+    missing.assert_problem(StatusCode::NOT_FOUND, "not_found");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enrolment_pays_into_escrow_once_and_a_replay_answers_the_same() {
+    let app = TestApp::unlimited().await;
+    let c = creator(&app).await;
+    let id = class(&app, &c, 72, 50, 5).await;
+    let fan = fan_with(&app, 120).await;
+
+    let first = enroll(&app, &fan, &id, "seat-1").await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.text());
+    assert_eq!(first.json()["balance"], 70);
+    assert_eq!(first.json()["price_tokens"], 50);
+    assert!(first.header("idempotency-replayed").is_none());
+    let again = enroll(&app, &fan, &id, "seat-1").await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert_eq!(again.header("idempotency-replayed"), Some("true"));
+    assert_eq!(again.json(), first.json());
+
+    enroll(&app, &fan, &id, "seat-2")
+        .await
+        .assert_problem(StatusCode::CONFLICT, "already_enrolled");
+    enroll(&app, &c, &id, "own")
+        .await
+        .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "own_class");
+    let poor = fan_with(&app, 49).await;
+    let refused = enroll(&app, &poor, &id, "poor").await;
+    let problem = refused.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "insufficient_funds");
+    let replayed = enroll(&app, &poor, &id, "poor").await;
+    assert_eq!(replayed.header("idempotency-replayed"), Some("true"));
+    assert_eq!(replayed.json(), problem);
+    let no_key = app
+        .post(&format!("/api/v1/classes/{id}/enrollments"))
+        .bearer(&fan.token)
+        .send()
+        .await;
+    no_key.assert_problem(StatusCode::BAD_REQUEST, "bad_request");
+
+    assert_eq!(wallet(&app, fan.id).await, 70);
+    assert_eq!(wallet(&app, poor.id).await, 49);
+    assert_eq!(escrow(&app, &id).await, 50);
+    assert_eq!(
+        wallet(&app, c.id).await,
+        0,
+        "the creator is paid only at settlement"
+    );
+    assert_eq!(journal_count(&app, "class_enrollment").await, 1);
+    let seen = app
+        .get(&format!("/api/v1/classes/{id}"))
+        .bearer(&fan.token)
+        .send()
+        .await
+        .json();
+    assert_eq!(
+        (seen["enrolled"].clone(), seen["seats_taken"].clone()),
+        (json!(true), json!(1))
+    );
+    let calendar = copies(&app, &id).await;
+    assert_eq!(calendar.len(), 2);
+    assert_eq!(
+        (calendar[1].0, calendar[1].1.as_str()),
+        (fan.id, "attendee")
+    );
+    assert_ledger_clean(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn thirty_fans_racing_for_ten_seats_exactly_ten_are_enrolled_and_charged() {
+    let app = TestApp::unlimited().await;
+    let c = creator(&app).await;
+    let id = class(&app, &c, 72, 20, 10).await;
+    let mut fans = Vec::new();
+    for _ in 0..30 {
+        fans.push(fan_with(&app, 100).await);
+    }
+    let results =
+        futures_util::future::join_all(fans.iter().map(|f| enroll(&app, f, &id, "race"))).await;
+    let won = results
+        .iter()
+        .filter(|r| r.status == StatusCode::CREATED)
+        .count();
+    assert_eq!(won, 10);
+    for r in results.iter().filter(|r| r.status != StatusCode::CREATED) {
+        r.assert_problem(StatusCode::CONFLICT, "class_full");
+    }
+    let mut charged = 0;
+    for (fan, r) in fans.iter().zip(&results) {
+        let expected = if r.status == StatusCode::CREATED {
+            80
+        } else {
+            100
+        };
+        assert_eq!(wallet(&app, fan.id).await, expected);
+        charged += i64::from(expected == 80);
+    }
+    assert_eq!(charged, 10);
+    assert_eq!(escrow(&app, &id).await, 200);
+    assert_eq!(journal_count(&app, "class_enrollment").await, 10);
+    let seats: i32 = sqlx::query_scalar("select seats_taken from app.classes where id = $1::uuid")
+        .bind(&id)
+        .fetch_one(&app.db.admin_pool)
+        .await
+        .expect("seats");
+    assert_eq!(seats, 10);
+    assert_ledger_clean(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn withdrawal_refunds_in_full_before_the_cutoff_and_is_refused_after_it() {
+    let app = TestApp::unlimited().await;
+    let c = creator(&app).await;
+    let fan = fan_with(&app, 100).await;
+    let early = class(&app, &c, 72, 30, 1).await;
+    assert_eq!(
+        enroll(&app, &fan, &early, "e1").await.status,
+        StatusCode::CREATED
+    );
+
+    let r = withdraw(&app, &fan, &early).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["refunded_tokens"], 30);
+    assert_eq!(wallet(&app, fan.id).await, 100);
+    assert_eq!(escrow(&app, &early).await, 0);
+    let mine = copies(&app, &early).await;
+    assert_eq!((mine[1].2.as_str(), mine[1].3), ("cancelled", 1));
+    withdraw(&app, &fan, &early)
+        .await
+        .assert_problem(StatusCode::CONFLICT, "not_enrolled");
+    // The seat is free again, and the fan may take it back.
+    let back = enroll(&app, &fan, &early, "e2").await;
+    assert_eq!(back.status, StatusCode::CREATED, "{}", back.text());
+    assert_eq!(copies(&app, &early).await[1].2, "confirmed");
+
+    // Two hours before the start: enrolment is still open, the refund is not.
+    let soon = class(&app, &c, 2, 25, 5).await;
+    assert_eq!(
+        enroll(&app, &fan, &soon, "s1").await.status,
+        StatusCode::CREATED
+    );
+    withdraw(&app, &fan, &soon)
+        .await
+        .assert_problem(StatusCode::CONFLICT, "cutoff_passed");
+    assert_eq!(wallet(&app, fan.id).await, 100 - 30 - 25);
+    assert_eq!(escrow(&app, &soon).await, 25);
+    assert_eq!(journal_count(&app, "class_refund").await, 1);
+    assert_ledger_clean(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cancelling_refunds_every_fan_pays_the_creator_nothing_and_cancels_every_copy() {
+    let app = TestApp::unlimited().await;
+    let c = creator(&app).await;
+    let id = class(&app, &c, 72, 40, 10).await;
+    let mut fans = Vec::new();
+    for i in 0..3 {
+        let f = fan_with(&app, 100).await;
+        assert_eq!(
+            enroll(&app, &f, &id, &format!("k{i}")).await.status,
+            StatusCode::CREATED
+        );
+        fans.push(f);
+    }
+    assert_eq!(escrow(&app, &id).await, 120);
+
+    cancel(&app, &fans[0], &id)
+        .await
+        .assert_problem(StatusCode::FORBIDDEN, "not_class_owner");
+    let r = cancel(&app, &c, &id).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        r.json(),
+        json!({"refunded_enrollments": 3, "refunded_tokens": 120})
+    );
+
+    for f in &fans {
+        assert_eq!(wallet(&app, f.id).await, 100);
+    }
+    assert_eq!(wallet(&app, c.id).await, 0);
+    assert_eq!(escrow(&app, &id).await, 0);
+    assert_eq!(journal_count(&app, "class_refund").await, 3);
+    let calendar = copies(&app, &id).await;
+    assert_eq!(calendar.len(), 4);
+    for copy in &calendar {
+        assert_eq!(copy.2, "cancelled", "{copy:?}");
+        assert!(copy.3 >= 1, "sequence bumped: {copy:?}");
+    }
+    cancel(&app, &c, &id)
+        .await
+        .assert_problem(StatusCode::CONFLICT, "class_not_open");
+    let late = fan_with(&app, 100).await;
+    enroll(&app, &late, &id, "late")
+        .await
+        .assert_problem(StatusCode::CONFLICT, "class_not_open");
+    // A fan who enrolled still sees the cancelled class; others do not.
+    let seen = app
+        .get(&format!("/api/v1/classes/{id}"))
+        .bearer(&fans[0].token)
+        .send()
+        .await;
+    assert_eq!(seen.json()["status"], "cancelled");
+    app.get(&format!("/api/v1/classes/{id}"))
+        .bearer(&late.token)
+        .send()
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, "not_found");
+    assert_eq!(settle(&app).await.json()["settled_classes"], 0);
+    assert_ledger_clean(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rescheduling_moves_every_calendar_copy_and_bumps_its_sequence() {
+    let app = TestApp::unlimited().await;
+    let c = creator(&app).await;
+    let id = class(&app, &c, 72, 10, 10).await;
+    let fans = [fan_with(&app, 50).await, fan_with(&app, 50).await];
+    for (i, f) in fans.iter().enumerate() {
+        assert_eq!(
+            enroll(&app, f, &id, &format!("r{i}")).await.status,
+            StatusCode::CREATED
+        );
+    }
+    let path = format!("/api/v1/classes/{id}");
+    let new_start = (Utc::now() + Duration::days(5)).with_nanosecond_zero();
+    let r = app
+        .patch(&path)
+        .bearer(&c.token)
+        .json(&json!({"starts_at": rfc3339(new_start), "title": "Evening flow", "duration_minutes": 90}))
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let moved = r.json();
+    assert_eq!(moved["sequence"], 1);
+    assert_eq!(moved["title"], "Evening flow");
+    let calendar = copies(&app, &id).await;
+    assert_eq!(calendar.len(), 3);
+    for copy in &calendar {
+        assert_eq!(
+            (copy.4, copy.5.as_str(), copy.3),
+            (new_start, "Evening flow", 1),
+            "{copy:?}"
+        );
+    }
+    // The fan's schedule shows the moved event, ending 90 minutes later.
+    let fan_view = schedule(&app, &fans[0], Utc::now(), Utc::now() + Duration::days(10)).await;
+    let event = &fan_view.json()["events"][0];
+    assert_eq!(event["role"], "attendee");
+    assert_eq!(event["starts_at"].as_str().map(parse), Some(new_start));
+    assert_eq!(
+        event["ends_at"].as_str().map(parse),
+        Some(new_start + Duration::minutes(90))
+    );
+
+    for (body, status, code) in [
+        (
+            json!({"price_tokens": 11}),
+            StatusCode::CONFLICT,
+            "price_locked",
+        ),
+        (
+            json!({"capacity": 1}),
+            StatusCode::BAD_REQUEST,
+            "validation_failed",
+        ),
+        (
+            json!({"starts_at": rfc3339(Utc::now() - Duration::hours(1))}),
+            StatusCode::BAD_REQUEST,
+            "validation_failed",
+        ),
+        (json!({}), StatusCode::BAD_REQUEST, "validation_failed"),
+        (
+            json!({"status": "settled"}),
+            StatusCode::BAD_REQUEST,
+            "validation_failed",
+        ),
+    ] {
+        let r = app.patch(&path).bearer(&c.token).json(&body).send().await;
+        r.assert_problem(status, code);
+    }
+    app.patch(&path)
+        .bearer(&fans[0].token)
+        .json(&json!({"title": "mine now"}))
+        .send()
+        .await
+        .assert_problem(StatusCode::FORBIDDEN, "not_class_owner");
+    assert_eq!(copies(&app, &id).await[0].3, 1, "refusals change nothing");
+    // An edit the calendar does not carry bumps the class, not the copies.
+    let r = app
+        .patch(&path)
+        .bearer(&c.token)
+        .json(&json!({"description": "Now with music."}))
+        .send()
+        .await;
+    assert_eq!(r.json()["sequence"], 2, "{}", r.text());
+    assert!(copies(&app, &id).await.iter().all(|copy| copy.3 == 1));
+    assert_ledger_clean(&app).await;
+}
+
+trait NoNanos {
+    fn with_nanosecond_zero(self) -> Self;
+}
+
+impl NoNanos for DateTime<Utc> {
+    fn with_nanosecond_zero(self) -> Self {
+        DateTime::from_timestamp(self.timestamp(), 0).expect("in range")
+    }
+}
+
+fn parse(raw: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(raw)
+        .expect("RFC 3339")
+        .with_timezone(&Utc)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settlement_pays_the_creator_the_escrow_once() {
+    let app = TestApp::unlimited().await;
+    let c = creator(&app).await;
+    let ended = class(&app, &c, 72, 25, 10).await;
+    let upcoming = class(&app, &c, 72, 25, 10).await;
+    for i in 0..3 {
+        let f = fan_with(&app, 100).await;
+        assert_eq!(
+            enroll(&app, &f, &ended, &format!("a{i}")).await.status,
+            StatusCode::CREATED
+        );
+        assert_eq!(
+            enroll(&app, &f, &upcoming, &format!("b{i}")).await.status,
+            StatusCode::CREATED
+        );
+    }
+    // The superuser moves one class into the past: it has ended.
+    sqlx::query(
+        "update app.classes set starts_at = now() - interval '10 hours' where id = $1::uuid",
+    )
+    .bind(&ended)
+    .execute(&app.db.admin_pool)
+    .await
+    .expect("end the class");
+    sqlx::query("update ledger.settings set platform_fee_bps = 1000")
+        .execute(&app.db.admin_pool)
+        .await
+        .expect("fee");
+
+    app.get("/api/cron/settle-classes")
+        .send()
+        .await
+        .assert_problem(StatusCode::UNAUTHORIZED, "invalid_cron_secret");
+    app.get("/api/cron/settle-classes")
+        .header("authorization", "Bearer wrong-secret-0123456789")
+        .send()
+        .await
+        .assert_problem(StatusCode::UNAUTHORIZED, "invalid_cron_secret");
+
+    let r = settle(&app).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        r.json(),
+        json!({"skipped": false, "settled_classes": 1, "settled_tokens": 75})
+    );
+    // 10 % of 75 is 7 (rounded down): the platform's; the rest the creator's.
+    assert_eq!(wallet(&app, c.id).await, 68);
+    let platform: i64 =
+        sqlx::query_scalar("select balance from ledger.accounts where kind = 'platform_revenue'")
+            .fetch_one(&app.db.admin_pool)
+            .await
+            .expect("platform");
+    assert_eq!(platform, 7);
+    assert_eq!(escrow(&app, &ended).await, 0);
+    assert_eq!(escrow(&app, &upcoming).await, 75);
+    let statuses: Vec<String> =
+        sqlx::query_scalar("select distinct status from app.enrollments where class_id = $1::uuid")
+            .bind(&ended)
+            .fetch_all(&app.db.admin_pool)
+            .await
+            .expect("statuses");
+    assert_eq!(statuses, ["settled"]);
+
+    let again = settle(&app).await;
+    assert_eq!(again.json()["settled_classes"], 0);
+    assert_eq!(wallet(&app, c.id).await, 68);
+    assert_eq!(journal_count(&app, "class_settlement").await, 1);
+    assert_ledger_clean(&app).await;
+}
+
+async fn schedule(
+    app: &TestApp,
+    who: &User,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> TestResponse {
+    app.get(&format!(
+        "/api/v1/schedule?from={}&to={}",
+        rfc3339(from),
+        rfc3339(to)
+    ))
+    .bearer(&who.token)
+    .send()
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_schedule_lists_own_host_and_attendee_events_in_range() {
+    let app = TestApp::unlimited().await;
+    let c = creator(&app).await;
+    let fan = fan_with(&app, 100).await;
+    let near = class(&app, &c, 72, 5, 5).await;
+    let far = class(&app, &c, 24 * 70, 5, 5).await;
+    assert_eq!(
+        enroll(&app, &fan, &near, "n").await.status,
+        StatusCode::CREATED
+    );
+    let other = fan_with(&app, 100).await;
+    assert_eq!(
+        enroll(&app, &other, &far, "f").await.status,
+        StatusCode::CREATED
+    );
+
+    let (from, to) = (Utc::now(), Utc::now() + Duration::days(10));
+    let host = schedule(&app, &c, from, to).await;
+    assert_eq!(host.status, StatusCode::OK, "{}", host.text());
+    let events = host.json()["events"].clone();
+    assert_eq!(events.as_array().map(Vec::len), Some(1), "{events}");
+    assert_eq!(
+        (events[0]["role"].clone(), events[0]["source_id"].clone()),
+        (json!("host"), json!(near))
+    );
+    let mine = schedule(&app, &fan, from, to).await.json();
+    assert_eq!(mine["events"].as_array().map(Vec::len), Some(1));
+    assert_eq!(mine["events"][0]["role"], "attendee");
+    assert_eq!(mine["events"][0]["status"], "confirmed");
+    assert_eq!(mine["truncated"], false);
+    let theirs = schedule(&app, &other, from, to).await.json();
+    assert_eq!(
+        theirs["events"],
+        json!([]),
+        "another fan's events are not mine"
+    );
+
+    let q = |query: &str| {
+        app.get(&format!("/api/v1/schedule{query}"))
+            .bearer(&fan.token)
+            .send()
+    };
+    for (query, field) in [
+        ("?to=2030-01-01T00:00:00Z", "from"),
+        ("?from=2030-01-01T00:00:00Z", "to"),
+        ("?from=yesterday&to=2030-01-01T00:00:00Z", "from"),
+        ("?from=2030-01-02T00:00:00Z&to=2030-01-01T00:00:00Z", "to"),
+        ("?from=2030-01-01T00:00:00Z&to=2030-03-05T00:00:00Z", "to"),
+    ] {
+        let r = q(query).await;
+        r.assert_problem(StatusCode::BAD_REQUEST, "validation_failed");
+        assert_eq!(r.first_error_field(), field, "{query}: {}", r.text());
+    }
+    q("?from=2030-01-01T00:00:00Z&to=2030-01-02T00:00:00Z&x=1")
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, "bad_request");
+    assert_eq!(
+        q("?from=2030-01-01T00:00:00Z&to=2030-03-03T00:00:00Z")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    assert_ledger_clean(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_class_list_pages_by_start_and_filters_by_creator() {
+    let app = TestApp::unlimited().await;
+    let c = creator(&app).await;
+    let other = creator(&app).await;
+    let fan = app.signed_in_user().await;
+    let mut expected = Vec::new();
+    for hours in [50, 30, 40, 60, 70] {
+        expected.push((hours, class(&app, &c, hours, 0, 5).await));
+    }
+    let theirs = class(&app, &other, 45, 0, 5).await;
+    expected.sort();
+    let expected: Vec<String> = expected.into_iter().map(|(_, id)| id).collect();
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..5 {
+        let mut path = format!("/api/v1/classes?creator={}&limit=2", c.id);
+        if let Some(next) = &cursor {
+            path.push_str(&format!("&cursor={next}"));
+        }
+        let page = app.get(&path).bearer(&fan.token).send().await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.text());
+        let page = page.json();
+        for class in page["classes"].as_array().expect("classes") {
+            seen.push(class["id"].as_str().expect("id").to_owned());
+        }
+        cursor = page["next_cursor"].as_str().map(str::to_owned);
+        if cursor.is_none() {
+            break;
+        }
+    }
+    assert_eq!(seen, expected);
+
+    let all = app
+        .get("/api/v1/classes")
+        .bearer(&fan.token)
+        .send()
+        .await
+        .json();
+    let ids: Vec<&str> = all["classes"]
+        .as_array()
+        .expect("classes")
+        .iter()
+        .filter_map(|c| c["id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), 6);
+    assert_eq!(ids[2], theirs, "sorted by start across creators");
+    // A free class: enrolled without any journal.
+    let r = enroll(&app, &fan, &theirs, "free").await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    assert_eq!(r.json()["journal_id"], Value::Null);
+
+    for (query, field) in [
+        ("?limit=0", "limit"),
+        ("?limit=101", "limit"),
+        ("?cursor=nope", "cursor"),
+        ("?creator=x", "creator"),
+    ] {
+        let r = app
+            .get(&format!("/api/v1/classes{query}"))
+            .bearer(&fan.token)
+            .send()
+            .await;
+        r.assert_problem(StatusCode::BAD_REQUEST, "validation_failed");
+        assert_eq!(r.first_error_field(), field);
+    }
+    assert_ledger_clean(&app).await;
+}
