@@ -117,3 +117,84 @@ async fn a_card_purchase_is_credited_once_by_the_webhook_and_a_retry_charges_not
         .expect("audit");
     assert!(report.is_clean(), "{report:?}");
 }
+
+/// Create a class → a fan enrols (price into escrow) → the creator cancels →
+/// the fan has every token back and the creator got nothing, all through
+/// the compiled functions.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_class_refunds_its_fans_through_the_binaries() {
+    let db = TestDb::new().await;
+    let env = env_for(&db);
+    let classes = Function::start("v1_classes", &env).await;
+    let enrol = Function::start("v1_classes_enrollments", &env).await;
+    let cancel = Function::start("v1_classes_cancel", &env).await;
+    let balances = Function::start("v1_tokens_balance", &env).await;
+
+    let creator = uuid::Uuid::new_v4();
+    let fan = uuid::Uuid::new_v4();
+    let creator_token = mint(creator, Some("host@example.com"));
+    let fan_token = mint(fan, Some("fan@example.com"));
+    // Both exist after their first request; then the operator makes the
+    // creator a creator and the fan gets tokens as a purchase would.
+    assert_eq!(balance(&balances, &creator_token).await["balance"], 0);
+    assert_eq!(balance(&balances, &fan_token).await["balance"], 0);
+    sqlx::query("select app.operator_set_role($1, 'creator', 'e2e', null)")
+        .bind(creator)
+        .execute(&db.admin_pool)
+        .await
+        .expect("creator");
+    sqlx::query(
+        "select ledger.post('purchase', 'e2e-fund', \
+           array[ledger.singleton('stripe_clearing'), ledger.account_of('wallet', $1)], \
+           array[-100, 100]::bigint[], null)",
+    )
+    .bind(fan)
+    .execute(&db.admin_pool)
+    .await
+    .expect("fund");
+
+    let starts_at = (chrono::Utc::now() + chrono::Duration::days(3)).to_rfc3339();
+    let created = classes
+        .client()
+        .post(classes.url("/api/v1/classes"))
+        .bearer_auth(&creator_token)
+        .json(
+            &json!({"title": "Sunday jazz", "starts_at": starts_at, "time_zone": "Europe/Berlin",
+                      "duration_minutes": 60, "capacity": 10, "price_tokens": 40}),
+        )
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(created.status().as_u16(), 201);
+    let class: Value = created.json().await.expect("json");
+    let id = class["id"].as_str().expect("id").to_owned();
+
+    let enrolled = enrol
+        .client()
+        .post(enrol.url(&format!("/api/v1/classes/{id}/enrollments")))
+        .bearer_auth(&fan_token)
+        .header("idempotency-key", "enrol-1")
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("enrol");
+    let status = enrolled.status().as_u16();
+    assert_eq!(status, 201, "{}", enrolled.text().await.unwrap_or_default());
+    assert_eq!(balance(&balances, &fan_token).await["balance"], 60);
+
+    let cancelled = cancel
+        .client()
+        .post(cancel.url(&format!("/api/v1/classes/{id}/cancel")))
+        .bearer_auth(&creator_token)
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(cancelled.status().as_u16(), 200);
+    assert_eq!(balance(&balances, &fan_token).await["balance"], 100);
+    assert_eq!(balance(&balances, &creator_token).await["balance"], 0);
+    let mut conn = db.admin_pool.acquire().await.expect("conn");
+    let report = stagepass_ledger::audit::audit(&mut conn)
+        .await
+        .expect("audit");
+    assert!(report.is_clean(), "{report:?}");
+}
