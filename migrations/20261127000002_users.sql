@@ -111,12 +111,20 @@ begin
     raise exception 'no authenticated user' using errcode = '28000';
   end if;
   insert into app.users (id) values (uid) on conflict do nothing;
-  insert into app.user_private as p (user_id, email, email_verified)
-    values (uid, claim_email, claim_verified)
-    on conflict (user_id) do update
-      set email = excluded.email, email_verified = excluded.email_verified
-      where p.email is distinct from excluded.email
-         or p.email_verified is distinct from excluded.email_verified;
+  -- Write (and so lock the row) only when the token says something new:
+  -- an upsert locks the conflicting row even when its WHERE is false, which
+  -- would make every request of a user wait for their in-flight ones.
+  perform 1 from app.user_private p
+   where p.user_id = uid and p.email is not distinct from claim_email
+     and p.email_verified = claim_verified;
+  if not found then
+    insert into app.user_private as p (user_id, email, email_verified)
+      values (uid, claim_email, claim_verified)
+      on conflict (user_id) do update
+        set email = excluded.email, email_verified = excluded.email_verified
+        where p.email is distinct from excluded.email
+           or p.email_verified is distinct from excluded.email_verified;
+  end if;
   return query select u.id, u.role, u.handle, u.display_name, u.created_at
     from app.users u where u.id = uid;
 end

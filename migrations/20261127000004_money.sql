@@ -170,6 +170,13 @@ begin
   if not found then
     raise exception 'recipient is not a creator' using errcode = 'SP012';
   end if;
+  -- Both wallets, in one global order (account id), before anything else:
+  -- two users tipping each other at once then queue instead of deadlocking.
+  -- The whole tip is this one function call, so locking the recipient now
+  -- rather than at its credit costs microseconds, not a round trip.
+  perform 1 from ledger.accounts a
+   where a.kind = 'wallet' and a.reference is null and a.owner_id in (payer, p_recipient)
+   order by a.id for update;
   select l.wallet, l.balance into payer_wallet, payer_balance from ledger.lock_for_spend(payer, p_amount) l;
   select (p_amount * platform_fee_bps) / 10000 into fee from ledger.settings;
   journal := ledger.post(

@@ -486,7 +486,10 @@ async fn try_enroll(
                 serde_json::to_value(&enrollment).unwrap_or_default(),
             )
         }
-        Err(e) if e.is_deadlock() => return Err(Retry::Deadlock),
+        Err(e) if e.is_deadlock() => {
+            drop(savepoint);
+            return Err(retry::deadlocked(tx).await);
+        }
         Err(e) => {
             let error = ApiError::from(e);
             if !error.status().is_client_error() {
@@ -533,7 +536,7 @@ pub async fn withdraw(
         let mut tx = db::begin_user(&api.pool, user.claims()).await?;
         crate::me::ensure_user(&mut tx).await?;
         let withdrawal = match classes::withdraw(&mut tx, class).await {
-            Err(e) if e.is_deadlock() => return Err(Retry::Deadlock),
+            Err(e) if e.is_deadlock() => return Err(retry::deadlocked(tx).await),
             other => other?,
         };
         tx.commit().await?;
@@ -564,7 +567,7 @@ pub async fn cancel_class(
         let mut tx = db::begin_user(&api.pool, user.claims()).await?;
         crate::me::ensure_user(&mut tx).await?;
         let cancellation = match classes::cancel(&mut tx, class).await {
-            Err(e) if e.is_deadlock() => return Err(Retry::Deadlock),
+            Err(e) if e.is_deadlock() => return Err(retry::deadlocked(tx).await),
             other => other?,
         };
         tx.commit().await?;

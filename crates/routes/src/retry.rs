@@ -23,6 +23,17 @@ impl<E: Into<ApiError>> From<E> for Retry {
     }
 }
 
+/// Rolls the deadlocked transaction back *now*, before the retry: a dropped
+/// transaction's ROLLBACK is only sent when its pooled connection is next
+/// used, and until then it still holds its locks — the retry's own
+/// idempotency lock among them, which would answer 409 to itself.
+pub async fn deadlocked(tx: sqlx::Transaction<'_, sqlx::Postgres>) -> Retry {
+    match tx.rollback().await {
+        Ok(()) => Retry::Deadlock,
+        Err(e) => Retry::Fail(e.into()),
+    }
+}
+
 /// Runs `attempt` up to [`DEADLOCK_ATTEMPTS`] times while it deadlocks.
 pub async fn on_deadlock<T, F, Fut>(mut attempt: F) -> Result<T, ApiError>
 where

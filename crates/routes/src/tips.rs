@@ -23,6 +23,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::UserApi;
+use crate::retry::{self, Retry};
 
 pub const FUNCTION: Function = Function {
     name: "v1_tips",
@@ -42,8 +43,6 @@ const ROUTE: &str = "POST /api/v1/tips";
 pub const MIN_TIP: i64 = 1;
 pub const MAX_TIP: i64 = 10_000;
 const MAX_MESSAGE_CHARS: usize = 280;
-/// Attempts when Postgres picks this transaction as a deadlock victim.
-const DEADLOCK_ATTEMPTS: usize = 3;
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -88,31 +87,8 @@ pub async fn create_tip(
 ) -> ApiResult<Response> {
     let amount = request.validate()?;
     let idempotency = Idempotency::new(user.id(), ROUTE, key, &request, DEFAULT_TTL_HOURS);
-    let mut attempt = 1;
-    loop {
-        match try_tip(&api, &user, &idempotency, &request, amount).await {
-            Err(Retry::Deadlock) if attempt < DEADLOCK_ATTEMPTS => attempt += 1,
-            Err(Retry::Deadlock) => {
-                return Err(ApiError::Unavailable(
-                    "busy",
-                    "the ledger is busy; retry with the same Idempotency-Key".into(),
-                ));
-            }
-            Err(Retry::Fail(e)) => return Err(e),
-            Ok(response) => return Ok(response),
-        }
-    }
-}
-
-enum Retry {
-    Deadlock,
-    Fail(ApiError),
-}
-
-impl<E: Into<ApiError>> From<E> for Retry {
-    fn from(e: E) -> Self {
-        Retry::Fail(e.into())
-    }
+    let (api, user, idempotency, request) = (&api, &user, &idempotency, &request);
+    retry::on_deadlock(|| try_tip(api, user, idempotency, request, amount)).await
 }
 
 async fn try_tip(
@@ -148,7 +124,8 @@ async fn try_tip(
             )
         }
         Err(LedgerError::Db(e)) if db::sqlstate(&e).as_deref() == Some("40P01") => {
-            return Err(Retry::Deadlock);
+            drop(savepoint);
+            return Err(retry::deadlocked(tx).await);
         }
         Err(e) => {
             let error = ApiError::from(e);
