@@ -1,1 +1,171 @@
-fn main() {}
+//! `stagepass`: the operator CLI.
+//!
+//! - `dev`: every route on one port, with a throwaway Postgres when none is configured.
+//! - `migrate`: the embedded migrations, at deploy time (never on a cold start).
+//! - `users set-role`: bootstraps the first admin and changes roles outside the API.
+//! - `check-env`: validates a deployment's environment per function, without printing values.
+//! - `bench cold-start`: cold start, binary size, warm throughput and memory of the release binaries.
+//!
+//! Arguments are parsed by hand ([`args`]) to keep the build small.
+
+mod args;
+mod bench;
+mod check_env;
+mod dev;
+mod dotenv;
+mod error;
+mod migrate;
+mod pgcluster;
+mod users;
+
+use std::process::ExitCode;
+
+use crate::args::Parsed;
+use crate::error::{Result, fail};
+
+const USAGE: &str = "\
+stagepass — Stagepass operator CLI
+
+USAGE:
+  stagepass dev
+      Serve every route on one port (HOST, default 127.0.0.1; PORT, default 3000).
+      Without DATABASE_URL, starts a throwaway PostgreSQL cluster and removes it on exit.
+  stagepass migrate
+      Run the embedded migrations against DATABASE_ADMIN_URL (or DATABASE_URL).
+  stagepass users set-role <user-id> <fan|creator|admin> [--reason TEXT]
+      Change a user's role (creates the user row if needed). Uses DATABASE_URL
+      (or DATABASE_ADMIN_URL); the operator name is $USER.
+  stagepass check-env [--env-file PATH] [--function NAME] [--production]
+      Check each function's configuration; exit 1 if any is incomplete.
+  stagepass bench cold-start [--json] [--runs N] [--bin-dir DIR]
+                             [--sslmode MODE] [--database-url URL]
+      Cold start, binary size, warm throughput and peak memory of the release
+      function binaries (build them first: cargo build --release --bins).
+      v1_me runs against a throwaway migrated database on the local cluster,
+      or against --database-url (migrated; the functions' login).
+      --sslmode (disable|prefer|require) is added to v1_me's DATABASE_URL;
+      unset, the driver's default (prefer) applies.
+";
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    match run(&argv) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(argv: &[String]) -> Result<ExitCode> {
+    let Some((command, rest)) = argv.split_first() else {
+        eprint!("{USAGE}");
+        return Ok(ExitCode::from(2));
+    };
+    match command.as_str() {
+        "-h" | "--help" | "help" => {
+            print!("{USAGE}");
+            Ok(ExitCode::SUCCESS)
+        }
+        "dev" => {
+            no_positionals(&parse(rest, &[], &[])?)?;
+            multi_thread()?.block_on(dev::run())
+        }
+        "migrate" => {
+            no_positionals(&parse(rest, &[], &[])?)?;
+            current_thread()?.block_on(migrate::run())
+        }
+        "users" => users_command(rest),
+        "check-env" => {
+            let p = parse(rest, &["--env-file", "--function"], &["--production"])?;
+            no_positionals(&p)?;
+            let opts = check_env::Options {
+                env_file: p.value("--env-file").map(Into::into),
+                function: p.value("--function").map(Into::into),
+                production: p.switch("--production"),
+            };
+            // A runtime because building a router creates (lazy) pools, whose
+            // maintenance tasks need one.
+            current_thread()?.block_on(async { check_env::run(&opts) })
+        }
+        "bench" => bench_command(rest),
+        other => fail(format!("unknown command '{other}' (see stagepass --help)")),
+    }
+}
+
+fn users_command(rest: &[String]) -> Result<ExitCode> {
+    let p = parse(rest, &["--reason"], &[])?;
+    match p.positional.as_slice() {
+        [sub, user, role] if sub == "set-role" => {
+            let change = users::RoleChange::parse(user, role, p.value("--reason"))?;
+            current_thread()?.block_on(users::set_role(change))
+        }
+        _ => fail("usage: stagepass users set-role <user-id> <fan|creator|admin> [--reason TEXT]"),
+    }
+}
+
+fn bench_command(rest: &[String]) -> Result<ExitCode> {
+    let p = parse(
+        rest,
+        &["--runs", "--bin-dir", "--sslmode", "--database-url"],
+        &["--json"],
+    )?;
+    if p.positional.as_slice() != ["cold-start"] {
+        return fail(
+            "usage: stagepass bench cold-start [--json] [--runs N] [--bin-dir DIR] \
+             [--sslmode MODE] [--database-url URL]",
+        );
+    }
+    let sslmode = match p.value("--sslmode") {
+        None => None,
+        Some(m @ ("disable" | "prefer" | "require")) => Some(m.to_owned()),
+        Some(_) => return fail("--sslmode must be disable, prefer or require"),
+    };
+    let runs = match p.value("--runs") {
+        None => 20,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=1000).contains(&n) => n,
+            _ => return fail("--runs must be an integer from 1 to 1000"),
+        },
+    };
+    let opts = bench::Options {
+        json: p.switch("--json"),
+        runs,
+        bin_dir: p.value("--bin-dir").map(Into::into),
+        sslmode,
+        database_url: p.value("--database-url").map(Into::into),
+    };
+    // One thread: the function under test is single-threaded too, so on a
+    // 2-core machine the load generator and the server get one core each.
+    current_thread()?.block_on(bench::run(opts))
+}
+
+/// Parses options; `--help` anywhere prints the usage.
+fn parse(rest: &[String], values: &[&'static str], switches: &[&'static str]) -> Result<Parsed> {
+    let parsed = args::parse(rest, values, switches)?;
+    if parsed.help {
+        print!("{USAGE}");
+        std::process::exit(0);
+    }
+    Ok(parsed)
+}
+
+fn no_positionals(p: &Parsed) -> Result<()> {
+    match p.positional.first() {
+        Some(extra) => fail(format!("unexpected argument '{extra}'")),
+        None => Ok(()),
+    }
+}
+
+fn current_thread() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn multi_thread() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}

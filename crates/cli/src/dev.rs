@@ -1,0 +1,272 @@
+//! `stagepass dev`: every function's routes on one port (DESIGN.md §5).
+//!
+//! Order matters: signals are caught first (so Ctrl-C during setup still
+//! removes the throwaway cluster), the port is bound before the slow steps
+//! (a busy port fails at once, and `SUPABASE_URL` can name the real port),
+//! then the database is prepared, then the router is composed from the same
+//! `FUNCTIONS` the deployed binaries use.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use base64::Engine as _;
+use sqlx::PgPool;
+use stagepass_platform::auth::testing::mint_hs256;
+use stagepass_platform::config::{CoreConfig, Loader};
+use stagepass_platform::serve::{Resources, compose, serve_local};
+use stagepass_platform::telemetry;
+use stagepass_routes::FUNCTIONS;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+
+use crate::error::{Context as _, Result};
+use crate::pgcluster::Cluster;
+
+/// Fixed ids, so re-running against the same database reuses the demo users.
+const DEMO_CREATOR: uuid::Uuid = uuid::uuid!("00000000-0000-4000-8000-0000000dec01");
+const DEMO_FAN: uuid::Uuid = uuid::uuid!("00000000-0000-4000-8000-0000000dfa01");
+const TOKEN_TTL_SECONDS: i64 = 24 * 3600;
+
+pub async fn run() -> Result<ExitCode> {
+    let mut signals = Signals::install()?;
+    let host = std::env::var("HOST").unwrap_or_else(|_| "127.0.0.1".to_owned());
+    let port = std::env::var("PORT").unwrap_or_else(|_| "3000".to_owned());
+    let listener = tokio::net::TcpListener::bind(format!("{host}:{port}"))
+        .await
+        .with_context(|| format!("binding {host}:{port} (set PORT to use another port)"))?;
+    let port = listener.local_addr()?.port();
+
+    // Dropping this future on a signal drops any cluster it started (cleanup).
+    let prepared = tokio::select! {
+        prepared = prepare_database() => prepared?,
+        _ = signals.recv() => {
+            eprintln!("interrupted during setup");
+            return Ok(ExitCode::from(130));
+        }
+    };
+    let vars = dev_environment(port, &prepared.app_url)?;
+    let env = || Loader::from_map(vars.clone());
+    telemetry::init("stagepass-dev", &CoreConfig::load(&mut env()));
+    let (router, failures) = compose(FUNCTIONS, env, &Resources::default());
+
+    let base = format!("http://127.0.0.1:{port}");
+    print_banner(&base, &prepared, &failures);
+    let tokens = demo_tokens(&prepared.admin_pool, &vars).await?;
+    print_tokens(&base, &tokens);
+    prepared.admin_pool.close().await;
+
+    serve_local(listener, router, async move { signals.recv().await })
+        .await
+        .context("serving")?;
+    if let Some(cluster) = prepared.cluster {
+        let dir = cluster.dir().to_owned();
+        drop(cluster);
+        println!(
+            "stopped the throwaway PostgreSQL and removed {}",
+            dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// SIGINT and SIGTERM, registered once: from then on neither kills the
+/// process outright, so cleanup always runs.
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
+}
+
+struct Prepared {
+    /// The throwaway cluster, when we started one.
+    cluster: Option<Cluster>,
+    /// Superuser (or owner) connection: migrations and demo fixtures.
+    admin_pool: PgPool,
+    /// What the functions connect with.
+    app_url: String,
+    /// Where the database came from, for the banner.
+    origin: String,
+}
+
+async fn prepare_database() -> Result<Prepared> {
+    let configured = std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    match configured {
+        Some(app_url) => {
+            // Migrations create roles: they need the owner, not the app login.
+            let admin_url = std::env::var("DATABASE_ADMIN_URL").unwrap_or_else(|_| app_url.clone());
+            migrated(None, &admin_url, app_url, "DATABASE_URL".to_owned()).await
+        }
+        None => {
+            println!("DATABASE_URL is not set: starting a throwaway PostgreSQL cluster…");
+            let cluster = Cluster::start()?;
+            let origin = format!(
+                "throwaway cluster in {} (removed on exit)",
+                cluster.dir().display()
+            );
+            let (admin_url, app_url) = (cluster.admin_url(), cluster.app_url());
+            migrated(Some(cluster), &admin_url, app_url, origin).await
+        }
+    }
+}
+
+/// Connects as the owner and applies the migrations. Takes the cluster so
+/// that a failure here drops (and removes) it.
+async fn migrated(
+    cluster: Option<Cluster>,
+    admin_url: &str,
+    app_url: String,
+    origin: String,
+) -> Result<Prepared> {
+    let admin_pool = crate::migrate::connect(admin_url).await?;
+    let applied = crate::migrate::apply(&admin_pool).await?;
+    println!("migrations: {} newly applied", applied.len());
+    Ok(Prepared {
+        cluster,
+        admin_pool,
+        app_url,
+        origin,
+    })
+}
+
+/// The process environment plus development defaults for what is unset
+/// (an empty value counts as unset, as in `Loader::get`).
+fn dev_environment(port: u16, app_url: &str) -> Result<BTreeMap<String, String>> {
+    let mut vars: BTreeMap<String, String> = std::env::vars().collect();
+    let mut default = |key: &str, value: String| {
+        if vars.get(key).is_none_or(|v| v.trim().is_empty()) {
+            vars.insert(key.to_owned(), value);
+        }
+    };
+    default("APP_ENV", "development".to_owned());
+    default("DATABASE_URL", app_url.to_owned());
+    default("SUPABASE_URL", format!("http://127.0.0.1:{port}"));
+    // Per-run random secrets: nothing minted by one run works in another.
+    default("SUPABASE_JWT_SECRET", random_alphanumeric(48)?);
+    default(
+        "AUTH_HOOK_SECRET",
+        format!("v1,whsec_{}", random_base64(32)?),
+    );
+    Ok(vars)
+}
+
+fn print_banner(
+    base: &str,
+    prepared: &Prepared,
+    failures: &[(&'static str, stagepass_platform::config::ConfigErrors)],
+) {
+    println!();
+    println!("Stagepass dev server: {base}");
+    println!("database: {}", prepared.origin);
+    println!();
+    println!("routes:");
+    for function in FUNCTIONS {
+        for path in function.paths {
+            println!("  {base}{path:<40}  ({})", function.name);
+        }
+    }
+    if !failures.is_empty() {
+        println!();
+        println!("not configured (these answer 503 not_configured):");
+        for (name, errors) in failures {
+            // Problems name variables and rules, never values.
+            for p in &errors.0 {
+                println!("  {name}: {}: {}", p.variable, p.problem);
+            }
+        }
+    }
+}
+
+struct DemoToken {
+    label: &'static str,
+    handle: &'static str,
+    token: String,
+}
+
+/// Creates (or reuses) a demo creator and a demo fan and mints 24-hour
+/// HS256 tokens for them with the dev secret.
+async fn demo_tokens(admin: &PgPool, vars: &BTreeMap<String, String>) -> Result<Vec<DemoToken>> {
+    let loader = Loader::from_map(vars.clone());
+    let secret = loader.get("SUPABASE_JWT_SECRET").unwrap_or_default();
+    let supabase_url = loader.get("SUPABASE_URL").unwrap_or_default();
+    let issuer = format!("{}/auth/v1", supabase_url.trim_end_matches('/'));
+    let mut tokens = Vec::new();
+    for (id, role, handle, label) in [
+        (DEMO_CREATOR, "creator", "demo_creator", "creator"),
+        (DEMO_FAN, "fan", "demo_fan", "fan"),
+    ] {
+        ensure_demo_user(admin, id, role, handle).await?;
+        let email = format!("{handle}@example.test");
+        tokens.push(DemoToken {
+            label,
+            handle,
+            token: mint_hs256(&secret, &issuer, id, Some(&email), TOKEN_TTL_SECONDS),
+        });
+    }
+    Ok(tokens)
+}
+
+async fn ensure_demo_user(admin: &PgPool, id: uuid::Uuid, role: &str, handle: &str) -> Result<()> {
+    crate::users::apply_role(admin, id, role, "stagepass-dev", Some("demo user")).await?;
+    // The handle is a fixture: set directly as the superuser. Another user
+    // holding it already is not worth failing the dev server for.
+    let updated = sqlx::query(
+        "update app.users set handle = $2 where id = $1 and handle is distinct from $2",
+    )
+    .bind(id)
+    .bind(handle)
+    .execute(admin)
+    .await;
+    if let Err(e) = updated {
+        eprintln!("warning: could not give the demo user the handle {handle}: {e}");
+    }
+    Ok(())
+}
+
+fn print_tokens(base: &str, tokens: &[DemoToken]) {
+    println!();
+    println!("demo bearer tokens (valid 24 h, this run only):");
+    for t in tokens {
+        println!("  # {} (@{})", t.label, t.handle);
+        println!(
+            "  curl -H \"Authorization: Bearer {}\" {base}/api/v1/me",
+            t.token
+        );
+    }
+    println!();
+    println!("Ctrl-C stops the server.");
+}
+
+fn random_alphanumeric(len: usize) -> Result<String> {
+    const CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    Ok(random_bytes(len)?
+        .into_iter()
+        // 256 % 62 != 0: a slight bias, irrelevant for a per-run dev secret.
+        .map(|b| char::from(CHARS[usize::from(b) % CHARS.len()]))
+        .collect())
+}
+
+fn random_base64(len: usize) -> Result<String> {
+    Ok(base64::engine::general_purpose::STANDARD.encode(random_bytes(len)?))
+}
+
+fn random_bytes(len: usize) -> Result<Vec<u8>> {
+    let mut bytes = vec![0u8; len];
+    getrandom::fill(&mut bytes).context("reading the OS random generator")?;
+    Ok(bytes)
+}
