@@ -37,6 +37,10 @@ USAGE:
       (or DATABASE_ADMIN_URL); the operator name is $USER.
   stagepass check-env [--env-file PATH] [--function NAME] [--production]
       Check each function's configuration; exit 1 if any is incomplete.
+  stagepass bench tips [--json] [--seconds S] [--connections C] [--fans N] [--bin-dir DIR]
+      Tips/s and p50/p99 through the release v1_tips with many fans tipping one
+      creator (hot) and across pairs, the ledger invariants after each, and
+      pgbench on the same Postgres as the baseline.
   stagepass bench cold-start [--json] [--runs N] [--bin-dir DIR]
                              [--sslmode MODE] [--database-url URL]
       Cold start, binary size, warm throughput and peak memory of the release
@@ -106,6 +110,9 @@ fn users_command(rest: &[String]) -> Result<ExitCode> {
 }
 
 fn bench_command(rest: &[String]) -> Result<ExitCode> {
+    if rest.first().map(String::as_str) == Some("tips") {
+        return bench_tips(&rest[1..]);
+    }
     let p = parse(
         rest,
         &["--runs", "--bin-dir", "--sslmode", "--database-url"],
@@ -139,6 +146,38 @@ fn bench_command(rest: &[String]) -> Result<ExitCode> {
     // One thread: the function under test is single-threaded too, so on a
     // 2-core machine the load generator and the server get one core each.
     current_thread()?.block_on(bench::run(opts))
+}
+
+/// `stagepass bench tips`: hot-creator and pairs scenarios with a pgbench
+/// baseline (see `bench/tips.rs`).
+fn bench_tips(rest: &[String]) -> Result<ExitCode> {
+    let p = parse(
+        rest,
+        &["--seconds", "--connections", "--fans", "--bin-dir"],
+        &["--json"],
+    )?;
+    no_positionals(&p)?;
+    let number = |name: &str, default: u64, max: u64| -> Result<u64> {
+        match p.value(name) {
+            None => Ok(default),
+            Some(v) => match v.parse::<u64>() {
+                Ok(n) if (1..=max).contains(&n) => Ok(n),
+                _ => fail(format!("{name} must be an integer from 1 to {max}")),
+            },
+        }
+    };
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let opts = bench::tips::TipsOptions {
+        json: p.switch("--json"),
+        seconds: number("--seconds", 10, 120)?,
+        connections: usize::try_from(number("--connections", 16, 256)?).unwrap_or(16),
+        fans: usize::try_from(number("--fans", 64, 10_000)?).unwrap_or(64),
+        bin_dir: p
+            .value("--bin-dir")
+            .map(Into::into)
+            .unwrap_or_else(|| std::path::Path::new(&target).join("release")),
+    };
+    current_thread()?.block_on(bench::tips::run(opts))
 }
 
 /// Parses options; `--help` anywhere prints the usage.

@@ -14,6 +14,7 @@
 mod http;
 mod load;
 mod report;
+pub mod tips;
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
