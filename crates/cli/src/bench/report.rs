@@ -264,11 +264,11 @@ pub fn print(m: &Measurements) {
     for c in checks(m) {
         let verdict = if c.pass { "PASS" } else { "FAIL" };
         let value = match c.value {
-            Some(v) => format!("{v:>8.2} {}", c.unit),
+            Some(v) => format!("{v:>9.3} {}", c.unit),
             None => "not measured".to_owned(),
         };
         println!(
-            "  {verdict}  {:<36} {value} (limit {} {})",
+            "  {verdict}  {:<40} {value} (limit {} {})",
             c.what, c.limit, c.unit
         );
     }
