@@ -38,6 +38,7 @@ USAGE:
   stagepass check-env [--env-file PATH] [--function NAME] [--production]
       Check each function's configuration; exit 1 if any is incomplete.
   stagepass bench tips [--json] [--seconds S] [--connections C] [--fans N] [--bin-dir DIR]
+                       [--sslmode MODE]
       Tips/s and p50/p99 through the release v1_tips with many fans tipping one
       creator (hot) and across pairs, the ledger invariants after each, and
       pgbench on the same Postgres as the baseline.
@@ -153,7 +154,7 @@ fn bench_command(rest: &[String]) -> Result<ExitCode> {
 fn bench_tips(rest: &[String]) -> Result<ExitCode> {
     let p = parse(
         rest,
-        &["--seconds", "--connections", "--fans", "--bin-dir"],
+        &["--seconds", "--connections", "--fans", "--bin-dir", "--sslmode"],
         &["--json"],
     )?;
     no_positionals(&p)?;
@@ -176,6 +177,11 @@ fn bench_tips(rest: &[String]) -> Result<ExitCode> {
             .value("--bin-dir")
             .map(Into::into)
             .unwrap_or_else(|| std::path::Path::new(&target).join("release")),
+        sslmode: match p.value("--sslmode") {
+            None => None,
+            Some(m @ ("disable" | "prefer" | "require")) => Some(m.to_owned()),
+            Some(_) => return fail("--sslmode must be disable, prefer or require"),
+        },
     };
     current_thread()?.block_on(bench::tips::run(opts))
 }

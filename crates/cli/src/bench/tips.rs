@@ -34,6 +34,9 @@ pub struct TipsOptions {
     pub connections: usize,
     pub fans: usize,
     pub bin_dir: std::path::PathBuf,
+    /// Added to the function's `DATABASE_URL` (`disable` separates the cost
+    /// of TLS to Postgres from the ledger path's own).
+    pub sslmode: Option<String>,
 }
 
 struct Scenario {
@@ -88,7 +91,19 @@ async fn scenario(
         .env("APP_ENV", "test")
         .env("RUST_LOG", "error")
         .env("RATE_LIMITS", "off")
-        .env("DATABASE_URL", db.app_url())
+        // The function's pool size (default 4, as deployed); the benchmark's
+        // own environment may override it to see what the pool costs.
+        .env(
+            "DATABASE_MAX_CONNECTIONS",
+            std::env::var("DATABASE_MAX_CONNECTIONS").unwrap_or_else(|_| "4".to_owned()),
+        )
+        .env(
+            "DATABASE_URL",
+            match &opts.sslmode {
+                Some(mode) => format!("{}?sslmode={mode}", db.app_url()),
+                None => db.app_url(),
+            },
+        )
         .env("SUPABASE_URL", SUPABASE_URL)
         .env("SUPABASE_JWT_SECRET", JWT_SECRET)
         .stdout(Stdio::null())
@@ -384,8 +399,11 @@ fn print(opts: &TipsOptions, scenarios: &[Scenario], b: &Baseline) {
         return;
     }
     println!(
-        "tips through release v1_tips: {} connections, {} s, {} fans",
-        opts.connections, opts.seconds, opts.fans
+        "tips through release v1_tips: {} connections, {} s, {} fans, sslmode {}",
+        opts.connections,
+        opts.seconds,
+        opts.fans,
+        opts.sslmode.as_deref().unwrap_or("default (prefer)")
     );
     for s in scenarios {
         println!(
