@@ -154,7 +154,13 @@ fn bench_command(rest: &[String]) -> Result<ExitCode> {
 fn bench_tips(rest: &[String]) -> Result<ExitCode> {
     let p = parse(
         rest,
-        &["--seconds", "--connections", "--fans", "--bin-dir", "--sslmode"],
+        &[
+            "--seconds",
+            "--connections",
+            "--fans",
+            "--bin-dir",
+            "--sslmode",
+        ],
         &["--json"],
     )?;
     no_positionals(&p)?;
