@@ -5,37 +5,13 @@
 
 mod common;
 
+use common::{assert_ledger_clean, fund, journal_count, wallet};
+
 use axum::http::StatusCode;
 use chrono::{DateTime, Duration, SecondsFormat, Utc};
 use common::{CRON_SECRET, TestApp, TestResponse, User};
 use serde_json::{Value, json};
 use uuid::Uuid;
-
-/// Credits `tokens` to a wallet the way a purchase does, as the superuser.
-async fn fund(app: &TestApp, user: Uuid, tokens: i64) {
-    sqlx::query(
-        "select ledger.post('purchase', $1, \
-           array[ledger.singleton('stripe_clearing'), ledger.account_of('wallet', $2)], \
-           array[-$3::bigint, $3::bigint], null)",
-    )
-    .bind(format!("test-{}", Uuid::new_v4()))
-    .bind(user)
-    .bind(tokens)
-    .execute(&app.db.admin_pool)
-    .await
-    .expect("fund");
-}
-
-async fn wallet(app: &TestApp, user: Uuid) -> i64 {
-    sqlx::query_scalar(
-        "select balance from ledger.accounts where kind = 'wallet' and owner_id = $1 \
-         and reference is null",
-    )
-    .bind(user)
-    .fetch_one(&app.db.admin_pool)
-    .await
-    .expect("wallet")
-}
 
 async fn escrow(app: &TestApp, class: &str) -> i64 {
     sqlx::query_scalar(
@@ -45,14 +21,6 @@ async fn escrow(app: &TestApp, class: &str) -> i64 {
     .fetch_one(&app.db.admin_pool)
     .await
     .expect("escrow")
-}
-
-async fn journal_count(app: &TestApp, kind: &str) -> i64 {
-    sqlx::query_scalar("select count(*) from ledger.journals where kind = $1")
-        .bind(kind)
-        .fetch_one(&app.db.admin_pool)
-        .await
-        .expect("count")
 }
 
 /// Every calendar copy of a class: (user, role, status, sequence, starts_at, title).
@@ -68,30 +36,6 @@ async fn copies(
     .fetch_all(&app.db.admin_pool)
     .await
     .expect("calendar copies")
-}
-
-/// SPEC §2 invariants over the whole database, plus this slice's own: every
-/// scheduled class's escrow holds exactly its active enrolments' prices.
-async fn assert_ledger_clean(app: &TestApp) {
-    let mut conn = app.db.admin_pool.acquire().await.expect("conn");
-    let report = stagepass_ledger::audit::audit(&mut conn)
-        .await
-        .expect("audit");
-    assert!(report.is_clean(), "ledger invariants violated: {report:?}");
-    let drifted: Vec<Uuid> = sqlx::query_scalar(
-        "select c.id from app.classes c \
-         join ledger.accounts a on a.kind = 'escrow' and a.reference = 'class:' || c.id \
-         where a.balance <> case when c.status = 'scheduled' then \
-           (select coalesce(sum(price_tokens), 0) from app.enrollments e \
-             where e.class_id = c.id and e.status = 'enrolled') else 0 end",
-    )
-    .fetch_all(&mut *conn)
-    .await
-    .expect("escrow check");
-    assert!(
-        drifted.is_empty(),
-        "escrow differs from enrolments: {drifted:?}"
-    );
 }
 
 async fn creator(app: &TestApp) -> User {

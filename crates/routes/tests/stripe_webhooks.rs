@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::assert_ledger_clean;
+
 use axum::http::StatusCode;
 use common::{CRON_SECRET, STRIPE_WEBHOOK_SECRET, TestApp, User};
 use serde_json::{Value, json};
@@ -82,14 +84,6 @@ async fn balance(app: &TestApp, user: &User) -> Value {
         .send()
         .await
         .json()
-}
-
-async fn assert_ledger_clean(app: &TestApp) {
-    let mut conn = app.db.admin_pool.acquire().await.expect("conn");
-    let report = stagepass_ledger::audit::audit(&mut conn)
-        .await
-        .expect("audit");
-    assert!(report.is_clean(), "ledger invariants violated: {report:?}");
 }
 
 async fn events_recorded(app: &TestApp) -> i64 {

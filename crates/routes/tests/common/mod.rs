@@ -337,3 +337,50 @@ impl TestResponse {
             .to_owned()
     }
 }
+
+// ---- Ledger helpers for money tests (all as the superuser) ----
+
+/// Credits `tokens` to a user's wallet the way a purchase does (a balanced
+/// journal from Stripe clearing).
+pub async fn fund(app: &TestApp, user: Uuid, tokens: i64) {
+    sqlx::query(
+        "select ledger.post('purchase', $1, \
+           array[ledger.singleton('stripe_clearing'), ledger.account_of('wallet', $2)], \
+           array[-$3::bigint, $3::bigint], null)",
+    )
+    .bind(format!("test-{}", Uuid::new_v4()))
+    .bind(user)
+    .bind(tokens)
+    .execute(&app.db.admin_pool)
+    .await
+    .expect("fund");
+}
+
+/// A user's wallet balance.
+pub async fn wallet(app: &TestApp, user: Uuid) -> i64 {
+    sqlx::query_scalar(
+        "select balance from ledger.accounts where kind = 'wallet' and owner_id = $1 \
+         and reference is null",
+    )
+    .bind(user)
+    .fetch_one(&app.db.admin_pool)
+    .await
+    .expect("wallet")
+}
+
+pub async fn journal_count(app: &TestApp, kind: &str) -> i64 {
+    sqlx::query_scalar("select count(*) from ledger.journals where kind = $1")
+        .bind(kind)
+        .fetch_one(&app.db.admin_pool)
+        .await
+        .expect("count")
+}
+
+/// SPEC §2 invariants 1–3 over the whole database.
+pub async fn assert_ledger_clean(app: &TestApp) {
+    let mut conn = app.db.admin_pool.acquire().await.expect("conn");
+    let report = stagepass_ledger::audit::audit(&mut conn)
+        .await
+        .expect("audit");
+    assert!(report.is_clean(), "ledger invariants violated: {report:?}");
+}
