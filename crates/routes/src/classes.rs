@@ -9,13 +9,12 @@
 //! together, refusals are rolled back to a savepoint and stored with the key.
 
 use axum::extract::{Path, Query, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
-use sqlx::Acquire;
 use stagepass_ledger::classes::{
     self, Cancellation, Class, ClassCursor, ClassFields, Enrollment, Withdrawal,
 };
@@ -28,7 +27,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use crate::UserApi;
-use crate::retry::{self, Retry};
+use crate::retry;
 
 pub const COLLECTION: Function = Function {
     name: "v1_classes",
@@ -460,59 +459,13 @@ pub async fn enroll(
         &fingerprint,
         DEFAULT_TTL_HOURS,
     );
-    retry::on_deadlock(|| try_enroll(&api, &user, &idempotency, class)).await
-}
-
-async fn try_enroll(
-    api: &UserApi,
-    user: &AuthUser,
-    idempotency: &Idempotency,
-    class: Uuid,
-) -> Result<Response, Retry> {
-    let mut tx = db::begin_user(&api.pool, user.claims()).await?;
-    crate::me::ensure_user(&mut tx).await?;
-    if let Some(replay) = idempotency.begin(&mut tx).await? {
-        tx.commit().await?;
-        return Ok(replay.into_response());
-    }
-    // The effect runs in a savepoint: a refusal (full, insufficient funds,
-    // …) is rolled back to here and recorded with the key.
-    let mut savepoint = tx.begin().await?;
-    let (status, body) = match classes::enroll(&mut savepoint, class, Uuid::now_v7()).await {
-        Ok(enrollment) => {
-            savepoint.commit().await?;
-            (
-                StatusCode::CREATED,
-                serde_json::to_value(&enrollment).unwrap_or_default(),
-            )
-        }
-        Err(e) if e.is_deadlock() => {
-            drop(savepoint);
-            return Err(retry::deadlocked(tx).await);
-        }
-        Err(e) => {
-            let error = ApiError::from(e);
-            if !error.status().is_client_error() {
-                return Err(Retry::Fail(error));
-            }
-            savepoint.rollback().await?;
-            (error.status(), error.body_json())
-        }
-    };
-    idempotency.store(&mut tx, status, &body).await?;
-    tx.commit().await?;
-    Ok(json_response(status, body))
-}
-
-fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
-    let mut response = (status, Json(body)).into_response();
-    if status.is_client_error() {
-        response.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/problem+json"),
-        );
-    }
-    response
+    crate::idempotent::run(&api, &user, &idempotency, StatusCode::CREATED, |conn| {
+        Box::pin(async move {
+            let enrollment = classes::enroll(conn, class, Uuid::now_v7()).await?;
+            Ok(serde_json::to_value(&enrollment).unwrap_or_default())
+        })
+    })
+    .await
 }
 
 /// The caller leaves the class with a full refund, until the cut-off (24 h

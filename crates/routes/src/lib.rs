@@ -8,6 +8,7 @@ pub mod auth_hook;
 pub mod classes;
 pub mod cron;
 pub mod health;
+mod idempotent;
 pub mod me;
 pub mod openapi;
 pub mod purchases;

@@ -47,8 +47,10 @@ where
             Err(Retry::Deadlock) => {}
         }
     }
-    Err(ApiError::Unavailable(
-        "busy",
-        "the ledger is busy; retry the request".into(),
-    ))
+    Err(busy())
+}
+
+/// The answer after [`DEADLOCK_ATTEMPTS`] deadlocks in a row.
+pub fn busy() -> ApiError {
+    ApiError::Unavailable("busy", "the ledger is busy; retry the request".into())
 }

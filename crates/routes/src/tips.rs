@@ -6,16 +6,14 @@
 //! A tip's client errors are recorded with the key, so a replay answers the
 //! same; a deadlock between two mutual tips is retried.
 
+use axum::Router;
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::post;
-use axum::{Json, Router};
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
-use sqlx::Acquire;
-use stagepass_ledger::{LedgerError, Tip, TokenAmount};
+use stagepass_ledger::{Tip, TokenAmount};
 use stagepass_platform::auth::AuthUser;
-use stagepass_platform::db;
 use stagepass_platform::http::{ApiError, ApiResult, JsonBody};
 use stagepass_platform::idempotency::{DEFAULT_TTL_HOURS, Idempotency, IdempotencyKey};
 use stagepass_platform::serve::{Function, Limits};
@@ -23,7 +21,6 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::UserApi;
-use crate::retry::{self, Retry};
 
 pub const FUNCTION: Function = Function {
     name: "v1_tips",
@@ -87,63 +84,15 @@ pub async fn create_tip(
 ) -> ApiResult<Response> {
     let amount = request.validate()?;
     let idempotency = Idempotency::new(user.id(), ROUTE, key, &request, DEFAULT_TTL_HOURS);
-    let (api, user, idempotency, request) = (&api, &user, &idempotency, &request);
-    retry::on_deadlock(|| try_tip(api, user, idempotency, request, amount)).await
-}
-
-async fn try_tip(
-    api: &UserApi,
-    user: &AuthUser,
-    idempotency: &Idempotency,
-    request: &TipRequest,
-    amount: TokenAmount,
-) -> Result<Response, Retry> {
-    let mut tx = db::begin_user(&api.pool, user.claims()).await?;
-    crate::me::ensure_user(&mut tx).await?;
-    if let Some(replay) = idempotency.begin(&mut tx).await? {
-        tx.commit().await?;
-        return Ok(replay.into_response());
-    }
-    // The effect runs in a savepoint: a refusal (insufficient funds, …) is
-    // rolled back to here and recorded with the key.
-    let mut savepoint = tx.begin().await?;
-    let outcome = stagepass_ledger::tip(
-        &mut savepoint,
-        Uuid::now_v7(),
-        request.recipient_id,
-        amount,
-        request.message.as_deref(),
-    )
-    .await;
-    let (status, body) = match outcome {
-        Ok(tip) => {
-            savepoint.commit().await?;
-            (
-                StatusCode::CREATED,
-                serde_json::to_value(&tip).unwrap_or_default(),
-            )
-        }
-        Err(LedgerError::Db(e)) if db::sqlstate(&e).as_deref() == Some("40P01") => {
-            drop(savepoint);
-            return Err(retry::deadlocked(tx).await);
-        }
-        Err(e) => {
-            let error = ApiError::from(e);
-            if !error.status().is_client_error() {
-                return Err(Retry::Fail(error));
-            }
-            savepoint.rollback().await?;
-            (error.status(), error.body_json())
-        }
-    };
-    idempotency.store(&mut tx, status, &body).await?;
-    tx.commit().await?;
-    let mut response = (status, Json(body)).into_response();
-    if status.is_client_error() {
-        response.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/problem+json"),
-        );
-    }
-    Ok(response)
+    let (recipient, message) = (request.recipient_id, request.message);
+    crate::idempotent::run(&api, &user, &idempotency, StatusCode::CREATED, |conn| {
+        let message = message.clone();
+        Box::pin(async move {
+            let tip =
+                stagepass_ledger::tip(conn, Uuid::now_v7(), recipient, amount, message.as_deref())
+                    .await?;
+            Ok(serde_json::to_value(&tip).unwrap_or_default())
+        })
+    })
+    .await
 }

@@ -58,6 +58,19 @@ impl ApiError {
         ApiError::Internal(Box::new(e))
     }
 
+    /// Postgres chose this request's transaction as a deadlock victim
+    /// (SQLSTATE 40P01): the caller may retry the whole transaction.
+    pub fn is_deadlock(&self) -> bool {
+        match self {
+            ApiError::Internal(source) => source
+                .downcast_ref::<sqlx::Error>()
+                .and_then(|e| e.as_database_error())
+                .and_then(|db| db.code())
+                .is_some_and(|code| code == "40P01"),
+            _ => false,
+        }
+    }
+
     pub fn field(field: impl Into<String>, message: impl Into<String>) -> Self {
         ApiError::Validation(vec![FieldError {
             field: field.into(),

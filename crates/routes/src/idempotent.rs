@@ -1,0 +1,104 @@
+//! The one shape of an idempotent money request (tips, enrolments): one
+//! transaction under RLS holding first-sight user creation, the idempotency
+//! check, the effect in a savepoint, and the record of the response.
+//!
+//! A refusal of the effect (4xx: insufficient funds, class full, …) is
+//! rolled back to the savepoint and recorded with the key, so a replay
+//! answers the same; a server error records nothing, so the client may
+//! retry; a deadlock retries the whole transaction (ADR 0005).
+
+use axum::Json;
+use axum::response::{IntoResponse, Response};
+use futures_util::future::BoxFuture;
+use http::StatusCode;
+use sqlx::{Acquire, PgConnection};
+use stagepass_platform::auth::AuthUser;
+use stagepass_platform::db;
+use stagepass_platform::http::{ApiError, ApiResult};
+use stagepass_platform::idempotency::Idempotency;
+
+use crate::UserApi;
+use crate::retry::{self, Retry};
+
+/// The effect: given the savepoint's connection, the response body. It owns
+/// what it needs (its future may not borrow from the handler).
+pub trait Effect:
+    for<'c> FnMut(&'c mut PgConnection) -> BoxFuture<'c, Result<serde_json::Value, ApiError>>
+{
+}
+
+impl<F> Effect for F where
+    F: for<'c> FnMut(&'c mut PgConnection) -> BoxFuture<'c, Result<serde_json::Value, ApiError>>
+{
+}
+
+/// Runs `effect` exactly once per idempotency key; `success` is the status
+/// of its JSON body.
+pub async fn run<F>(
+    api: &UserApi,
+    user: &AuthUser,
+    idempotency: &Idempotency,
+    success: StatusCode,
+    mut effect: F,
+) -> ApiResult<Response>
+where
+    F: Effect,
+{
+    for _ in 0..retry::DEADLOCK_ATTEMPTS {
+        match attempt(api, user, idempotency, success, &mut effect).await {
+            Ok(response) => return Ok(response),
+            Err(Retry::Fail(e)) => return Err(e),
+            Err(Retry::Deadlock) => {}
+        }
+    }
+    Err(retry::busy())
+}
+
+async fn attempt<F>(
+    api: &UserApi,
+    user: &AuthUser,
+    idempotency: &Idempotency,
+    success: StatusCode,
+    effect: &mut F,
+) -> Result<Response, Retry>
+where
+    F: Effect,
+{
+    let mut tx = db::begin_user(&api.pool, user.claims()).await?;
+    crate::me::ensure_user(&mut tx).await?;
+    if let Some(replay) = idempotency.begin(&mut tx).await? {
+        tx.commit().await?;
+        return Ok(replay.into_response());
+    }
+    let mut savepoint = tx.begin().await?;
+    let (status, body) = match effect(&mut savepoint).await {
+        Ok(body) => {
+            savepoint.commit().await?;
+            (success, body)
+        }
+        Err(e) if e.is_deadlock() => {
+            drop(savepoint);
+            return Err(retry::deadlocked(tx).await);
+        }
+        Err(e) if e.status().is_client_error() => {
+            savepoint.rollback().await?;
+            (e.status(), e.body_json())
+        }
+        Err(e) => return Err(Retry::Fail(e)),
+    };
+    idempotency.store(&mut tx, status, &body).await?;
+    tx.commit().await?;
+    Ok(json_response(status, body))
+}
+
+/// A JSON response; client errors are problem documents.
+fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
+    let mut response = (status, Json(body)).into_response();
+    if status.is_client_error() {
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/problem+json"),
+        );
+    }
+    response
+}
