@@ -119,8 +119,9 @@ async fn a_card_purchase_is_credited_once_by_the_webhook_and_a_retry_charges_not
 }
 
 /// Create a class → a fan enrols (price into escrow) → the creator cancels →
-/// the fan has every token back and the creator got nothing, all through
-/// the compiled functions.
+/// the fan has every token back and the creator got nothing, and the fan's
+/// private calendar feed shows the class, then shows it cancelled — all
+/// through the compiled functions.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cancelled_class_refunds_its_fans_through_the_binaries() {
     let db = TestDb::new().await;
@@ -129,6 +130,10 @@ async fn a_cancelled_class_refunds_its_fans_through_the_binaries() {
     let enrol = Function::start("v1_classes_enrollments", &env).await;
     let cancel = Function::start("v1_classes_cancel", &env).await;
     let balances = Function::start("v1_tokens_balance", &env).await;
+    let mut feed_env = env.clone();
+    feed_env.push(("PUBLIC_BASE_URL", "https://api.stagepass.test"));
+    let feed_token = Function::start("v1_schedule_feed_token", &feed_env).await;
+    let feed = Function::start("v1_schedule_feed", &env).await;
 
     let creator = uuid::Uuid::new_v4();
     let fan = uuid::Uuid::new_v4();
@@ -182,6 +187,40 @@ async fn a_cancelled_class_refunds_its_fans_through_the_binaries() {
     assert_eq!(status, 201, "{}", enrolled.text().await.unwrap_or_default());
     assert_eq!(balance(&balances, &fan_token).await["balance"], 60);
 
+    let made = feed_token
+        .send(
+            reqwest::Method::POST,
+            "/api/v1/schedule/feed-token",
+            Some(&fan_token),
+            None,
+        )
+        .await;
+    assert_eq!(made.status().as_u16(), 201);
+    let made: Value = made.json().await.expect("json");
+    let feed_path = made["url"]
+        .as_str()
+        .and_then(|u| u.strip_prefix("https://api.stagepass.test"))
+        .expect("a feed URL under PUBLIC_BASE_URL")
+        .to_owned();
+    let calendar = |expect: &'static str| {
+        let (feed, path) = (&feed, feed_path.clone());
+        async move {
+            let r = feed.get(&path, None).await;
+            assert_eq!(r.status().as_u16(), 200);
+            assert_eq!(
+                r.headers()
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok()),
+                Some("text/calendar; charset=utf-8")
+            );
+            let text = r.text().await.expect("body");
+            assert!(text.contains(&format!("\r\n{expect}\r\n")), "{text}");
+            text
+        }
+    };
+    let confirmed = calendar("STATUS:CONFIRMED").await;
+    assert!(confirmed.contains(&format!("UID:class-{id}@stagepass.app")));
+
     let cancelled = cancel
         .client()
         .post(cancel.url(&format!("/api/v1/classes/{id}/cancel")))
@@ -192,6 +231,7 @@ async fn a_cancelled_class_refunds_its_fans_through_the_binaries() {
     assert_eq!(cancelled.status().as_u16(), 200);
     assert_eq!(balance(&balances, &fan_token).await["balance"], 100);
     assert_eq!(balance(&balances, &creator_token).await["balance"], 0);
+    calendar("STATUS:CANCELLED").await;
     let mut conn = db.admin_pool.acquire().await.expect("conn");
     let report = stagepass_ledger::audit::audit(&mut conn)
         .await

@@ -37,6 +37,11 @@ fn binary(name: &str) -> &'static str {
         "v1_classes_cancel" => env!("CARGO_BIN_EXE_v1_classes_cancel"),
         "v1_schedule" => env!("CARGO_BIN_EXE_v1_schedule"),
         "cron_settle_classes" => env!("CARGO_BIN_EXE_cron_settle_classes"),
+        "v1_schedule_feed" => env!("CARGO_BIN_EXE_v1_schedule_feed"),
+        "v1_schedule_feed_token" => env!("CARGO_BIN_EXE_v1_schedule_feed_token"),
+        "v1_realtime_token" => env!("CARGO_BIN_EXE_v1_realtime_token"),
+        "jobs_class_reminder" => env!("CARGO_BIN_EXE_jobs_class_reminder"),
+        "cron_deliver_outbox" => env!("CARGO_BIN_EXE_cron_deliver_outbox"),
         other => panic!("unknown function binary {other}"),
     }
 }

@@ -12,10 +12,11 @@ use std::process::ExitCode;
 use base64::Engine as _;
 use sqlx::PgPool;
 use stagepass_platform::auth::testing::mint_hs256;
-use stagepass_platform::config::{CoreConfig, Loader};
+use stagepass_platform::config::{CoreConfig, DbConfig, Loader};
 use stagepass_platform::serve::{Resources, compose, serve_local};
 use stagepass_platform::telemetry;
 use stagepass_routes::FUNCTIONS;
+use stagepass_routes::outbox::Outbox;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::error::{Context as _, Result};
@@ -46,10 +47,12 @@ pub async fn run() -> Result<ExitCode> {
     let vars = dev_environment(port, &prepared.app_url)?;
     let env = || Loader::from_map(vars.clone());
     telemetry::init("stagepass-dev", &CoreConfig::load(&mut env()));
-    let (router, failures) = compose(FUNCTIONS, env, &Resources::default());
+    let resources = Resources::default();
+    let (router, failures) = compose(FUNCTIONS, env, &resources);
 
     let base = format!("http://127.0.0.1:{port}");
     print_banner(&base, &prepared, &failures);
+    deliver_outbox_in_background(&mut env(), &resources);
     let tokens = demo_tokens(&prepared.admin_pool, &vars).await?;
     print_tokens(&base, &tokens);
     prepared.admin_pool.close().await;
@@ -66,6 +69,38 @@ pub async fn run() -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What Vercel Cron and QStash do in a deployment, done here by a ticker:
+/// every 5 seconds the outbox is delivered — realtime messages to Ably when
+/// `ABLY_API_KEY` is set (else marked unsent), jobs to QStash when
+/// `QSTASH_TOKEN` is set, else run inline once due.
+fn deliver_outbox_in_background(l: &mut Loader, resources: &Resources) {
+    let pool = DbConfig::load(l).and_then(|c| resources.db(&c));
+    let Some(outbox) = Outbox::load(l, resources, pool) else {
+        println!("outbox: not delivered (Ably/QStash settings incomplete)");
+        return;
+    };
+    let ably = if l.get("ABLY_API_KEY").is_some() {
+        "published to Ably"
+    } else {
+        "not sent (no ABLY_API_KEY)"
+    };
+    let jobs = if l.get("QSTASH_TOKEN").is_some() {
+        "sent to QStash"
+    } else {
+        "run inline when due"
+    };
+    println!("outbox: every 5 s; realtime messages {ably}; jobs {jobs}");
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            if let Err(e) = outbox.deliver_pending(20).await {
+                tracing::warn!(error = %e, "dev outbox delivery failed");
+            }
+        }
+    });
 }
 
 /// SIGINT and SIGTERM, registered once: from then on neither kills the
@@ -156,6 +191,7 @@ fn dev_environment(port: u16, app_url: &str) -> Result<BTreeMap<String, String>>
     default("APP_ENV", "development".to_owned());
     default("DATABASE_URL", app_url.to_owned());
     default("SUPABASE_URL", format!("http://127.0.0.1:{port}"));
+    default("PUBLIC_BASE_URL", format!("http://127.0.0.1:{port}"));
     // Per-run random secrets: nothing minted by one run works in another.
     default("SUPABASE_JWT_SECRET", random_alphanumeric(48)?);
     default(

@@ -2,8 +2,12 @@
 //!
 //! - [`stripe`]: PaymentIntents and refunds over Stripe's form-encoded API, and
 //!   [`stripe::webhook`] for signed webhook events.
-//! - `testing` (feature `testing`): a `localstripe` process per test and a
-//!   webhook recorder.
+//! - [`qstash`]: publishing delayed, deduplicated jobs and verifying their
+//!   signed callbacks.
+//! - [`ably`]: client tokens with server-decided capabilities, and REST
+//!   publishing.
+//! - `testing` (feature `testing`): a `localstripe` process per test, a
+//!   webhook recorder, and a recording fake for Ably and QStash.
 
 // Money flows through this crate: a panic would turn a Stripe answer into a
 // lost request, so fallible paths return errors instead.
@@ -12,6 +16,8 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::as_conversions)
 )]
 
+pub mod ably;
+pub mod qstash;
 pub mod stripe;
 #[cfg(feature = "testing")]
 pub mod testing;

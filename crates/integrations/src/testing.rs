@@ -433,3 +433,120 @@ pub mod events {
         )
     }
 }
+
+/// One request as a [`Recorder`] received it.
+#[derive(Debug, Clone)]
+pub struct RecordedRequest {
+    pub method: String,
+    /// Path and query, as sent (percent-encoding kept).
+    pub uri: String,
+    pub headers: axum::http::HeaderMap,
+    pub body: bytes::Bytes,
+}
+
+impl RecordedRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// A recording fake of an HTTP API that cannot run here (Ably's REST API,
+/// QStash): records every request and answers each with the status and
+/// JSON body it was started with, or — while [`Recorder::fail_next`] is
+/// set — with 503.
+pub struct Recorder {
+    url: String,
+    received: std::sync::Arc<std::sync::Mutex<Vec<RecordedRequest>>>,
+    failing: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Recorder {
+    pub async fn start(status: u16, body: serde_json::Value) -> std::io::Result<Recorder> {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let failing = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (log, fail) = (received.clone(), failing.clone());
+        let status = axum::http::StatusCode::from_u16(status).unwrap_or(axum::http::StatusCode::OK);
+        let record = move |request: axum::extract::Request| {
+            let (log, fail, body) = (log.clone(), fail.clone(), body.clone());
+            async move {
+                let (parts, raw) = request.into_parts();
+                let raw = axum::body::to_bytes(raw, 1 << 20).await.unwrap_or_default();
+                if let Ok(mut log) = log.lock() {
+                    log.push(RecordedRequest {
+                        method: parts.method.to_string(),
+                        uri: parts.uri.to_string(),
+                        headers: parts.headers,
+                        body: raw,
+                    });
+                }
+                let failed = fail
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+                if failed {
+                    (
+                        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                        axum::Json(serde_json::json!({"error": "unavailable"})),
+                    )
+                } else {
+                    (status, axum::Json(body))
+                }
+            }
+        };
+        let app = axum::Router::new().fallback(record);
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Recorder {
+            url,
+            received,
+            failing,
+            server,
+        })
+    }
+
+    /// The base URL (`http://127.0.0.1:<port>`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Answers the next `n` requests with 503.
+    pub fn fail_next(&self, n: usize) {
+        self.failing.store(n, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Everything received so far.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.received.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Waits until `until` holds for the requests received (or `timeout`
+    /// passes) and returns them.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        until: impl Fn(&[RecordedRequest]) -> bool,
+    ) -> Vec<RecordedRequest> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let now = self.requests();
+            if until(&now) || tokio::time::Instant::now() >= deadline {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}

@@ -294,6 +294,47 @@ impl Platform {
     }
 }
 
+/// Runs `work` after the response has been sent: through Vercel's
+/// `wait_until` (the instance stays alive until it finishes), elsewhere
+/// (local, Lambda) as a background task.
+pub fn after_response<F>(platform: Option<&Platform>, work: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    match platform {
+        Some(p) => p.wait_until(work),
+        None => {
+            tokio::spawn(work);
+        }
+    }
+}
+
+/// The request's [`Platform`] handle if it has one (on Vercel): an
+/// extractor that never fails.
+#[derive(Clone, Default)]
+pub struct PlatformHandle(pub Option<Platform>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PlatformHandle {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(PlatformHandle(parts.extensions.get::<Platform>().cloned()))
+    }
+}
+
+impl PlatformHandle {
+    /// [`after_response`] with this request's handle.
+    pub fn after_response<F>(&self, work: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        after_response(self.0.as_ref(), work);
+    }
+}
+
 /// Adapts an axum router to `vercel_runtime::run` (see the module docs for
 /// why this replaces the stock `VercelLayer`).
 #[derive(Clone)]

@@ -150,12 +150,7 @@ fn flush_after_response(platform: Option<crate::serve::Platform>) {
         })
         .await;
     };
-    match platform {
-        Some(p) => p.wait_until(flush),
-        None => {
-            tokio::spawn(flush);
-        }
-    }
+    crate::serve::after_response(platform.as_ref(), flush);
 }
 
 /// Records the authenticated user on the request's span and Sentry scope.

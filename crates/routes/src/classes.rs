@@ -22,7 +22,7 @@ use stagepass_platform::auth::AuthUser;
 use stagepass_platform::db;
 use stagepass_platform::http::{ApiError, ApiResult, FieldError, JsonBody};
 use stagepass_platform::idempotency::{DEFAULT_TTL_HOURS, Idempotency, IdempotencyKey};
-use stagepass_platform::serve::{Function, Limits};
+use stagepass_platform::serve::{Function, Limits, PlatformHandle};
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
@@ -48,7 +48,7 @@ pub const ITEM: Function = Function {
     limits: Limits::Authenticated,
     paths: &["/api/v1/classes/{id}"],
     build: |l, r| {
-        let api = UserApi::load(l, r)?;
+        let api = UserApi::load_emitting(l, r)?;
         Some(
             Router::new()
                 .route("/api/v1/classes/{id}", get(get_class).patch(patch_class))
@@ -62,7 +62,7 @@ pub const ENROLLMENTS: Function = Function {
     limits: Limits::Money,
     paths: &["/api/v1/classes/{id}/enrollments"],
     build: |l, r| {
-        let api = UserApi::load(l, r)?;
+        let api = UserApi::load_emitting(l, r)?;
         Some(
             Router::new()
                 .route("/api/v1/classes/{id}/enrollments", post(enroll))
@@ -76,7 +76,7 @@ pub const ENROLLMENT_ME: Function = Function {
     limits: Limits::Money,
     paths: &["/api/v1/classes/{id}/enrollments/me"],
     build: |l, r| {
-        let api = UserApi::load(l, r)?;
+        let api = UserApi::load_emitting(l, r)?;
         Some(
             Router::new()
                 .route("/api/v1/classes/{id}/enrollments/me", delete(withdraw))
@@ -90,7 +90,7 @@ pub const CANCEL: Function = Function {
     limits: Limits::Authenticated,
     paths: &["/api/v1/classes/{id}/cancel"],
     build: |l, r| {
-        let api = UserApi::load(l, r)?;
+        let api = UserApi::load_emitting(l, r)?;
         Some(
             Router::new()
                 .route("/api/v1/classes/{id}/cancel", post(cancel_class))
@@ -404,6 +404,7 @@ pub async fn get_class(
 pub async fn patch_class(
     State(api): State<UserApi>,
     user: AuthUser,
+    platform: PlatformHandle,
     Path(id): Path<String>,
     JsonBody(patch): JsonBody<ClassPatch>,
 ) -> ApiResult<Json<Class>> {
@@ -416,6 +417,7 @@ pub async fn patch_class(
     crate::me::ensure_user(&mut tx).await?;
     let class = classes::update(&mut tx, id, &fields).await?;
     tx.commit().await?;
+    api.kick(&platform);
     Ok(Json(class))
 }
 
@@ -447,6 +449,7 @@ struct EnrollFingerprint {
 pub async fn enroll(
     State(api): State<UserApi>,
     user: AuthUser,
+    platform: PlatformHandle,
     Path(id): Path<String>,
     key: IdempotencyKey,
 ) -> ApiResult<Response> {
@@ -459,12 +462,19 @@ pub async fn enroll(
         &fingerprint,
         DEFAULT_TTL_HOURS,
     );
-    crate::idempotent::run(&api, &user, &idempotency, StatusCode::CREATED, |conn| {
-        Box::pin(async move {
-            let enrollment = classes::enroll(conn, class, Uuid::now_v7()).await?;
-            Ok(serde_json::to_value(&enrollment).unwrap_or_default())
-        })
-    })
+    crate::idempotent::run(
+        &api,
+        &user,
+        &platform,
+        &idempotency,
+        StatusCode::CREATED,
+        |conn| {
+            Box::pin(async move {
+                let enrollment = classes::enroll(conn, class, Uuid::now_v7()).await?;
+                Ok(serde_json::to_value(&enrollment).unwrap_or_default())
+            })
+        },
+    )
     .await
 }
 
@@ -481,6 +491,7 @@ pub async fn enroll(
 pub async fn withdraw(
     State(api): State<UserApi>,
     user: AuthUser,
+    platform: PlatformHandle,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Withdrawal>> {
     let class = parse_id(&id)?;
@@ -496,6 +507,7 @@ pub async fn withdraw(
         Ok(Json(withdrawal))
     })
     .await
+    .inspect(|_| api.kick(&platform))
 }
 
 /// The creator cancels the class: every enrolled fan is refunded from
@@ -510,6 +522,7 @@ pub async fn withdraw(
 pub async fn cancel_class(
     State(api): State<UserApi>,
     user: AuthUser,
+    platform: PlatformHandle,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Cancellation>> {
     let class = parse_id(&id)?;
@@ -527,6 +540,7 @@ pub async fn cancel_class(
         Ok(Json(cancellation))
     })
     .await
+    .inspect(|_| api.kick(&platform))
 }
 
 #[cfg(test)]

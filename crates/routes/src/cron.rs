@@ -4,11 +4,14 @@
 //! - `ledger-audit`: recomputes every balance from its entries and checks
 //!   every journal sums to zero; a violation is reported (500, so Sentry
 //!   sees it) and returned.
-//! - `cleanup`: removes expired idempotency records.
+//! - `cleanup`: removes expired idempotency records and outbox rows
+//!   delivered more than 7 days ago.
 //! - `reconcile-purchases`: asks Stripe about purchases still pending after
 //!   15 minutes and applies the outcome, so a lost webhook never loses tokens.
 //! - `settle-classes`: pays the escrow of classes that have ended to their
 //!   creators (every 5 minutes).
+//! - `deliver-outbox`: delivers realtime messages and jobs that were not
+//!   delivered right after their request (every minute; ADR 0007).
 
 use axum::extract::State;
 use axum::routing::get;
@@ -26,6 +29,8 @@ use stagepass_platform::db;
 use stagepass_platform::http::{ApiError, ApiResult};
 use stagepass_platform::serve::{Function, Limits};
 use utoipa::ToSchema;
+
+use crate::outbox::{Delivery, Outbox};
 
 #[derive(Clone)]
 pub struct CronState {
@@ -107,6 +112,46 @@ pub const SETTLE_CLASSES: Function = Function {
     },
 };
 
+pub const DELIVER_OUTBOX: Function = Function {
+    name: "cron_deliver_outbox",
+    limits: Limits::Webhook("vercel-cron"),
+    paths: &["/api/cron/deliver-outbox"],
+    build: |l, r| {
+        let state = cron_state(l, r);
+        let outbox = Outbox::load(l, r, state.as_ref().map(|s| s.pool.clone()));
+        let state = OutboxState {
+            cron: state?,
+            outbox: outbox?,
+        };
+        Some(
+            Router::new()
+                .route("/api/cron/deliver-outbox", get(deliver_outbox))
+                .with_state(state),
+        )
+    },
+};
+
+#[derive(Clone)]
+pub struct OutboxState {
+    pub cron: CronState,
+    pub outbox: Outbox,
+}
+
+/// Batches of 50 per run: a backlog drains over a few runs rather than
+/// outliving the function's time limit.
+const OUTBOX_ROUNDS: usize = 20;
+
+#[utoipa::path(get, path = "/api/cron/deliver-outbox", tag = "cron", security(("cron" = [])),
+    responses((status = 200, body = Delivery), (status = 401, body = crate::openapi::Problem)))]
+pub async fn deliver_outbox(
+    State(s): State<OutboxState>,
+    headers: HeaderMap,
+) -> ApiResult<Json<Delivery>> {
+    cron::authorize(&headers, &s.cron.secret)?;
+    // No lock: deliverers claim disjoint rows (`SKIP LOCKED`).
+    Ok(Json(s.outbox.deliver_pending(OUTBOX_ROUNDS).await?))
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct JobRun {
     /// Another run held the lock; this one did nothing.
@@ -150,6 +195,12 @@ pub async fn cleanup(State(s): State<CronState>, headers: HeaderMap) -> ApiResul
         .execute(&mut *tx)
         .await?
         .rows_affected();
+    let delivered =
+        sqlx::query("delete from app.outbox where delivered_at < now() - interval '7 days'")
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    let removed = removed + delivered;
     tx.commit().await?;
     Ok(Json(JobRun {
         skipped: false,

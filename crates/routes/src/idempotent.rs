@@ -16,6 +16,7 @@ use stagepass_platform::auth::AuthUser;
 use stagepass_platform::db;
 use stagepass_platform::http::{ApiError, ApiResult};
 use stagepass_platform::idempotency::Idempotency;
+use stagepass_platform::serve::PlatformHandle;
 
 use crate::UserApi;
 use crate::retry::{self, Retry};
@@ -33,10 +34,12 @@ impl<F> Effect for F where
 }
 
 /// Runs `effect` exactly once per idempotency key; `success` is the status
-/// of its JSON body.
+/// of its JSON body. After a committed effect, its messages (outbox) go out
+/// once the response is sent.
 pub async fn run<F>(
     api: &UserApi,
     user: &AuthUser,
+    platform: &PlatformHandle,
     idempotency: &Idempotency,
     success: StatusCode,
     mut effect: F,
@@ -46,7 +49,14 @@ where
 {
     for _ in 0..retry::DEADLOCK_ATTEMPTS {
         match attempt(api, user, idempotency, success, &mut effect).await {
-            Ok(response) => return Ok(response),
+            Ok(response) => {
+                if response.status() == success
+                    && !response.headers().contains_key("idempotency-replayed")
+                {
+                    api.kick(platform);
+                }
+                return Ok(response);
+            }
             Err(Retry::Fail(e)) => return Err(e),
             Err(Retry::Deadlock) => {}
         }

@@ -8,10 +8,14 @@ pub mod auth_hook;
 pub mod classes;
 pub mod cron;
 pub mod health;
+pub mod ical;
 mod idempotent;
+pub mod jobs;
 pub mod me;
 pub mod openapi;
+pub mod outbox;
 pub mod purchases;
+pub mod realtime;
 mod retry;
 pub mod schedule;
 mod state;
@@ -42,9 +46,14 @@ pub const FUNCTIONS: &[Function] = &[
     classes::ENROLLMENT_ME,
     classes::CANCEL,
     schedule::FUNCTION,
+    schedule::FEED,
+    schedule::FEED_TOKEN,
+    realtime::FUNCTION,
+    jobs::CLASS_REMINDER,
     webhooks::STRIPE,
     cron::LEDGER_AUDIT,
     cron::CLEANUP,
     cron::RECONCILE_PURCHASES,
     cron::SETTLE_CLASSES,
+    cron::DELIVER_OUTBOX,
 ];

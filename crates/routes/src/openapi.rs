@@ -70,11 +70,16 @@ pub struct FieldErrorDoc {
         crate::classes::withdraw,
         crate::classes::cancel_class,
         crate::schedule::schedule,
+        crate::schedule::rotate_feed_token,
+        crate::schedule::feed,
+        crate::realtime::realtime_token,
+        crate::jobs::class_reminder,
         crate::webhooks::stripe_webhook,
         crate::cron::ledger_audit,
         crate::cron::cleanup,
         crate::cron::reconcile_purchases,
         crate::cron::settle_classes,
+        crate::cron::deliver_outbox,
         access_token_hook_doc,
         openapi_doc,
     ),
@@ -97,6 +102,15 @@ impl Modify for BearerAuth {
                     .description(Some("A Supabase access token"))
                     .build(),
             ),
+        );
+        components.add_security_scheme(
+            "qstash",
+            SecurityScheme::ApiKey(utoipa::openapi::security::ApiKey::Header(
+                utoipa::openapi::security::ApiKeyValue::with_description(
+                    "Upstash-Signature",
+                    "QStash: a JWT signed with the current or next signing key",
+                ),
+            )),
         );
         components.add_security_scheme(
             "cron",

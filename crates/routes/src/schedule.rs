@@ -3,13 +3,26 @@
 //! functions that change it (reschedule moves every copy, cancel and
 //! withdrawal mark copies cancelled, each bumping `sequence`). Cancelled
 //! events are listed too, so a client can remove them.
+//!
+//! The same events as a private iCalendar feed (`GET
+//! /api/v1/schedule/feed/{token}.ics`, for phones and calendar apps, which
+//! cannot send a bearer token): the URL carries a per-user secret made by
+//! `POST /api/v1/schedule/feed-token`. Only its SHA-256 is stored, so the
+//! URL is shown once; making a new one replaces it and the old URL stops
+//! working (404).
 
-use axum::extract::{Query, State};
-use axum::routing::get;
+use axum::extract::{FromRef, Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use axum::{Json, Router};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use stagepass_platform::auth::AuthUser;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use stagepass_platform::auth::{AuthUser, Verifier};
+use stagepass_platform::config::{DbConfig, Loader};
 use stagepass_platform::db;
 use stagepass_platform::http::{ApiError, ApiResult, FieldError};
 use stagepass_platform::serve::{Function, Limits};
@@ -31,6 +44,47 @@ pub const FUNCTION: Function = Function {
         )
     },
 };
+
+pub const FEED: Function = Function {
+    name: "v1_schedule_feed",
+    limits: Limits::Public,
+    paths: &["/api/v1/schedule/feed/{token}"],
+    build: |l, r| {
+        let pool = r.db(&DbConfig::load(l)?)?;
+        Some(
+            Router::new()
+                .route("/api/v1/schedule/feed/{token}", get(feed))
+                .with_state(pool),
+        )
+    },
+};
+
+pub const FEED_TOKEN: Function = Function {
+    name: "v1_schedule_feed_token",
+    limits: Limits::Authenticated,
+    paths: &["/api/v1/schedule/feed-token"],
+    build: |l, r| {
+        let api = UserApi::load(l, r);
+        let base = public_base_url(l);
+        Some(
+            Router::new()
+                .route("/api/v1/schedule/feed-token", post(rotate_feed_token))
+                .with_state(FeedTokenState {
+                    api: api?,
+                    public_base: base?,
+                }),
+        )
+    },
+};
+
+/// The deployment's public URL, for links handed out (feed URLs).
+fn public_base_url(l: &mut Loader) -> Option<url::Url> {
+    l.url(
+        "PUBLIC_BASE_URL",
+        &["https"],
+        "the deployment's public URL, e.g. https://api.stagepass.app",
+    )
+}
 
 /// Longest range one request may ask for.
 pub const MAX_RANGE_DAYS: i64 = 62;
@@ -154,4 +208,109 @@ pub async fn schedule(
         events,
         truncated,
     }))
+}
+
+#[derive(Clone)]
+pub struct FeedTokenState {
+    api: UserApi,
+    public_base: url::Url,
+}
+
+impl FromRef<FeedTokenState> for std::sync::Arc<Verifier> {
+    fn from_ref(s: &FeedTokenState) -> std::sync::Arc<Verifier> {
+        s.api.verifier.clone()
+    }
+}
+
+/// A new private feed URL.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct FeedToken {
+    /// Subscribe to this URL in a calendar app (`webcal://` works too).
+    /// Shown once: only a hash of its secret is kept.
+    pub url: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Bytes of randomness in a feed token (256 bits).
+const FEED_TOKEN_BYTES: usize = 32;
+
+fn token_hash(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+/// Makes the caller's feed URL, replacing any earlier one (which stops
+/// working at once).
+#[utoipa::path(post, path = "/api/v1/schedule/feed-token", tag = "schedule",
+    security(("bearer" = [])),
+    responses((status = 201, body = FeedToken)))]
+pub async fn rotate_feed_token(
+    State(s): State<FeedTokenState>,
+    user: AuthUser,
+) -> ApiResult<(http::StatusCode, Json<FeedToken>)> {
+    let mut secret = [0u8; FEED_TOKEN_BYTES];
+    getrandom::fill(&mut secret)
+        .map_err(|e| ApiError::internal(std::io::Error::other(e.to_string())))?;
+    let token = URL_SAFE_NO_PAD.encode(secret);
+    let mut tx = db::begin_user(&s.api.pool, user.claims()).await?;
+    crate::me::ensure_user(&mut tx).await?;
+    let created_at: DateTime<Utc> = sqlx::query_scalar("select app.rotate_calendar_feed($1)")
+        .bind(token_hash(&token))
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    let url = s
+        .public_base
+        .join(&format!("/api/v1/schedule/feed/{token}.ics"))
+        .map_err(ApiError::internal)?;
+    Ok((
+        http::StatusCode::CREATED,
+        Json(FeedToken {
+            url: url.to_string(),
+            created_at,
+        }),
+    ))
+}
+
+/// The private iCalendar feed (no bearer token: the URL is the secret).
+#[utoipa::path(get, path = "/api/v1/schedule/feed/{token}", tag = "schedule",
+    params(("token" = String, Path, description = "the secret of the feed URL, optionally followed by `.ics`")),
+    responses((status = 200, description = "RFC 5545 calendar", content_type = "text/calendar"),
+              (status = 404, description = "unknown or rotated token", body = crate::openapi::Problem)))]
+pub async fn feed(State(pool): State<PgPool>, Path(token): Path<String>) -> ApiResult<Response> {
+    let token = token.strip_suffix(".ics").unwrap_or(&token);
+    // Anything but a token we could have made is unknown, without a query.
+    let well_formed = URL_SAFE_NO_PAD
+        .decode(token)
+        .is_ok_and(|bytes| bytes.len() == FEED_TOKEN_BYTES);
+    if !well_formed {
+        return Err(ApiError::NotFound);
+    }
+    let hash = token_hash(token);
+    let mut tx = db::begin_service(&pool).await?;
+    let exists: bool = sqlx::query_scalar("select app.calendar_feed_exists($1)")
+        .bind(&hash)
+        .fetch_one(&mut *tx)
+        .await?;
+    if !exists {
+        return Err(ApiError::NotFound);
+    }
+    let events =
+        sqlx::query_as::<_, crate::ical::FeedEvent>("select * from app.calendar_feed_events($1)")
+            .bind(&hash)
+            .fetch_all(&mut *tx)
+            .await?;
+    tx.commit().await?;
+    Ok((
+        [
+            (http::header::CONTENT_TYPE, "text/calendar; charset=utf-8"),
+            (
+                http::header::CONTENT_DISPOSITION,
+                "inline; filename=\"stagepass.ics\"",
+            ),
+            // Private data: no shared cache; calendar apps poll anyway.
+            (http::header::CACHE_CONTROL, "private, no-store"),
+        ],
+        crate::ical::calendar(&events),
+    )
+        .into_response())
 }

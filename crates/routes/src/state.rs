@@ -4,14 +4,18 @@ use axum::extract::FromRef;
 use sqlx::PgPool;
 use stagepass_platform::auth::Verifier;
 use stagepass_platform::config::{AuthConfig, DbConfig, Loader};
-use stagepass_platform::serve::Resources;
+use stagepass_platform::serve::{PlatformHandle, Resources};
+
+use crate::outbox::Outbox;
 
 /// What a route serving signed-in users needs: the pool and the token
-/// verifier.
+/// verifier, and for routes whose changes notify someone, the outbox
+/// deliverer.
 #[derive(Clone)]
 pub struct UserApi {
     pub pool: PgPool,
     pub verifier: Arc<Verifier>,
+    pub outbox: Option<Outbox>,
 }
 
 impl UserApi {
@@ -22,7 +26,26 @@ impl UserApi {
         Some(UserApi {
             pool,
             verifier: r.verifier(&auth?),
+            outbox: None,
         })
+    }
+
+    /// [`UserApi::load`] plus the outbox (Ably and QStash settings).
+    pub fn load_emitting(l: &mut Loader, r: &Resources) -> Option<UserApi> {
+        let api = UserApi::load(l, r);
+        let outbox = Outbox::load(l, r, api.as_ref().map(|a| a.pool.clone()));
+        Some(UserApi {
+            outbox: Some(outbox?),
+            ..api?
+        })
+    }
+
+    /// After a committed change: deliver its messages once the response is
+    /// sent.
+    pub fn kick(&self, platform: &PlatformHandle) {
+        if let Some(outbox) = &self.outbox {
+            outbox.kick(platform);
+        }
     }
 }
 

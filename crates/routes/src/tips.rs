@@ -16,7 +16,7 @@ use stagepass_ledger::{Tip, TokenAmount};
 use stagepass_platform::auth::AuthUser;
 use stagepass_platform::http::{ApiError, ApiResult, JsonBody};
 use stagepass_platform::idempotency::{DEFAULT_TTL_HOURS, Idempotency, IdempotencyKey};
-use stagepass_platform::serve::{Function, Limits};
+use stagepass_platform::serve::{Function, Limits, PlatformHandle};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -27,7 +27,7 @@ pub const FUNCTION: Function = Function {
     limits: Limits::Money,
     paths: &["/api/v1/tips"],
     build: |l, r| {
-        let api = UserApi::load(l, r)?;
+        let api = UserApi::load_emitting(l, r)?;
         Some(
             Router::new()
                 .route("/api/v1/tips", post(create_tip))
@@ -79,20 +79,33 @@ impl TipRequest {
 pub async fn create_tip(
     State(api): State<UserApi>,
     user: AuthUser,
+    platform: PlatformHandle,
     key: IdempotencyKey,
     JsonBody(request): JsonBody<TipRequest>,
 ) -> ApiResult<Response> {
     let amount = request.validate()?;
     let idempotency = Idempotency::new(user.id(), ROUTE, key, &request, DEFAULT_TTL_HOURS);
     let (recipient, message) = (request.recipient_id, request.message);
-    crate::idempotent::run(&api, &user, &idempotency, StatusCode::CREATED, |conn| {
-        let message = message.clone();
-        Box::pin(async move {
-            let tip =
-                stagepass_ledger::tip(conn, Uuid::now_v7(), recipient, amount, message.as_deref())
-                    .await?;
-            Ok(serde_json::to_value(&tip).unwrap_or_default())
-        })
-    })
+    crate::idempotent::run(
+        &api,
+        &user,
+        &platform,
+        &idempotency,
+        StatusCode::CREATED,
+        |conn| {
+            let message = message.clone();
+            Box::pin(async move {
+                let tip = stagepass_ledger::tip(
+                    conn,
+                    Uuid::now_v7(),
+                    recipient,
+                    amount,
+                    message.as_deref(),
+                )
+                .await?;
+                Ok(serde_json::to_value(&tip).unwrap_or_default())
+            })
+        },
+    )
     .await
 }

@@ -19,9 +19,11 @@ use stagepass_ledger::purchases::{self, ClawBack, CreditOutcome};
 use stagepass_platform::config::{DbConfig, ExposeSecret, Secret, StripeWebhookConfig};
 use stagepass_platform::db;
 use stagepass_platform::http::{ApiError, ApiResult};
-use stagepass_platform::serve::{Function, Limits};
+use stagepass_platform::serve::{Function, Limits, PlatformHandle};
 use stagepass_platform::time::Clock;
 use utoipa::ToSchema;
+
+use crate::outbox::Outbox;
 
 pub const STRIPE: Function = Function {
     name: "webhooks_stripe",
@@ -30,10 +32,13 @@ pub const STRIPE: Function = Function {
     build: |l, r| {
         let db = DbConfig::load(l);
         let hook = StripeWebhookConfig::load(l);
+        let pool = db.and_then(|db| r.db(&db));
+        let outbox = Outbox::load(l, r, pool.clone());
         let state = StripeWebhookState {
-            pool: r.db(&db?)?,
+            pool: pool?,
             secret: hook?.webhook_secret,
             clock: r.clock.clone(),
+            outbox: outbox?,
         };
         Some(
             Router::new()
@@ -51,6 +56,8 @@ pub struct StripeWebhookState {
     pub pool: sqlx::PgPool,
     pub secret: Secret,
     pub clock: Clock,
+    /// A credit or claw-back changes a wallet: `balance.updated`.
+    pub outbox: Outbox,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -71,6 +78,7 @@ pub struct Received {
         (status = 500, description = "the effect failed; Stripe retries", body = crate::openapi::Problem)))]
 pub async fn stripe_webhook(
     State(state): State<StripeWebhookState>,
+    platform: PlatformHandle,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<Received>> {
@@ -111,6 +119,7 @@ pub async fn stripe_webhook(
     // Any error from here rolls back the event record with the effect.
     let outcome = apply(&mut tx, &event).await?;
     tx.commit().await?;
+    state.outbox.kick(&platform);
     tracing::info!(event = %event.id, kind = %event.type_, %outcome, "stripe event applied");
     Ok(Json(Received {
         received: true,

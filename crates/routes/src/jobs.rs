@@ -1,0 +1,154 @@
+//! Job functions: QStash calls them (signed, at the time the message was
+//! scheduled for, retried on failure). Each is idempotent: a repeat does
+//! nothing new. In development without QStash the outbox runs them inline
+//! through [`run`].
+//!
+//! - `class-reminder`: 15 minutes before a class starts, notifies the
+//!   class's channel — only if the class is still on, still starts when the
+//!   message was scheduled for, and someone is enrolled (a stale message
+//!   after a reschedule or a cancellation does nothing).
+
+use axum::extract::State;
+use axum::routing::post;
+use axum::{Json, Router};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use http::HeaderMap;
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use stagepass_integrations::qstash::Verifier;
+use stagepass_platform::config::{DbConfig, Loader, QstashConfig};
+use stagepass_platform::db;
+use stagepass_platform::http::{ApiError, ApiResult};
+use stagepass_platform::serve::{Function, Limits, PlatformHandle, Resources};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::outbox::Outbox;
+
+const CLASS_REMINDER_PATH: &str = "/api/jobs/class-reminder";
+
+pub const CLASS_REMINDER: Function = Function {
+    name: "jobs_class_reminder",
+    limits: Limits::Webhook("qstash"),
+    paths: &[CLASS_REMINDER_PATH],
+    build: |l, r| {
+        let state = JobState::load(l, r)?;
+        Some(
+            Router::new()
+                .route(CLASS_REMINDER_PATH, post(class_reminder))
+                .with_state(state),
+        )
+    },
+};
+
+/// The public path QStash calls for the job `name` (the outbox's
+/// `destination`).
+pub fn path_of(name: &str) -> Option<&'static str> {
+    match name {
+        "class-reminder" => Some(CLASS_REMINDER_PATH),
+        _ => None,
+    }
+}
+
+/// Runs the job `name` with its message body; returns what it did.
+pub async fn run(pool: &PgPool, name: &str, payload: &serde_json::Value) -> ApiResult<String> {
+    match name {
+        "class-reminder" => {
+            let message = ClassReminder::deserialize(payload)
+                .map_err(|e| ApiError::BadRequest(format!("not a class-reminder message: {e}")))?;
+            remind(pool, &message).await
+        }
+        other => Err(ApiError::BadRequest(format!("unknown job {other}"))),
+    }
+}
+
+#[derive(Clone)]
+pub struct JobState {
+    pool: PgPool,
+    verifier: Verifier,
+    public_base: url::Url,
+    outbox: Outbox,
+}
+
+impl JobState {
+    fn load(l: &mut Loader, r: &Resources) -> Option<JobState> {
+        let db = DbConfig::load(l);
+        let qstash = QstashConfig::load(l);
+        let pool = db.and_then(|db| r.db(&db));
+        let outbox = Outbox::load(l, r, pool.clone())?;
+        let (pool, qstash) = (pool?, qstash?);
+        Some(JobState {
+            pool,
+            verifier: Verifier::new(qstash.current_signing_key, qstash.next_signing_key),
+            public_base: qstash.public_base_url,
+            outbox,
+        })
+    }
+
+    /// Checks the QStash signature for a call to `path` with `body`.
+    fn verify(&self, path: &str, headers: &HeaderMap, body: &[u8]) -> ApiResult<()> {
+        let url = self
+            .public_base
+            .join(path)
+            .map_err(|_| ApiError::Unavailable("misconfigured", "PUBLIC_BASE_URL".into()))?;
+        let signature = headers
+            .get("upstash-signature")
+            .and_then(|v| v.to_str().ok());
+        self.verifier
+            .verify(signature, url.as_str(), body)
+            .map_err(|e| {
+                tracing::warn!(error = %e, path, "QStash callback refused");
+                ApiError::Unauthenticated("invalid_qstash_signature")
+            })
+    }
+}
+
+/// A class reminder message: the class and the start it was scheduled for.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClassReminder {
+    pub class_id: Uuid,
+    pub starts_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct JobOutcome {
+    /// `sent`, or why nothing was: `rescheduled`, `class_cancelled`,
+    /// `class_settled`, `class_not_found`, `nobody_enrolled`.
+    pub outcome: String,
+}
+
+async fn remind(pool: &PgPool, message: &ClassReminder) -> ApiResult<String> {
+    let mut tx = db::begin_service(pool).await?;
+    let outcome: String = sqlx::query_scalar("select app.run_class_reminder($1, $2)")
+        .bind(message.class_id)
+        .bind(message.starts_at)
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(outcome)
+}
+
+/// QStash callback: the class reminder.
+#[utoipa::path(post, path = "/api/jobs/class-reminder", tag = "jobs",
+    security(("qstash" = [])),
+    request_body = ClassReminder,
+    responses((status = 200, body = JobOutcome),
+              (status = 400, body = crate::openapi::Problem),
+              (status = 401, description = "invalid_qstash_signature", body = crate::openapi::Problem)))]
+pub async fn class_reminder(
+    State(s): State<JobState>,
+    platform: PlatformHandle,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<JobOutcome>> {
+    s.verify(CLASS_REMINDER_PATH, &headers, &body)?;
+    let message: ClassReminder = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("not a class-reminder message: {e}")))?;
+    let outcome = remind(&s.pool, &message).await?;
+    if outcome == "sent" {
+        s.outbox.kick(&platform);
+    }
+    Ok(Json(JobOutcome { outcome }))
+}

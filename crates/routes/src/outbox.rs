@@ -1,0 +1,324 @@
+//! Delivers the outbox (`app.outbox`, ADR 0007): realtime messages to Ably,
+//! jobs to QStash — or, in development without QStash, runs due jobs
+//! inline.
+//!
+//! Rows are written by the database in the transaction of the change that
+//! causes them. A function that wrote some calls [`Outbox::kick`] after its
+//! commit, which delivers right after the response; the `deliver-outbox`
+//! cron picks up whatever that missed (a frozen instance, an Ably outage).
+//! Delivery is at least once; every message carries its row's stable key,
+//! which Ably and QStash use to drop repeats.
+//!
+//! A deliverer claims a batch (`FOR UPDATE SKIP LOCKED`, then a lease in
+//! `claimed_until`), commits, calls out with no transaction open, then
+//! records each outcome; a failure is retried with exponential backoff and
+//! given up after [`MAX_ATTEMPTS`] (logged as an error).
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+use stagepass_integrations::ably::{AblyClient, AblyKey, Message};
+use stagepass_integrations::qstash::{DEFAULT_RETRIES, Publish, QstashClient};
+use stagepass_platform::config::{AblyConfig, ExposeSecret, Loader, QstashConfig};
+use stagepass_platform::db;
+use stagepass_platform::http::ApiError;
+use stagepass_platform::serve::{PlatformHandle, Resources};
+use utoipa::ToSchema;
+
+/// Rows claimed per round.
+const BATCH: i64 = 50;
+/// Attempts before a message is given up.
+pub const MAX_ATTEMPTS: i32 = 15;
+
+/// Where jobs go.
+#[derive(Clone)]
+enum JobTransport {
+    /// QStash calls `{public_base}{job path}` at the job's time.
+    Qstash {
+        client: QstashClient,
+        public_base: url::Url,
+    },
+    /// Development without QStash: a due job runs in the deliverer.
+    Inline,
+}
+
+/// The outbox deliverer of one process. Cheap to clone.
+#[derive(Clone)]
+pub struct Outbox {
+    pool: PgPool,
+    /// `None` outside production without `ABLY_API_KEY`: realtime messages
+    /// are then marked done unsent (and say so in `last_error`).
+    ably: Option<AblyClient>,
+    jobs: JobTransport,
+}
+
+/// What one delivery run did.
+#[derive(Debug, Default, Clone, Copy, Serialize, ToSchema, PartialEq, Eq)]
+pub struct Delivery {
+    /// Published to Ably or QStash, or run inline.
+    pub delivered: u32,
+    /// Not sent because the service is not configured (development only).
+    pub skipped: u32,
+    /// Failed this time; retried later.
+    pub failed: u32,
+}
+
+#[derive(sqlx::FromRow)]
+struct Pending {
+    id: i64,
+    kind: String,
+    destination: String,
+    name: Option<String>,
+    payload: serde_json::Value,
+    dedup_key: String,
+    not_before: Option<DateTime<Utc>>,
+    attempts: i32,
+}
+
+enum Outcome {
+    Delivered,
+    Skipped(&'static str),
+    Failed(String),
+}
+
+impl Outbox {
+    /// Ably and QStash are required in production; elsewhere each is used
+    /// when configured (realtime unsent and jobs inline otherwise).
+    /// `pool` is `None` when the database settings are broken (reported
+    /// already); the outbox's own settings are still checked.
+    pub fn load(l: &mut Loader, r: &Resources, pool: Option<PgPool>) -> Option<Outbox> {
+        let production = l.app_env().is_production();
+        let ably = if production || l.get("ABLY_API_KEY").is_some() {
+            let cfg = AblyConfig::load(l);
+            cfg.and_then(|c| {
+                AblyKey::parse(c.api_key.expose_secret())
+                    .map(|key| AblyClient::new(r.http(), c.api_base, key))
+            })
+            .map(Some)
+        } else {
+            Some(None)
+        };
+        let jobs = if production || l.get("QSTASH_TOKEN").is_some() {
+            QstashConfig::load(l).map(|c| JobTransport::Qstash {
+                client: QstashClient::new(r.http(), c.url, c.token),
+                public_base: c.public_base_url,
+            })
+        } else {
+            Some(JobTransport::Inline)
+        };
+        Some(Outbox {
+            pool: pool?,
+            ably: ably?,
+            jobs: jobs?,
+        })
+    }
+
+    /// Delivers what is pending right after the response (a failure is
+    /// logged; the cron retries).
+    pub fn kick(&self, platform: &PlatformHandle) {
+        let outbox = self.clone();
+        platform.after_response(async move {
+            if let Err(e) = outbox.deliver_pending(4).await {
+                tracing::warn!(error = %e, "outbox delivery after the response failed");
+            }
+        });
+    }
+
+    /// Delivers due rows, up to `rounds` batches.
+    pub async fn deliver_pending(&self, rounds: usize) -> Result<Delivery, ApiError> {
+        let mut report = Delivery::default();
+        for _ in 0..rounds {
+            let claimed = self.claim().await?;
+            let full = i64::try_from(claimed.len()).unwrap_or(i64::MAX) >= BATCH;
+            if claimed.is_empty() {
+                break;
+            }
+            let mut outcomes = Vec::with_capacity(claimed.len());
+            for row in &claimed {
+                outcomes.push((row, self.deliver(row).await));
+            }
+            self.record(&outcomes, &mut report).await?;
+            // Inline jobs may have recorded new messages: go round again.
+            let ran_jobs = claimed.iter().any(|r| r.kind == "job");
+            if !full && !ran_jobs {
+                break;
+            }
+        }
+        Ok(report)
+    }
+
+    async fn claim(&self) -> Result<Vec<Pending>, ApiError> {
+        let inline = matches!(self.jobs, JobTransport::Inline);
+        let mut tx = db::begin_service(&self.pool).await?;
+        let rows = sqlx::query_as::<_, Pending>(
+            "update app.outbox o set claimed_until = now() + interval '60 seconds', \
+                    attempts = o.attempts + 1 \
+              where o.id in ( \
+                select id from app.outbox \
+                 where delivered_at is null and next_attempt_at <= now() \
+                   and (claimed_until is null or claimed_until < now()) \
+                   and (kind = 'realtime' or not $2 or not_before is null or not_before <= now()) \
+                 order by id limit $1 for update skip locked) \
+             returning o.id, o.kind, o.destination, o.name, o.payload, o.dedup_key, \
+                       o.not_before, o.attempts",
+        )
+        .bind(BATCH)
+        .bind(inline)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let mut rows = rows;
+        rows.sort_by_key(|r| r.id);
+        Ok(rows)
+    }
+
+    async fn deliver(&self, row: &Pending) -> Outcome {
+        match row.kind.as_str() {
+            "realtime" => self.publish(row).await,
+            "job" => self.dispatch(row).await,
+            other => Outcome::Failed(format!("unknown outbox kind {other}")),
+        }
+    }
+
+    async fn publish(&self, row: &Pending) -> Outcome {
+        let Some(ably) = &self.ably else {
+            return Outcome::Skipped("not sent: Ably is not configured");
+        };
+        // `seq` orders messages of one channel even if two deliverers
+        // overlap: clients ignore a lower one than they have seen.
+        let mut data = row.payload.clone();
+        if let Some(object) = data.as_object_mut() {
+            object.insert("seq".to_owned(), row.id.into());
+        }
+        let message = Message {
+            id: row.dedup_key.clone(),
+            name: row.name.clone().unwrap_or_default(),
+            data,
+        };
+        match ably.publish(&row.destination, &message).await {
+            Ok(()) => Outcome::Delivered,
+            Err(e) => Outcome::Failed(e.to_string()),
+        }
+    }
+
+    async fn dispatch(&self, row: &Pending) -> Outcome {
+        let Some(path) = crate::jobs::path_of(&row.destination) else {
+            return Outcome::Failed(format!("unknown job {}", row.destination));
+        };
+        match &self.jobs {
+            JobTransport::Qstash {
+                client,
+                public_base,
+            } => {
+                let Ok(destination) = public_base.join(path) else {
+                    return Outcome::Failed("PUBLIC_BASE_URL cannot be joined".to_owned());
+                };
+                let message = Publish {
+                    destination,
+                    body: row.payload.clone(),
+                    deduplication_id: qstash_id(&row.dedup_key),
+                    not_before: row.not_before.map(|t| t.timestamp()),
+                    retries: DEFAULT_RETRIES,
+                };
+                match client.publish(&message).await {
+                    Ok(_) => Outcome::Delivered,
+                    Err(e) => Outcome::Failed(e.to_string()),
+                }
+            }
+            JobTransport::Inline => {
+                match crate::jobs::run(&self.pool, &row.destination, &row.payload).await {
+                    Ok(outcome) => {
+                        tracing::info!(job = %row.destination, outcome, "job ran inline");
+                        Outcome::Delivered
+                    }
+                    Err(e) => Outcome::Failed(e.to_string()),
+                }
+            }
+        }
+    }
+
+    async fn record(
+        &self,
+        outcomes: &[(&Pending, Outcome)],
+        report: &mut Delivery,
+    ) -> Result<(), ApiError> {
+        let mut ids = Vec::with_capacity(outcomes.len());
+        let mut done = Vec::with_capacity(outcomes.len());
+        let mut errors: Vec<Option<String>> = Vec::with_capacity(outcomes.len());
+        for (row, outcome) in outcomes {
+            ids.push(row.id);
+            match outcome {
+                Outcome::Delivered => {
+                    report.delivered += 1;
+                    done.push(true);
+                    errors.push(None);
+                }
+                Outcome::Skipped(why) => {
+                    report.skipped += 1;
+                    done.push(true);
+                    errors.push(Some((*why).to_owned()));
+                }
+                Outcome::Failed(e) => {
+                    report.failed += 1;
+                    done.push(false);
+                    errors.push(Some(e.clone()));
+                    if row.attempts >= MAX_ATTEMPTS {
+                        tracing::error!(outbox_id = row.id, key = %row.dedup_key, error = %e,
+                            "outbox message given up after {MAX_ATTEMPTS} attempts");
+                    } else {
+                        tracing::warn!(outbox_id = row.id, key = %row.dedup_key, error = %e,
+                            attempt = row.attempts, "outbox delivery failed; will retry");
+                    }
+                }
+            }
+        }
+        let mut tx = db::begin_service(&self.pool).await?;
+        // Backoff 5 s · 2^attempts, at most an hour; after the last attempt
+        // the row stays undelivered with `next_attempt_at = infinity`.
+        sqlx::query(
+            "update app.outbox o \
+                set delivered_at = case when r.done then now() end, \
+                    last_error = r.error, claimed_until = null, \
+                    next_attempt_at = case \
+                      when r.done then o.next_attempt_at \
+                      when o.attempts >= $4 then 'infinity'::timestamptz \
+                      else now() + make_interval(secs => least(3600, 5 * power(2, least(o.attempts, 12)))) \
+                    end \
+               from unnest($1::bigint[], $2::boolean[], $3::text[]) as r(id, done, error) \
+              where o.id = r.id",
+        )
+        .bind(&ids)
+        .bind(&done)
+        .bind(&errors)
+        .bind(MAX_ATTEMPTS)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// QStash deduplication ids: our key with `:` as `.` (letters, digits,
+/// `-`, `_`, `.` only).
+fn qstash_id(key: &str) -> String {
+    key.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '.'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn qstash_ids_keep_only_safe_characters() {
+        assert_eq!(
+            super::qstash_id("class-reminder:0190-ab:1800000000"),
+            "class-reminder.0190-ab.1800000000"
+        );
+    }
+}

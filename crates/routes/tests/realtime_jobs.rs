@@ -1,0 +1,788 @@
+//! Realtime messages (Ably), jobs (QStash) and the iCalendar feed.
+//!
+//! Ably and QStash cannot run here: their REST APIs are replaced by a
+//! recording fake (`stagepass_integrations::testing::Recorder`) at the base
+//! URL the production client is given, so what is checked is exactly what
+//! the production code sends. QStash callbacks are signed with the test's
+//! signing keys the way QStash signs them.
+
+mod common;
+
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use base64::Engine as _;
+use chrono::{DateTime, Utc};
+use common::classes::{cancel, class, creator, enroll, fan_with, rfc3339, withdraw};
+use common::{
+    ABLY_SECRET, CRON_SECRET, PUBLIC_BASE_URL, QSTASH_CURRENT_KEY, QSTASH_NEXT_KEY, QSTASH_TOKEN,
+    TestApp, TestResponse, User, assert_ledger_clean,
+};
+use serde_json::{Value, json};
+use stagepass_integrations::qstash::sign;
+use stagepass_integrations::testing::{RecordedRequest, Recorder};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(10);
+const REMINDER_PATH: &str = "/api/jobs/class-reminder";
+
+async fn ably() -> Recorder {
+    Recorder::start(201, json!({"messageId": "ably-fake"}))
+        .await
+        .expect("ably fake")
+}
+
+async fn qstash() -> Recorder {
+    Recorder::start(201, json!({"messageId": "msg_fake"}))
+        .await
+        .expect("qstash fake")
+}
+
+/// An app whose Ably (and optionally QStash) is a recording fake.
+async fn app_with(ably: &Recorder, qstash: Option<&Recorder>) -> TestApp {
+    let mut env = vec![
+        ("ABLY_API_BASE", ably.url().to_owned()),
+        ("RATE_LIMITS", "off".to_owned()),
+    ];
+    if let Some(q) = qstash {
+        env.push(("QSTASH_URL", q.url().to_owned()));
+    }
+    TestApp::with_env(&env).await
+}
+
+/// One published Ably message: channel, name, id, data.
+#[derive(Debug, Clone)]
+struct Published {
+    channel: String,
+    name: String,
+    id: String,
+    data: Value,
+}
+
+fn published(requests: &[RecordedRequest]) -> Vec<Published> {
+    requests
+        .iter()
+        .filter_map(|r| {
+            let path = r.uri.replace("%3A", ":");
+            let channel = path
+                .strip_prefix("/channels/")?
+                .strip_suffix("/messages")?
+                .to_owned();
+            let body = r.json();
+            Some(Published {
+                channel,
+                name: body["name"].as_str()?.to_owned(),
+                id: body["id"].as_str()?.to_owned(),
+                data: body["data"].clone(),
+            })
+        })
+        .collect()
+}
+
+fn named<'a>(messages: &'a [Published], name: &str, channel: &str) -> Vec<&'a Published> {
+    messages
+        .iter()
+        .filter(|m| m.name == name && m.channel == channel)
+        .collect()
+}
+
+async fn tip(app: &TestApp, fan: &User, to: Uuid, amount: i64, key: &str) -> TestResponse {
+    app.post("/api/v1/tips")
+        .bearer(&fan.token)
+        .header("idempotency-key", key)
+        .json(
+            &json!({"recipient_id": to, "amount": amount, "message": "great show, thanks; really"}),
+        )
+        .send()
+        .await
+}
+
+async fn undelivered(app: &TestApp) -> i64 {
+    sqlx::query_scalar("select count(*) from app.outbox where delivered_at is null")
+        .fetch_one(&app.db.admin_pool)
+        .await
+        .expect("outbox")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tip_tells_the_creator_and_both_balances_once() {
+    let fake = ably().await;
+    let app = app_with(&fake, None).await;
+    let creator = creator(&app).await;
+    let fan = fan_with(&app, 100).await;
+
+    let r = tip(&app, &fan, creator.id, 7, "tip-1").await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let tip_id = r.json()["tip_id"].as_str().expect("tip id").to_owned();
+
+    let creator_channel = format!("user:{}", creator.id);
+    let fan_channel = format!("user:{}", fan.id);
+    let requests = fake
+        .wait_for(WAIT, |r| {
+            let m = published(r);
+            !named(&m, "tip.received", &creator_channel).is_empty()
+                && named(&m, "balance.updated", &fan_channel)
+                    .iter()
+                    .any(|b| b.data["balance"] == 93)
+                && !named(&m, "balance.updated", &creator_channel).is_empty()
+        })
+        .await;
+    let messages = published(&requests);
+    let received = named(&messages, "tip.received", &creator_channel);
+    assert_eq!(received.len(), 1, "{messages:?}");
+    assert_eq!(received[0].id, format!("tip:{tip_id}"));
+    assert_eq!(received[0].data["amount"], 7);
+    assert_eq!(received[0].data["from"], json!(fan.id));
+    assert_eq!(received[0].data["message"], "great show, thanks; really");
+    let creator_balance = named(&messages, "balance.updated", &creator_channel);
+    assert_eq!(creator_balance.len(), 1);
+    assert_eq!(creator_balance[0].data["balance"], 7);
+    // Each request authenticates with the API key (HTTP Basic).
+    let basic = base64::engine::general_purpose::STANDARD.encode(common::ABLY_API_KEY);
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.header("authorization") == Some(&format!("Basic {basic}")))
+    );
+    // Nobody else hears of it.
+    assert!(
+        messages
+            .iter()
+            .all(|m| m.channel == creator_channel || m.channel == fan_channel),
+        "{messages:?}"
+    );
+
+    // A replay of the same request publishes nothing new.
+    let before = fake.requests().len();
+    let replay = tip(&app, &fan, creator.id, 7, "tip-1").await;
+    assert_eq!(replay.status, StatusCode::CREATED);
+    assert_eq!(replay.header("idempotency-replayed"), Some("true"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(fake.requests().len(), before);
+    assert_eq!(undelivered(&app).await, 0);
+    assert_ledger_clean(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_tip_publishes_nothing() {
+    let fake = ably().await;
+    let app = app_with(&fake, None).await;
+    let creator = creator(&app).await;
+    let fan = fan_with(&app, 5).await;
+    // The funding itself is a balance change: let it go out first.
+    let warm = tip(&app, &fan, creator.id, 1, "warm").await;
+    assert_eq!(warm.status, StatusCode::CREATED);
+    fake.wait_for(WAIT, |r| {
+        !named(
+            &published(r),
+            "tip.received",
+            &format!("user:{}", creator.id),
+        )
+        .is_empty()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let before = fake.requests().len();
+    let r = tip(&app, &fan, creator.id, 50, "too-much").await;
+    r.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "insufficient_funds");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(fake.requests().len(), before);
+    assert_eq!(undelivered(&app).await, 0);
+}
+
+async fn cron(app: &TestApp, path: &str, secret: Option<&str>) -> TestResponse {
+    let mut req = app.get(path);
+    if let Some(s) = secret {
+        req = req.header("authorization", &format!("Bearer {s}"));
+    }
+    req.send().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ably_outage_is_retried_by_the_cron_with_the_same_message_id() {
+    let fake = ably().await;
+    let app = app_with(&fake, None).await;
+    let creator = creator(&app).await;
+    let fan = fan_with(&app, 100).await;
+    fake.fail_next(usize::MAX / 2);
+
+    let r = tip(&app, &fan, creator.id, 3, "during-outage").await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    // The delivery after the response fails and backs off.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let tried: i64 = sqlx::query_scalar(
+            "select count(*) from app.outbox where delivered_at is null and attempts >= 1 \
+             and claimed_until is null and last_error like 'Ably answered 503%'",
+        )
+        .fetch_one(&app.db.admin_pool)
+        .await
+        .expect("outbox");
+        if tried >= 3 || tokio::time::Instant::now() > deadline {
+            assert!(tried >= 3, "failed deliveries recorded: {tried}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let failed_ids: Vec<String> = published(&fake.requests())
+        .iter()
+        .map(|m| m.id.clone())
+        .collect();
+
+    // The cron needs its secret.
+    cron(&app, "/api/cron/deliver-outbox", None)
+        .await
+        .assert_problem(StatusCode::UNAUTHORIZED, "invalid_cron_secret");
+    cron(
+        &app,
+        "/api/cron/deliver-outbox",
+        Some("wrong-secret-wrong-secret"),
+    )
+    .await
+    .assert_problem(StatusCode::UNAUTHORIZED, "invalid_cron_secret");
+    assert!(undelivered(&app).await >= 3);
+
+    // Ably is back and the backoff has passed: the cron delivers.
+    fake.fail_next(0);
+    sqlx::query("update app.outbox set next_attempt_at = now() where delivered_at is null")
+        .execute(&app.db.admin_pool)
+        .await
+        .expect("skip the backoff");
+    let run = cron(&app, "/api/cron/deliver-outbox", Some(CRON_SECRET)).await;
+    assert_eq!(run.status, StatusCode::OK, "{}", run.text());
+    assert!(
+        run.json()["delivered"].as_u64() >= Some(3),
+        "{}",
+        run.text()
+    );
+    assert_eq!(run.json()["failed"], 0);
+    assert_eq!(undelivered(&app).await, 0);
+    // The retried messages carry the ids of the failed attempts, so Ably
+    // would drop a duplicate of one that had in fact arrived.
+    let all = published(&fake.requests());
+    let tip_messages: Vec<&Published> = all.iter().filter(|m| m.name == "tip.received").collect();
+    assert_eq!(tip_messages.len(), 2, "one failed, one delivered");
+    assert_eq!(tip_messages[0].id, tip_messages[1].id);
+    assert!(failed_ids.contains(&tip_messages[1].id));
+}
+
+/// A QStash callback to the reminder job, signed with `key` for `url`.
+async fn reminder_call(app: &TestApp, body: &[u8], key: &str, url: &str) -> TestResponse {
+    let now = Utc::now().timestamp();
+    app.post(REMINDER_PATH)
+        .header("upstash-signature", &sign(key, url, body, now, 300))
+        .raw_body("application/json", body.to_vec())
+        .send()
+        .await
+}
+
+fn reminder_url() -> String {
+    format!("{PUBLIC_BASE_URL}{REMINDER_PATH}")
+}
+
+fn publishes(requests: &[RecordedRequest]) -> Vec<&RecordedRequest> {
+    requests
+        .iter()
+        .filter(|r| r.uri.starts_with("/v2/publish/"))
+        .collect()
+}
+
+async fn class_start(app: &TestApp, class: &str) -> DateTime<Utc> {
+    sqlx::query_scalar("select starts_at from app.classes where id = $1::uuid")
+        .bind(class)
+        .fetch_one(&app.db.admin_pool)
+        .await
+        .expect("class")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reminders_are_scheduled_once_per_start_and_a_stale_one_does_nothing() {
+    let realtime = ably().await;
+    let jobs = qstash().await;
+    let app = app_with(&realtime, Some(&jobs)).await;
+    let host = creator(&app).await;
+    let class = class(&app, &host, 48, 10, 5).await;
+    let first_start = class_start(&app, &class).await;
+    let (a, b) = (fan_with(&app, 50).await, fan_with(&app, 50).await);
+    for (fan, key) in [(&a, "enrol-a"), (&b, "enrol-b")] {
+        let r = enroll(&app, fan, &class, key).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    }
+    let requests = jobs.wait_for(WAIT, |r| !publishes(r).is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = jobs.requests();
+    let sent = publishes(&sent);
+    assert_eq!(
+        sent.len(),
+        1,
+        "one reminder per class and start: {requests:?}"
+    );
+    let publish = sent[0];
+    assert_eq!(publish.method, "POST");
+    assert_eq!(publish.uri, format!("/v2/publish/{}", reminder_url()));
+    assert_eq!(
+        publish.header("authorization"),
+        Some(format!("Bearer {QSTASH_TOKEN}").as_str())
+    );
+    let remind_at = first_start - chrono::Duration::minutes(15);
+    assert_eq!(
+        publish.header("upstash-not-before"),
+        Some(remind_at.timestamp().to_string().as_str())
+    );
+    assert_eq!(
+        publish.header("upstash-deduplication-id"),
+        Some(format!("class-reminder.{class}.{}", first_start.timestamp()).as_str())
+    );
+    assert_eq!(publish.json()["class_id"], json!(class));
+    let stale_body = publish.body.clone();
+
+    // Reschedule: a new reminder, and the class's channel hears of it.
+    let new_start = first_start + chrono::Duration::hours(24);
+    let r = app
+        .patch(&format!("/api/v1/classes/{class}"))
+        .bearer(&host.token)
+        .json(&json!({"starts_at": rfc3339(new_start)}))
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let all = jobs.wait_for(WAIT, |r| publishes(r).len() >= 2).await;
+    let sent = publishes(&all);
+    assert_eq!(sent.len(), 2);
+    assert_eq!(
+        sent[1].header("upstash-not-before"),
+        Some(
+            (new_start - chrono::Duration::minutes(15))
+                .timestamp()
+                .to_string()
+                .as_str()
+        )
+    );
+    let fresh_body = sent[1].body.clone();
+    let class_channel = format!("class:{class}");
+    let updates = realtime
+        .wait_for(WAIT, |r| {
+            !named(&published(r), "class.updated", &class_channel).is_empty()
+        })
+        .await;
+    let updated = published(&updates);
+    let updated = named(&updated, "class.updated", &class_channel);
+    assert_eq!(updated.len(), 1);
+    assert_eq!(
+        updated[0].data["starts_at"]
+            .as_str()
+            .map(|s| s.parse::<DateTime<Utc>>().ok()),
+        Some(Some(new_start))
+    );
+
+    // The stale message (old start) does nothing; the fresh one notifies.
+    let r = reminder_call(&app, &stale_body, QSTASH_CURRENT_KEY, &reminder_url()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["outcome"], "rescheduled");
+    let r = reminder_call(&app, &fresh_body, QSTASH_NEXT_KEY, &reminder_url()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["outcome"], "sent");
+    // QStash may deliver twice: the second call changes nothing.
+    let r = reminder_call(&app, &fresh_body, QSTASH_CURRENT_KEY, &reminder_url()).await;
+    assert_eq!(r.json()["outcome"], "sent");
+    realtime
+        .wait_for(WAIT, |r| {
+            !named(&published(r), "class.reminder", &class_channel).is_empty()
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = published(&realtime.requests());
+    let reminders = named(&got, "class.reminder", &class_channel);
+    assert_eq!(reminders.len(), 1, "{got:?}");
+    assert_eq!(
+        reminders[0].data["starts_at"]
+            .as_str()
+            .map(|s| s.parse::<DateTime<Utc>>().ok()),
+        Some(Some(new_start))
+    );
+    drop(got);
+
+    // After a cancellation the reminder does nothing, and fans hear of it.
+    let r = cancel(&app, &host, &class).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let r = reminder_call(&app, &fresh_body, QSTASH_CURRENT_KEY, &reminder_url()).await;
+    assert_eq!(r.json()["outcome"], "class_cancelled");
+    let cancelled = realtime
+        .wait_for(WAIT, |r| {
+            !named(&published(r), "class.cancelled", &class_channel).is_empty()
+        })
+        .await;
+    assert_eq!(
+        named(&published(&cancelled), "class.cancelled", &class_channel).len(),
+        1
+    );
+    assert_ledger_clean(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reminder_callbacks_need_a_valid_qstash_signature() {
+    let realtime = ably().await;
+    let app = app_with(&realtime, None).await;
+    let body = serde_json::to_vec(&json!({
+        "class_id": Uuid::new_v4(), "starts_at": "2030-01-01T10:00:00Z"
+    }))
+    .expect("json");
+    let url = reminder_url();
+    let now = Utc::now().timestamp();
+
+    let unsigned = app
+        .post(REMINDER_PATH)
+        .raw_body("application/json", body.clone())
+        .send()
+        .await;
+    unsigned.assert_problem(StatusCode::UNAUTHORIZED, "invalid_qstash_signature");
+    for (what, signature, sent_body) in [
+        (
+            "another key",
+            sign("sig_not_ours", &url, &body, now, 300),
+            body.clone(),
+        ),
+        (
+            "another URL",
+            sign(
+                QSTASH_CURRENT_KEY,
+                &format!("{PUBLIC_BASE_URL}/api/jobs/other"),
+                &body,
+                now,
+                300,
+            ),
+            body.clone(),
+        ),
+        (
+            "expired",
+            sign(QSTASH_CURRENT_KEY, &url, &body, now - 3600, 300),
+            body.clone(),
+        ),
+        (
+            "tampered body",
+            sign(QSTASH_CURRENT_KEY, &url, &body, now, 300),
+            body.iter()
+                .map(|b| if *b == b'2' { b'3' } else { *b })
+                .collect(),
+        ),
+    ] {
+        let r = app
+            .post(REMINDER_PATH)
+            .header("upstash-signature", &signature)
+            .raw_body("application/json", sent_body)
+            .send()
+            .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{what}: {}", r.text());
+        r.assert_problem(StatusCode::UNAUTHORIZED, "invalid_qstash_signature");
+    }
+    // Both signing keys are accepted (rotation).
+    for key in [QSTASH_CURRENT_KEY, QSTASH_NEXT_KEY] {
+        let r = reminder_call(&app, &body, key, &url).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+        assert_eq!(r.json()["outcome"], "class_not_found");
+    }
+    // A signed but malformed message is a 400.
+    let bad = br#"{"class_id":"nope"}"#;
+    let r = reminder_call(&app, bad, QSTASH_CURRENT_KEY, &url).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn due_jobs_run_inline_without_qstash() {
+    // Development: no QStash settings, so the outbox runs due jobs itself.
+    let realtime = ably().await;
+    let app = app_with(&realtime, None).await;
+    let host = creator(&app).await;
+    let class = class(&app, &host, 48, 0, 5).await;
+    let fan = fan_with(&app, 0).await;
+    assert_eq!(
+        enroll(&app, &fan, &class, "free").await.status,
+        StatusCode::CREATED
+    );
+    let mut env = common::test_env(&app.db.app_url());
+    env.retain(|(k, _)| !k.starts_with("QSTASH"));
+    env.push(("ABLY_API_BASE", realtime.url().to_owned()));
+    let outbox = stagepass_routes::outbox::Outbox::load(
+        &mut common::loader(&env),
+        &app.resources,
+        Some(app.db.app_pool.clone()),
+    )
+    .expect("an outbox without QStash");
+    // Not due yet: nothing runs.
+    outbox.deliver_pending(4).await.expect("deliver");
+    let pending: i64 = sqlx::query_scalar(
+        "select count(*) from app.outbox where kind = 'job' and delivered_at is null",
+    )
+    .fetch_one(&app.db.admin_pool)
+    .await
+    .expect("jobs");
+    assert_eq!(pending, 1);
+    // Due (as if 47 h 45 min had passed): the reminder runs and publishes.
+    sqlx::query(
+        "update app.outbox set not_before = now(), next_attempt_at = now() where kind = 'job'",
+    )
+    .execute(&app.db.admin_pool)
+    .await
+    .expect("make it due");
+    let run = outbox.deliver_pending(4).await.expect("deliver");
+    assert!(run.delivered >= 2, "{run:?}");
+    let class_channel = format!("class:{class}");
+    let got = published(&realtime.requests());
+    assert_eq!(
+        named(&got, "class.reminder", &class_channel).len(),
+        1,
+        "{got:?}"
+    );
+    assert_eq!(undelivered(&app).await, 0);
+}
+
+/// Decodes an Ably token with the test key's secret.
+fn ably_claims(token: &str) -> (jsonwebtoken::Header, Value) {
+    let header = jsonwebtoken::decode_header(token).expect("header");
+    let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
+    validation.required_spec_claims.clear();
+    let claims = jsonwebtoken::decode::<Value>(
+        token,
+        &jsonwebtoken::DecodingKey::from_secret(ABLY_SECRET.as_bytes()),
+        &validation,
+    )
+    .expect("signed with the Ably key's secret")
+    .claims;
+    (header, claims)
+}
+
+async fn realtime_token(app: &TestApp, who: &User) -> (Value, Value) {
+    let r = app
+        .post("/api/v1/realtime/token")
+        .bearer(&who.token)
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let body = r.json();
+    let (header, claims) = ably_claims(body["token"].as_str().expect("token"));
+    assert_eq!(header.kid.as_deref(), Some("testapp.testkey"));
+    assert_eq!(claims["x-ably-clientId"], who.id.to_string());
+    assert_eq!(
+        claims["exp"]
+            .as_i64()
+            .zip(claims["iat"].as_i64())
+            .map(|(e, i)| e - i),
+        Some(3600)
+    );
+    let capability: Value =
+        serde_json::from_str(claims["x-ably-capability"].as_str().expect("a JSON string"))
+            .expect("capability JSON");
+    assert_eq!(
+        capability, body["capability"],
+        "the response tells the truth"
+    );
+    (body, capability)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn realtime_tokens_allow_only_what_the_server_decides() {
+    let app = TestApp::unlimited().await;
+    let host = creator(&app).await;
+    let other_class = class(&app, &host, 72, 10, 5).await;
+    let class = class(&app, &host, 48, 10, 5).await;
+    let enrolled = fan_with(&app, 50).await;
+    let stranger = fan_with(&app, 50).await;
+    assert_eq!(
+        enroll(&app, &enrolled, &class, "k").await.status,
+        StatusCode::CREATED
+    );
+
+    let (_, fan_caps) = realtime_token(&app, &enrolled).await;
+    assert_eq!(
+        fan_caps,
+        json!({
+            format!("user:{}", enrolled.id): ["subscribe"],
+            format!("class:{class}"): ["subscribe", "presence"],
+        })
+    );
+    let (_, host_caps) = realtime_token(&app, &host).await;
+    assert_eq!(
+        host_caps,
+        json!({
+            format!("user:{}", host.id): ["subscribe"],
+            format!("class:{class}"): ["subscribe", "presence"],
+            format!("class:{other_class}"): ["subscribe", "presence"],
+        })
+    );
+    let (_, stranger_caps) = realtime_token(&app, &stranger).await;
+    assert_eq!(
+        stranger_caps,
+        json!({format!("user:{}", stranger.id): ["subscribe"]})
+    );
+
+    // The request cannot ask for more.
+    let r = app
+        .post("/api/v1/realtime/token")
+        .bearer(&stranger.token)
+        .json(&json!({"capability": {"*": ["*"]}, "clientId": host.id}))
+        .send()
+        .await;
+    r.assert_problem(StatusCode::BAD_REQUEST, "validation_failed");
+    assert!(r.json().get("token").is_none());
+    let r = app.post("/api/v1/realtime/token").send().await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    // Leaving the class, or its cancellation, takes the channel away.
+    assert_eq!(
+        withdraw(&app, &enrolled, &class).await.status,
+        StatusCode::OK
+    );
+    let (_, after) = realtime_token(&app, &enrolled).await;
+    assert_eq!(
+        after,
+        json!({format!("user:{}", enrolled.id): ["subscribe"]})
+    );
+    assert_eq!(
+        cancel(&app, &host, &other_class).await.status,
+        StatusCode::OK
+    );
+    let (_, host_after) = realtime_token(&app, &host).await;
+    assert!(host_after.get(format!("class:{other_class}")).is_none());
+}
+
+/// Makes a feed URL for `who`; returns the path to GET.
+async fn feed_path(app: &TestApp, who: &User) -> String {
+    let r = app
+        .post("/api/v1/schedule/feed-token")
+        .bearer(&who.token)
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let url = r.json()["url"].as_str().expect("url").to_owned();
+    let path = url
+        .strip_prefix(PUBLIC_BASE_URL)
+        .unwrap_or_else(|| panic!("{url} is not under {PUBLIC_BASE_URL}"))
+        .to_owned();
+    assert!(path.starts_with("/api/v1/schedule/feed/") && path.ends_with(".ics"));
+    path
+}
+
+/// Fetches and parses a feed with an independent parser, after checking
+/// the RFC 5545 line rules ourselves.
+async fn fetch_feed(app: &TestApp, path: &str) -> icalendar::Calendar {
+    let r = app.get(path).send().await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(
+        r.header("content-type"),
+        Some("text/calendar; charset=utf-8")
+    );
+    let text = r.text();
+    assert!(text.ends_with("\r\n"));
+    for line in text.trim_end_matches("\r\n").split("\r\n") {
+        assert!(!line.contains('\n'), "bare LF in {line:?}");
+        assert!(line.len() <= 75, "{} octets: {line:?}", line.len());
+    }
+    text.parse::<icalendar::Calendar>()
+        .unwrap_or_else(|e| panic!("not RFC 5545: {e}\n{text}"))
+}
+
+fn utc(t: DateTime<Utc>) -> Option<icalendar::DatePerhapsTime> {
+    Some(icalendar::DatePerhapsTime::DateTime(
+        icalendar::CalendarDateTime::Utc(t),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ical_feed_follows_the_class_and_rotates() {
+    use icalendar::{Component as _, EventStatus};
+
+    let app = TestApp::unlimited().await;
+    let host = creator(&app).await;
+    let fan = fan_with(&app, 50).await;
+    let stranger = fan_with(&app, 50).await;
+    let title = r"Yoga, flow; and a \ backslash — ünïcode";
+    let r = app
+        .post("/api/v1/classes")
+        .bearer(&host.token)
+        .json(&json!({
+            "title": title,
+            "starts_at": rfc3339(Utc::now() + chrono::Duration::hours(48)),
+            "time_zone": "Europe/Berlin",
+            "duration_minutes": 90,
+            "capacity": 5,
+            "price_tokens": 10,
+        }))
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let class = r.json()["id"].as_str().expect("id").to_owned();
+    let start = class_start(&app, &class).await;
+    assert_eq!(
+        enroll(&app, &fan, &class, "k").await.status,
+        StatusCode::CREATED
+    );
+
+    let path = feed_path(&app, &fan).await;
+    let calendar = fetch_feed(&app, &path).await;
+    assert_eq!(calendar.property_value("VERSION"), Some("2.0"));
+    assert!(calendar.property_value("PRODID").is_some());
+    let events: Vec<_> = calendar.events().collect();
+    assert_eq!(events.len(), 1);
+    let event = events[0];
+    let uid = format!("class-{class}@stagepass.app");
+    assert_eq!(event.get_uid(), Some(uid.as_str()));
+    assert_eq!(event.get_summary(), Some(title));
+    assert_eq!(event.get_start(), utc(start));
+    assert_eq!(event.get_end(), utc(start + chrono::Duration::minutes(90)));
+    assert_eq!(event.get_sequence(), Some(0));
+    assert_eq!(event.get_status(), Some(EventStatus::Confirmed));
+    assert!(event.get_timestamp().is_some());
+
+    // The host's feed has the host's copy; the stranger's has nothing.
+    let host_feed = fetch_feed(&app, &feed_path(&app, &host).await).await;
+    assert_eq!(host_feed.events().count(), 1);
+    let stranger_feed = fetch_feed(&app, &feed_path(&app, &stranger).await).await;
+    assert_eq!(stranger_feed.events().count(), 0);
+
+    // Rescheduled: same UID, moved, SEQUENCE bumped.
+    let moved = start + chrono::Duration::hours(3);
+    let r = app
+        .patch(&format!("/api/v1/classes/{class}"))
+        .bearer(&host.token)
+        .json(&json!({"starts_at": rfc3339(moved)}))
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let calendar = fetch_feed(&app, &path).await;
+    let event = calendar.events().next().expect("event");
+    assert_eq!(event.get_uid(), Some(uid.as_str()));
+    assert_eq!(event.get_start(), utc(moved));
+    assert_eq!(event.get_sequence(), Some(1));
+
+    // Cancelled: still there, as CANCELLED, SEQUENCE bumped again.
+    assert_eq!(cancel(&app, &host, &class).await.status, StatusCode::OK);
+    let calendar = fetch_feed(&app, &path).await;
+    let event = calendar.events().next().expect("event");
+    assert_eq!(event.get_status(), Some(EventStatus::Cancelled));
+    assert_eq!(event.get_sequence(), Some(2));
+
+    // Rotation: the old URL stops working at once, the new one works.
+    let rotated = feed_path(&app, &fan).await;
+    assert_ne!(rotated, path);
+    app.get(&path)
+        .send()
+        .await
+        .assert_problem(StatusCode::NOT_FOUND, "not_found");
+    assert_eq!(fetch_feed(&app, &rotated).await.events().count(), 1);
+    // The URL works with or without `.ics`; garbage and unknown tokens are 404.
+    let bare = rotated.trim_end_matches(".ics").to_owned();
+    assert_eq!(app.get(&bare).send().await.status, StatusCode::OK);
+    let unknown = format!(
+        "/api/v1/schedule/feed/{}.ics",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode([7u8; 32])
+    );
+    for bad in ["/api/v1/schedule/feed/nope", unknown.as_str()] {
+        app.get(bad)
+            .send()
+            .await
+            .assert_problem(StatusCode::NOT_FOUND, "not_found");
+    }
+    // Making a feed URL needs a signed-in user.
+    let r = app.post("/api/v1/schedule/feed-token").send().await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_ledger_clean(&app).await;
+}
