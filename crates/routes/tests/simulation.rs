@@ -1800,9 +1800,28 @@ impl Sim {
         );
     }
 
-    /// At the end: every idempotency record equals the model's, and the
-    /// ledger-audit cron agrees the ledger is clean.
+    /// At the end: every idempotency record equals the model's, the
+    /// ledger-audit cron agrees the ledger is clean, and the outbox told the
+    /// truth (ADR 0007): one `tip.received` per committed tip and none for a
+    /// rolled-back one, and each wallet's last `balance.updated` is its
+    /// balance.
     async fn final_checks(&self) {
+        let (tips_without_one_message, messages_without_a_tip, stale_balances): (i64, i64, i64) =
+            sqlx::query_as(OUTBOX_SQL)
+                .fetch_one(&self.app.db.admin_pool)
+                .await
+                .expect("outbox checks");
+        ensure!(
+            self,
+            tips_without_one_message == 0 && messages_without_a_tip == 0,
+            "tip.received: {tips_without_one_message} tips without exactly one message, \
+             {messages_without_a_tip} messages without a tip"
+        );
+        ensure!(
+            self,
+            stale_balances == 0,
+            "{stale_balances} wallets whose last balance.updated is not their balance"
+        );
         let rows: Vec<(Uuid, String, i16, Value)> =
             sqlx::query_as("select user_id, key, status_code, response from app.idempotency_keys")
                 .fetch_all(&self.app.db.admin_pool)
@@ -1902,6 +1921,19 @@ const COUNTS_SQL: &str = "\
            (select count(*) from ledger.journals where kind = 'purchase') as credits, \
            (select count(*) from app.stripe_events) as events, \
            (select count(*) from app.idempotency_keys) as idempotency_records";
+
+const OUTBOX_SQL: &str = "\
+    select \
+      (select count(*) from ledger.journals j where j.kind = 'tip' and \
+         (select count(*) from app.outbox o where o.dedup_key = 'tip:' || j.reference) <> 1), \
+      (select count(*) from app.outbox o where o.name = 'tip.received' and not exists \
+         (select 1 from ledger.journals j where j.kind = 'tip' \
+           and o.dedup_key = 'tip:' || j.reference)), \
+      (select count(*) from ledger.accounts a \
+        cross join lateral (select (o.payload->>'balance')::bigint as said from app.outbox o \
+           where o.destination = 'user:' || a.owner_id and o.name = 'balance.updated' \
+           order by o.id desc limit 1) last \
+        where a.kind = 'wallet' and a.reference is null and last.said <> a.balance)";
 
 const ENTRIES_SQL: &str = "\
     select e.id, a.owner_id, a.kind, j.kind, e.amount from ledger.entries e \
