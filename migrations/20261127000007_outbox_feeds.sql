@@ -40,6 +40,54 @@ alter table app.outbox force row level security;
 grant select, update, delete on app.outbox to stagepass_service;
 create policy outbox_service on app.outbox for all to stagepass_service using (true) with check (true);
 
+-- A deliverer's two steps, one statement each (no transaction is held over
+-- the calls to Ably and QStash). Granted to the functions' login itself, so
+-- delivering after a response costs one round trip per step.
+--
+-- Claims up to `p_limit` due rows for 60 s. With `p_inline` (development
+-- without QStash) a job is due only from its `not_before`; with QStash it is
+-- handed over at once, QStash holding it until then.
+-- (`usage` lets the login name them; it grants nothing in the schema that
+-- `authenticated`, which every user request runs as, cannot already do.)
+grant usage on schema app to stagepass_app;
+
+create function app.claim_outbox(p_limit integer, p_inline boolean) returns setof app.outbox
+  language sql security definer set search_path = '' as $$
+  update app.outbox o set claimed_until = now() + interval '60 seconds', attempts = o.attempts + 1
+   where o.id in (
+     select id from app.outbox
+      where delivered_at is null and next_attempt_at <= now()
+        and (claimed_until is null or claimed_until < now())
+        and (kind = 'realtime' or not p_inline or not_before is null or not_before <= now())
+      order by id limit least(greatest(p_limit, 1), 500)
+      for update skip locked)
+  returning o.*
+$$;
+revoke all on function app.claim_outbox(integer, boolean) from public;
+grant execute on function app.claim_outbox(integer, boolean) to stagepass_app, stagepass_service;
+
+-- Records what happened to claimed rows: delivered, or retried with backoff
+-- (5 s · 2^attempts, at most an hour); after `p_max_attempts` a row stays
+-- undelivered with `next_attempt_at = infinity` (given up, kept for a look).
+create function app.record_outbox(
+  p_ids bigint[], p_done boolean[], p_errors text[], p_max_attempts integer
+) returns void
+  language sql security definer set search_path = '' as $$
+  update app.outbox o
+     set delivered_at = case when r.done then now() end,
+         last_error = r.error, claimed_until = null,
+         next_attempt_at = case
+           when r.done then o.next_attempt_at
+           when o.attempts >= p_max_attempts then 'infinity'::timestamptz
+           else now() + make_interval(secs => least(3600, 5 * power(2, least(o.attempts, 12))))
+         end
+    from unnest(p_ids, p_done, p_errors) as r(id, done, error)
+   where o.id = r.id
+$$;
+revoke all on function app.record_outbox(bigint[], boolean[], text[], integer) from public;
+grant execute on function app.record_outbox(bigint[], boolean[], text[], integer)
+  to stagepass_app, stagepass_service;
+
 -- Records a message (definer rights: users never write the outbox directly).
 -- A repeat of a key not yet delivered takes the newer payload: several
 -- balance changes of one wallet in one transaction become one message.

@@ -9,10 +9,14 @@
 //! Delivery is at least once; every message carries its row's stable key,
 //! which Ably and QStash use to drop repeats.
 //!
-//! A deliverer claims a batch (`FOR UPDATE SKIP LOCKED`, then a lease in
-//! `claimed_until`), commits, calls out with no transaction open, then
-//! records each outcome; a failure is retried with exponential backoff and
+//! A deliverer claims a batch (`app.claim_outbox`: `FOR UPDATE SKIP LOCKED`,
+//! then a lease in `claimed_until`) in one statement, calls out with no
+//! transaction open, then records every outcome in one statement
+//! (`app.record_outbox`); a failure is retried with exponential backoff and
 //! given up after [`MAX_ATTEMPTS`] (logged as an error).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -20,7 +24,6 @@ use sqlx::PgPool;
 use stagepass_integrations::ably::{AblyClient, AblyKey, Message};
 use stagepass_integrations::qstash::{DEFAULT_RETRIES, Publish, QstashClient};
 use stagepass_platform::config::{AblyConfig, ExposeSecret, Loader, QstashConfig};
-use stagepass_platform::db;
 use stagepass_platform::http::ApiError;
 use stagepass_platform::serve::{PlatformHandle, Resources};
 use utoipa::ToSchema;
@@ -45,6 +48,10 @@ enum JobTransport {
 /// The outbox deliverer of one process. Cheap to clone.
 #[derive(Clone)]
 pub struct Outbox {
+    /// At most one delivery after responses runs per process at a time;
+    /// kicks during it make it go round once more (under load, one claim
+    /// serves many requests' messages).
+    kicks: Arc<Kicks>,
     pool: PgPool,
     /// `None` outside production without `ABLY_API_KEY`: realtime messages
     /// are then marked done unsent (and say so in `last_error`).
@@ -73,6 +80,12 @@ struct Pending {
     dedup_key: String,
     not_before: Option<DateTime<Utc>>,
     attempts: i32,
+}
+
+#[derive(Default)]
+struct Kicks {
+    running: AtomicBool,
+    pending: AtomicBool,
 }
 
 enum Outcome {
@@ -107,6 +120,7 @@ impl Outbox {
             Some(JobTransport::Inline)
         };
         Some(Outbox {
+            kicks: Arc::default(),
             pool: pool?,
             ably: ably?,
             jobs: jobs?,
@@ -116,10 +130,27 @@ impl Outbox {
     /// Delivers what is pending right after the response (a failure is
     /// logged; the cron retries).
     pub fn kick(&self, platform: &PlatformHandle) {
+        self.kicks.pending.store(true, Ordering::SeqCst);
+        if self.kicks.running.swap(true, Ordering::SeqCst) {
+            // The running delivery will go round again for these messages.
+            return;
+        }
         let outbox = self.clone();
         platform.after_response(async move {
-            if let Err(e) = outbox.deliver_pending(4).await {
-                tracing::warn!(error = %e, "outbox delivery after the response failed");
+            loop {
+                while outbox.kicks.pending.swap(false, Ordering::SeqCst) {
+                    if let Err(e) = outbox.deliver_pending(4).await {
+                        tracing::warn!(error = %e, "outbox delivery after the response failed");
+                    }
+                }
+                outbox.kicks.running.store(false, Ordering::SeqCst);
+                // A kick between the last check and the store above found
+                // `running` still set: take it over unless another did.
+                if !outbox.kicks.pending.load(Ordering::SeqCst)
+                    || outbox.kicks.running.swap(true, Ordering::SeqCst)
+                {
+                    break;
+                }
             }
         });
     }
@@ -149,25 +180,14 @@ impl Outbox {
 
     async fn claim(&self) -> Result<Vec<Pending>, ApiError> {
         let inline = matches!(self.jobs, JobTransport::Inline);
-        let mut tx = db::begin_service(&self.pool).await?;
-        let rows = sqlx::query_as::<_, Pending>(
-            "update app.outbox o set claimed_until = now() + interval '60 seconds', \
-                    attempts = o.attempts + 1 \
-              where o.id in ( \
-                select id from app.outbox \
-                 where delivered_at is null and next_attempt_at <= now() \
-                   and (claimed_until is null or claimed_until < now()) \
-                   and (kind = 'realtime' or not $2 or not_before is null or not_before <= now()) \
-                 order by id limit $1 for update skip locked) \
-             returning o.id, o.kind, o.destination, o.name, o.payload, o.dedup_key, \
-                       o.not_before, o.attempts",
+        let mut rows = sqlx::query_as::<_, Pending>(
+            "select id, kind, destination, name, payload, dedup_key, not_before, attempts \
+               from app.claim_outbox($1, $2)",
         )
-        .bind(BATCH)
+        .bind(i32::try_from(BATCH).unwrap_or(50))
         .bind(inline)
-        .fetch_all(&mut *tx)
+        .fetch_all(&self.pool)
         .await?;
-        tx.commit().await?;
-        let mut rows = rows;
         rows.sort_by_key(|r| r.id);
         Ok(rows)
     }
@@ -272,28 +292,13 @@ impl Outbox {
                 }
             }
         }
-        let mut tx = db::begin_service(&self.pool).await?;
-        // Backoff 5 s · 2^attempts, at most an hour; after the last attempt
-        // the row stays undelivered with `next_attempt_at = infinity`.
-        sqlx::query(
-            "update app.outbox o \
-                set delivered_at = case when r.done then now() end, \
-                    last_error = r.error, claimed_until = null, \
-                    next_attempt_at = case \
-                      when r.done then o.next_attempt_at \
-                      when o.attempts >= $4 then 'infinity'::timestamptz \
-                      else now() + make_interval(secs => least(3600, 5 * power(2, least(o.attempts, 12)))) \
-                    end \
-               from unnest($1::bigint[], $2::boolean[], $3::text[]) as r(id, done, error) \
-              where o.id = r.id",
-        )
-        .bind(&ids)
-        .bind(&done)
-        .bind(&errors)
-        .bind(MAX_ATTEMPTS)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        sqlx::query("select app.record_outbox($1, $2, $3, $4)")
+            .bind(&ids)
+            .bind(&done)
+            .bind(&errors)
+            .bind(MAX_ATTEMPTS)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 }

@@ -786,3 +786,43 @@ async fn the_ical_feed_follows_the_class_and_rotates() {
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert_ledger_clean(&app).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_of_concurrent_requests_all_go_out_after_their_responses() {
+    // Deliveries after responses are coalesced (one at a time per process);
+    // a kick arriving while one runs must never be lost.
+    let fake = ably().await;
+    let app = app_with(&fake, None).await;
+    let host = creator(&app).await;
+    let mut fans = Vec::new();
+    for _ in 0..20 {
+        fans.push(fan_with(&app, 10).await);
+    }
+    let keys: Vec<String> = (0..fans.len()).map(|i| format!("c{i}")).collect();
+    let results = futures_util::future::join_all(
+        fans.iter()
+            .zip(&keys)
+            .map(|(fan, key)| tip(&app, fan, host.id, 1, key)),
+    )
+    .await;
+    assert!(results.iter().all(|r| r.status == StatusCode::CREATED));
+    let channel = format!("user:{}", host.id);
+    let got = fake
+        .wait_for(WAIT, |r| {
+            named(&published(r), "tip.received", &channel).len() >= 20
+        })
+        .await;
+    let got = published(&got);
+    assert_eq!(named(&got, "tip.received", &channel).len(), 20);
+    // The creator's last balance message says 20.
+    let last = named(&got, "balance.updated", &channel)
+        .into_iter()
+        .max_by_key(|m| m.data["seq"].as_i64())
+        .expect("balance messages");
+    assert_eq!(last.data["balance"], 20);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while undelivered(&app).await > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(undelivered(&app).await, 0);
+}
