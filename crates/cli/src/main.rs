@@ -5,6 +5,7 @@
 //! - `users set-role`: bootstraps the first admin and changes roles outside the API.
 //! - `check-env`: validates a deployment's environment per function, without printing values.
 //! - `bench cold-start`: cold start, binary size, warm throughput and memory of the release binaries.
+//! - `bench tips`, `bench enroll-race`: money scenarios through release functions, with invariant checks.
 //!
 //! Arguments are parsed by hand ([`args`]) to keep the build small.
 
@@ -42,6 +43,15 @@ USAGE:
       Tips/s and p50/p99 through the release v1_tips with many fans tipping one
       creator (hot) and across pairs, the ledger invariants after each, and
       pgbench on the same Postgres as the baseline.
+  stagepass bench enroll-race [--json] [--runs N] [--connections C] [--fans N] [--seats S]
+                              [--bin-dir DIR]
+      N fans (default 1000) racing for the S seats (default 100) of one class at
+      10 tokens through the release v1_classes_enrollments, each fan enrolling
+      once over C keep-alive connections (default 32), --runs times (default 3)
+      on fresh databases: seats sold, class_full refusals, time to sell out and
+      to the last answer, p50/p99, then the invariants (S active enrolments,
+      escrow = S x price, each enrolled fan charged once, refused fans charged
+      nothing, ledger audit clean). Exit 1 on any violation.
   stagepass bench cold-start [--json] [--runs N] [--bin-dir DIR]
                              [--sslmode MODE] [--database-url URL]
       Cold start, binary size, warm throughput and peak memory of the release
@@ -111,8 +121,10 @@ fn users_command(rest: &[String]) -> Result<ExitCode> {
 }
 
 fn bench_command(rest: &[String]) -> Result<ExitCode> {
-    if rest.first().map(String::as_str) == Some("tips") {
-        return bench_tips(&rest[1..]);
+    match rest.first().map(String::as_str) {
+        Some("tips") => return bench_tips(&rest[1..]),
+        Some("enroll-race") => return bench_enroll_race(&rest[1..]),
+        _ => {}
     }
     let p = parse(
         rest,
@@ -190,6 +202,47 @@ fn bench_tips(rest: &[String]) -> Result<ExitCode> {
         },
     };
     current_thread()?.block_on(bench::tips::run(opts))
+}
+
+/// `stagepass bench enroll-race`: fans racing for one class's seats (see
+/// `bench/enroll_race.rs`).
+fn bench_enroll_race(rest: &[String]) -> Result<ExitCode> {
+    let p = parse(
+        rest,
+        &["--runs", "--connections", "--fans", "--seats", "--bin-dir"],
+        &["--json"],
+    )?;
+    no_positionals(&p)?;
+    let number = |name: &str, default: usize, max: usize| -> Result<usize> {
+        match p.value(name) {
+            None => Ok(default),
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if (1..=max).contains(&n) => Ok(n),
+                _ => fail(format!("{name} must be an integer from 1 to {max}")),
+            },
+        }
+    };
+    let fans = number("--fans", 1000, 100_000)?;
+    // A class holds at most 1,000 seats (classes_capacity_range).
+    let seats = number("--seats", 100, 1000)?;
+    if seats > fans {
+        return fail("--seats must not exceed --fans");
+    }
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let opts = bench::enroll_race::RaceOptions {
+        json: p.switch("--json"),
+        runs: number("--runs", 3, 100)?,
+        connections: number("--connections", 32, 1024)?,
+        fans,
+        seats,
+        bin_dir: p
+            .value("--bin-dir")
+            .map(Into::into)
+            .unwrap_or_else(|| std::path::Path::new(&target).join("release")),
+    };
+    // One thread, like the other benchmarks: the load generator takes at
+    // most one core from the function and Postgres.
+    current_thread()?.block_on(bench::enroll_race::run(opts))
 }
 
 /// Parses options; `--help` anywhere prints the usage.

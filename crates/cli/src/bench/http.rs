@@ -20,12 +20,39 @@ pub struct Head {
     pub body_len: usize,
 }
 
+/// A response: its status, and its body when asked for.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    /// Empty unless the exchange kept bodies.
+    pub body: Vec<u8>,
+}
+
 /// A `GET` request on a keep-alive connection.
 pub fn get_request(path: &str, bearer: Option<&str>) -> Vec<u8> {
-    let auth = bearer
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\r\n").into_bytes()
+    request("GET", path, bearer, &[])
+}
+
+/// A request without a body (`Content-Length: 0` on anything but `GET`) on
+/// a keep-alive connection, with extra headers.
+pub fn request(
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Vec<u8> {
+    let mut text = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+    if let Some(token) = bearer {
+        text.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    for (name, value) in headers {
+        text.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if method != "GET" {
+        text.push_str("Content-Length: 0\r\n");
+    }
+    text.push_str("\r\n");
+    text.into_bytes()
 }
 
 /// Parses a response head from the start of `buf`; `Ok(None)` until the
@@ -80,8 +107,9 @@ pub fn parse_head(buf: &[u8]) -> io::Result<Option<Head>> {
     }))
 }
 
-/// Removes one complete response from the front of `buf`, if there is one.
-fn take_response(buf: &mut Vec<u8>) -> io::Result<Option<u16>> {
+/// Removes one complete response from the front of `buf`, if there is one;
+/// copies its body out only if `keep_body` (the warm load never does).
+fn take_response(buf: &mut Vec<u8>, keep_body: bool) -> io::Result<Option<Response>> {
     let Some(head) = parse_head(buf)? else {
         return Ok(None);
     };
@@ -89,8 +117,16 @@ fn take_response(buf: &mut Vec<u8>) -> io::Result<Option<u16>> {
     if buf.len() < total {
         return Ok(None);
     }
+    let body = if keep_body {
+        buf[head.head_len..total].to_vec()
+    } else {
+        Vec::new()
+    };
     buf.drain(..total);
-    Ok(Some(head.status))
+    Ok(Some(Response {
+        status: head.status,
+        body,
+    }))
 }
 
 /// One request and its response on a blocking stream (cold-start probes).
@@ -99,8 +135,8 @@ pub fn exchange_blocking(stream: &mut std::net::TcpStream, request: &[u8]) -> io
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 8192];
     loop {
-        if let Some(status) = take_response(&mut buf)? {
-            return Ok(status);
+        if let Some(response) = take_response(&mut buf, false)? {
+            return Ok(response.status);
         }
         let n = stream.read(&mut chunk)?;
         if n == 0 {
@@ -110,18 +146,29 @@ pub fn exchange_blocking(stream: &mut std::net::TcpStream, request: &[u8]) -> io
     }
 }
 
-/// One request and its response on a keep-alive async stream; `buf` carries
-/// over between calls (it is empty between responses, since we never pipeline).
+/// One request and its response's status on a keep-alive async stream;
+/// `buf` carries over between calls (it is empty between responses, since
+/// we never pipeline).
 pub async fn exchange(
     stream: &mut tokio::net::TcpStream,
     request: &[u8],
     buf: &mut Vec<u8>,
 ) -> io::Result<u16> {
+    Ok(exchange_response(stream, request, buf, false).await?.status)
+}
+
+/// [`exchange`], returning the response with its body if `keep_body`.
+pub async fn exchange_response(
+    stream: &mut tokio::net::TcpStream,
+    request: &[u8],
+    buf: &mut Vec<u8>,
+    keep_body: bool,
+) -> io::Result<Response> {
     stream.write_all(request).await?;
     let mut chunk = [0u8; 8192];
     loop {
-        if let Some(status) = take_response(buf)? {
-            return Ok(status);
+        if let Some(response) = take_response(buf, keep_body)? {
+            return Ok(response);
         }
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
@@ -147,19 +194,43 @@ mod tests {
         let head = parse_head(&buf).expect("valid").expect("complete");
         assert_eq!(head.status, 200);
         assert_eq!(head.body_len, 2);
-        assert_eq!(take_response(&mut buf).expect("valid"), Some(200));
+        let response = take_response(&mut buf, true)
+            .expect("valid")
+            .expect("complete");
+        assert_eq!(
+            (response.status, response.body.as_slice()),
+            (200, &b"{}"[..])
+        );
         // The start of the next response stays in the buffer.
         assert_eq!(buf, b"HTTP/1.1 4");
-        assert_eq!(take_response(&mut buf).expect("valid"), None);
+        assert_eq!(take_response(&mut buf, true).expect("valid"), None);
     }
 
     #[test]
     fn waits_for_the_whole_body() {
         let mut buf = b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 10\r\n\r\n12345".to_vec();
-        assert_eq!(take_response(&mut buf).expect("valid"), None);
+        assert_eq!(take_response(&mut buf, false).expect("valid"), None);
         buf.extend_from_slice(b"67890");
-        assert_eq!(take_response(&mut buf).expect("valid"), Some(401));
+        let response = take_response(&mut buf, false)
+            .expect("valid")
+            .expect("complete");
+        // Without keep_body the body is consumed, not copied.
+        assert_eq!((response.status, response.body.len()), (401, 0));
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn requests_without_a_body_are_framed() {
+        assert_eq!(
+            request("POST", "/x", Some("t"), &[("Idempotency-Key", "k")]),
+            b"POST /x HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer t\r\n\
+              Idempotency-Key: k\r\nContent-Length: 0\r\n\r\n"
+                .to_vec()
+        );
+        assert_eq!(
+            get_request("/y", None),
+            b"GET /y HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".to_vec()
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ const MEASURE: Duration = Duration::from_secs(5);
 /// A hard cap on requests per connection, whatever the speed.
 const MAX_REQUESTS_PER_CONNECTION: usize = 500_000;
 /// One response slower than this ends that connection (as an error).
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What one connection saw.
 #[derive(Default)]
@@ -131,7 +131,7 @@ async fn connection(
 }
 
 /// Nearest-rank percentile of sorted microseconds, in milliseconds.
-fn percentile_ms(sorted_us: &[u32], q: f64) -> f64 {
+pub fn percentile_ms(sorted_us: &[u32], q: f64) -> f64 {
     let rank = (q * sorted_us.len() as f64).ceil() as usize;
     let index = rank.clamp(1, sorted_us.len()) - 1;
     f64::from(sorted_us[index]) / 1000.0

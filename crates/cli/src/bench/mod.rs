@@ -11,8 +11,10 @@
 //! Every child process is owned by a guard that kills it on drop, and every
 //! loop is bounded by time, so the benchmark always stops by itself.
 
+pub mod enroll_race;
 mod http;
 mod load;
+mod money;
 mod report;
 pub mod tips;
 
@@ -294,6 +296,12 @@ impl Running {
     /// Polls until `request` is answered with 200; fails if the process
     /// exits or `START_TIMEOUT` passes.
     fn wait_for_200(&mut self, request: &[u8], since: Instant) -> Result<()> {
+        self.wait_for_status(request, 200, since)
+    }
+
+    /// Polls until `request` is answered with `expected` (a probe without
+    /// side effects, e.g. 401 for a money route called without a token).
+    fn wait_for_status(&mut self, request: &[u8], expected: u16, since: Instant) -> Result<()> {
         let mut last = String::from("no connection yet");
         while since.elapsed() < START_TIMEOUT {
             if let Some(status) = self.child.try_wait()? {
@@ -308,7 +316,7 @@ impl Running {
                     stream.set_nodelay(true)?;
                     stream.set_read_timeout(Some(START_TIMEOUT))?;
                     match http::exchange_blocking(&mut stream, request) {
-                        Ok(200) => return Ok(()),
+                        Ok(status) if status == expected => return Ok(()),
                         Ok(status) => last = format!("HTTP {status}"),
                         Err(e) => last = e.to_string(),
                     }
@@ -318,9 +326,34 @@ impl Running {
             std::thread::sleep(POLL_INTERVAL);
         }
         fail(format!(
-            "{} did not answer 200 within {START_TIMEOUT:?} (last: {last})",
+            "{} did not answer {expected} within {START_TIMEOUT:?} (last: {last})",
             self.name
         ))
+    }
+
+    /// Reads the child's stderr on a thread from now on (so a chatty
+    /// function never blocks on a full pipe); joined, the text it wrote
+    /// (the last 64 KiB).
+    fn drain_stderr(&mut self) -> std::thread::JoinHandle<String> {
+        const KEEP: usize = 64 * 1024;
+        let pipe = self.child.stderr.take();
+        std::thread::spawn(move || {
+            let Some(mut pipe) = pipe else {
+                return String::new();
+            };
+            let mut kept = Vec::new();
+            let mut chunk = [0u8; 8192];
+            while let Ok(n) = std::io::Read::read(&mut pipe, &mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                kept.extend_from_slice(&chunk[..n]);
+                if kept.len() > KEEP {
+                    kept.drain(..kept.len() - KEEP);
+                }
+            }
+            String::from_utf8_lossy(&kept).into_owned()
+        })
     }
 
     fn stderr(&mut self) -> String {

@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
-use super::{JWT_SECRET, SUPABASE_URL, free_port};
+use super::{JWT_SECRET, SUPABASE_URL, free_port, money};
 use crate::error::{Context as _, Result, fail};
 
 pub struct TipsOptions {
@@ -82,30 +82,17 @@ async fn scenario(
     let db = TestDb::new().await;
     let fans: Vec<Uuid> = (0..opts.fans).map(|_| Uuid::new_v4()).collect();
     let hosts: Vec<Uuid> = (0..creators).map(|_| Uuid::new_v4()).collect();
-    seed(&db, &fans, &hosts).await?;
+    money::seed(&db, &fans, &hosts).await?;
     let port = free_port()?;
     let issuer = format!("{SUPABASE_URL}/auth/v1");
+    let database_url = match &opts.sslmode {
+        Some(mode) => format!("{}?sslmode={mode}", db.app_url()),
+        None => db.app_url(),
+    };
     let mut child = tokio::process::Command::new(binary)
         .env_clear()
         .env("VERCEL_DEV_PORT", port.to_string())
-        .env("APP_ENV", "test")
-        .env("RUST_LOG", "error")
-        .env("RATE_LIMITS", "off")
-        // The function's pool size (default 4, as deployed); the benchmark's
-        // own environment may override it to see what the pool costs.
-        .env(
-            "DATABASE_MAX_CONNECTIONS",
-            std::env::var("DATABASE_MAX_CONNECTIONS").unwrap_or_else(|_| "4".to_owned()),
-        )
-        .env(
-            "DATABASE_URL",
-            match &opts.sslmode {
-                Some(mode) => format!("{}?sslmode={mode}", db.app_url()),
-                None => db.app_url(),
-            },
-        )
-        .env("SUPABASE_URL", SUPABASE_URL)
-        .env("SUPABASE_JWT_SECRET", JWT_SECRET)
+        .envs(money::function_env(database_url))
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -148,44 +135,6 @@ async fn scenario(
         p99_ms: percentile_ms(&mut samples, 0.99),
         violations,
     })
-}
-
-async fn seed(db: &TestDb, fans: &[Uuid], hosts: &[Uuid]) -> Result<()> {
-    for id in fans.iter().chain(hosts) {
-        sqlx::query("insert into app.users (id) values ($1)")
-            .bind(id)
-            .execute(&db.admin_pool)
-            .await
-            .context("seed user")?;
-    }
-    for h in hosts {
-        sqlx::query("update app.users set role = 'creator' where id = $1")
-            .bind(h)
-            .execute(&db.admin_pool)
-            .await
-            .context("seed creator")?;
-    }
-    for f in fans {
-        // Funded like a purchase, and a daily limit that a benchmark
-        // cannot reach.
-        sqlx::query(
-            "select ledger.post('purchase', $1, array[ledger.singleton('stripe_clearing'), \
-             ledger.account_of('wallet', $2)], array[-1000000, 1000000]::bigint[], null)",
-        )
-        .bind(format!("bench-{f}"))
-        .bind(f)
-        .execute(&db.admin_pool)
-        .await
-        .context("fund")?;
-        sqlx::query(
-            "insert into app.user_private (user_id, daily_spend_limit_tokens) values ($1, 10000000)",
-        )
-        .bind(f)
-        .execute(&db.admin_pool)
-        .await
-        .context("limit")?;
-    }
-    Ok(())
 }
 
 /// One keep-alive connection sending tips until the deadline.
@@ -277,9 +226,7 @@ async fn wait_for(port: u16) -> Result<()> {
 /// tips that were answered 201.
 async fn audit(db: &TestDb, hosts: &[Uuid], ok: u64) -> Result<usize> {
     let mut conn = db.admin_pool.acquire().await.context("audit connection")?;
-    let report = stagepass_ledger::audit::audit(&mut conn)
-        .await
-        .map_err(|e| format!("audit: {e}"))?;
+    let mut violations = money::ledger_violations(&mut conn).await?.len();
     let received: i64 = sqlx::query_scalar(
         "select coalesce(sum(balance), 0)::bigint from ledger.accounts where kind = 'wallet' and owner_id = any($1)",
     )
@@ -287,10 +234,6 @@ async fn audit(db: &TestDb, hosts: &[Uuid], ok: u64) -> Result<usize> {
     .fetch_one(&mut *conn)
     .await
     .context("creator balances")?;
-    let mut violations = report.unbalanced_journals.len()
-        + report.drifted_accounts.len()
-        + report.sign_violations.len()
-        + usize::from(report.total_balance != 0);
     if u64::try_from(received).unwrap_or(0) != ok {
         violations += 1;
     }
