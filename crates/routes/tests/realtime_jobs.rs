@@ -104,6 +104,27 @@ async fn undelivered(app: &TestApp) -> i64 {
         .expect("outbox")
 }
 
+/// Waits until every outbox row is delivered and no delivery is in flight.
+async fn settled(app: &TestApp) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let busy: i64 = sqlx::query_scalar(
+            "select count(*) from app.outbox where delivered_at is null or claimed_until is not null",
+        )
+        .fetch_one(&app.db.admin_pool)
+        .await
+        .expect("outbox");
+        if busy == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{busy} outbox rows still pending"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tip_tells_the_creator_and_both_balances_once() {
     let fake = ably().await;
@@ -153,6 +174,7 @@ async fn a_tip_tells_the_creator_and_both_balances_once() {
     );
 
     // A replay of the same request publishes nothing new.
+    settled(&app).await;
     let before = fake.requests().len();
     let replay = tip(&app, &fan, creator.id, 7, "tip-1").await;
     assert_eq!(replay.status, StatusCode::CREATED);
@@ -181,7 +203,7 @@ async fn a_refused_tip_publishes_nothing() {
         .is_empty()
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    settled(&app).await;
     let before = fake.requests().len();
     let r = tip(&app, &fan, creator.id, 50, "too-much").await;
     r.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "insufficient_funds");
@@ -498,6 +520,24 @@ async fn due_jobs_run_inline_without_qstash() {
         enroll(&app, &fan, &class, "free").await.status,
         StatusCode::CREATED
     );
+    // The app itself is configured for QStash (nothing listens there): let
+    // its delivery after the enrolment fail and settle first, so the two
+    // deliverers do not meet over the job's row.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let settled: bool = sqlx::query_scalar(
+            "select bool_and(attempts >= 1 and claimed_until is null) from app.outbox \
+             where kind = 'job'",
+        )
+        .fetch_one(&app.db.admin_pool)
+        .await
+        .expect("outbox");
+        if settled || tokio::time::Instant::now() > deadline {
+            assert!(settled, "the app's own delivery attempt did not settle");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut env = common::test_env(&app.db.app_url());
     env.retain(|(k, _)| !k.starts_with("QSTASH"));
     env.push(("ABLY_API_BASE", realtime.url().to_owned()));
@@ -518,7 +558,8 @@ async fn due_jobs_run_inline_without_qstash() {
     assert_eq!(pending, 1);
     // Due (as if 47 h 45 min had passed): the reminder runs and publishes.
     sqlx::query(
-        "update app.outbox set not_before = now(), next_attempt_at = now() where kind = 'job'",
+        "update app.outbox set not_before = now(), next_attempt_at = now(), claimed_until = null \
+         where kind = 'job'",
     )
     .execute(&app.db.admin_pool)
     .await
