@@ -96,7 +96,16 @@ where
         not(feature = "_tls-rustls-ring-webpki"),
         not(feature = "_tls-rustls-ring-native-roots")
     ))]
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let provider = {
+        // Stagepass patch (see STAGEPASS-PATCH.md): offer the P-256 key share
+        // first. PostgreSQL <= 17 accepts only its `ssl_ecdh_curve` (default
+        // prime256v1), so an X25519 share costs a HelloRetryRequest (one RTT).
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider
+            .kx_groups
+            .sort_by_key(|group| group.name() != rustls::NamedGroup::secp256r1);
+        Arc::new(provider)
+    };
     #[cfg(any(
         feature = "_tls-rustls-ring-webpki",
         feature = "_tls-rustls-ring-native-roots"
