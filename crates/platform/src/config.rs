@@ -358,6 +358,11 @@ impl DbConfig {
                 }
             },
         );
+        if l.app_env().is_production()
+            && let Some(mode) = l.get("DATABASE_URL").as_deref().and_then(ssl_mode)
+        {
+            check_production_ssl_mode(l, &mode);
+        }
         let max_connections = match l.get("DATABASE_MAX_CONNECTIONS") {
             None => 4,
             Some(v) => match v.parse::<u32>() {
@@ -376,6 +381,35 @@ impl DbConfig {
             url: url?,
             max_connections,
         })
+    }
+}
+
+/// The `sslmode` of a Postgres URL (libpq's default, `prefer`, when absent);
+/// `None` when the URL does not parse (reported elsewhere).
+fn ssl_mode(raw: &str) -> Option<String> {
+    let url = url::Url::parse(raw).ok()?;
+    let mode = url
+        .query_pairs()
+        .find(|(k, _)| k == "sslmode")
+        .map(|(_, v)| v.into_owned());
+    Some(mode.unwrap_or_else(|| "prefer".to_owned()))
+}
+
+/// Production: no clear text to the database; and a warning while the
+/// server's certificate is not verified (`prefer`/`require` encrypt but
+/// accept any certificate, so they do not stop a man in the middle).
+fn check_production_ssl_mode(l: &mut Loader, mode: &str) {
+    match mode {
+        "disable" | "allow" => l.problem(
+            "DATABASE_URL",
+            format!("sslmode={mode} sends the password and data in clear text in production"),
+            "use sslmode=verify-full with sslrootcert= the provider's CA (Supabase: project settings → database → SSL)",
+        ),
+        "verify-ca" | "verify-full" => {}
+        other => l.warn(format!(
+            "DATABASE_URL: sslmode={other} encrypts but does not verify the database's certificate; \
+             use sslmode=verify-full with sslrootcert= the provider's CA"
+        )),
     }
 }
 
@@ -765,6 +799,29 @@ mod tests {
         assert!(AuthConfig::load(&mut prod).is_none());
         let mut dev = Loader::from_map([("SUPABASE_URL", "http://127.0.0.1:3000")]);
         assert!(AuthConfig::load(&mut dev).is_some());
+    }
+
+    #[test]
+    fn production_database_connections_are_encrypted_and_should_be_verified() {
+        let load = |url: &str| {
+            let mut l = Loader::from_map([("APP_ENV", "production"), ("DATABASE_URL", url)]);
+            let loaded = DbConfig::load(&mut l).is_some();
+            let warnings = l.warnings().len();
+            (loaded, warnings, l.finish().is_ok())
+        };
+        for clear in ["disable", "allow"] {
+            let (_, _, ok) = load(&format!("postgres://a:b@db/x?sslmode={clear}"));
+            assert!(!ok, "{clear} must be refused in production");
+        }
+        for unverified in ["postgres://a:b@db/x", "postgres://a:b@db/x?sslmode=require"] {
+            assert_eq!(load(unverified), (true, 1, true), "{unverified}");
+        }
+        let verified = "postgres://a:b@db/x?sslmode=verify-full&sslrootcert=/ca.pem";
+        assert_eq!(load(verified), (true, 0, true));
+        // Development: no opinion.
+        let mut dev = Loader::from_map([("DATABASE_URL", "postgres://a:b@db/x?sslmode=disable")]);
+        assert!(DbConfig::load(&mut dev).is_some());
+        assert!(dev.warnings().is_empty() && dev.finish().is_ok());
     }
 
     #[test]
