@@ -51,22 +51,71 @@ pub fn init(function: &'static str, core: &CoreConfig) {
         }));
         let guard = sentry::init((dsn.expose_secret(), options));
         sentry::configure_scope(|scope| scope.set_tag("function", function));
+        report_panics();
         Some(guard)
     });
 }
 
+/// Every panic becomes a Sentry event (a handler's panic also becomes its
+/// 500's event, as before), then the default hook prints it. Our own hook
+/// instead of sentry's `panic` integration: that one brings a backtrace
+/// symboliser (~0.3 MB per binary, ADR 0006) whose stack traces of stripped
+/// binaries are bare addresses; the message and `file:line` are what helps.
+fn report_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".to_owned());
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        sentry::capture_message(
+            &scrub(&format!("panic: {message}{at}")),
+            sentry::Level::Fatal,
+        );
+        default(info);
+    }));
+}
+
+/// `RUST_LOG` as a list of `target=level` directives and a bare default
+/// level (`info,sqlx=warn`, the default). Span and field filters of
+/// `EnvFilter` are not supported: they need a regex engine in every binary
+/// (~0.3 MB, ADR 0006) for a feature functions do not use.
+fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::filter::Targets {
+    const DEFAULT: &str = "info,sqlx=warn";
+    rust_log
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| DEFAULT.parse().unwrap_or_default())
+}
+
 fn init_tracing(json: bool) {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let registry = tracing_subscriber::registry().with(log_filter(rust_log.as_deref()));
     // `try_init` fails when a subscriber is already set (tests): that is fine.
     let _ = if json {
-        builder.json().flatten_event(true).try_init()
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_target(false)
+                    .json()
+                    .flatten_event(true),
+            )
+            .try_init()
     } else {
-        builder.compact().try_init()
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_target(false)
+                    .compact(),
+            )
+            .try_init()
     };
 }
 
@@ -230,6 +279,24 @@ pub fn scrub(text: &str) -> String {
         rest = chars.as_str();
     }
     out
+}
+
+#[cfg(test)]
+mod log_filter_tests {
+    use tracing::Level;
+
+    #[test]
+    fn rust_log_takes_levels_per_target_and_falls_back_to_the_default() {
+        let f = super::log_filter(Some("warn,stagepass_routes=debug"));
+        assert!(f.would_enable("stagepass_routes::tips", &Level::DEBUG));
+        assert!(!f.would_enable("sqlx::query", &Level::INFO));
+        assert!(f.would_enable("sqlx::query", &Level::WARN));
+        for fallback in [None, Some("stagepass=loud")] {
+            let f = super::log_filter(fallback);
+            assert!(f.would_enable("stagepass_routes", &Level::INFO));
+            assert!(!f.would_enable("sqlx::query", &Level::INFO));
+        }
+    }
 }
 
 #[cfg(test)]
