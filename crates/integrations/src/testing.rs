@@ -307,36 +307,21 @@ pub struct ReceivedWebhook {
     pub body: bytes::Bytes,
 }
 
-/// A local HTTP endpoint that records every POST it receives and answers 200.
+/// A webhook endpoint for localstripe: a [`Recorder`] read in order.
 pub struct WebhookRecorder {
     url: String,
-    received: tokio::sync::mpsc::UnboundedReceiver<ReceivedWebhook>,
-    server: tokio::task::JoinHandle<()>,
+    inner: Recorder,
+    /// Deliveries already returned by [`WebhookRecorder::next`].
+    seen: usize,
 }
 
 impl WebhookRecorder {
     pub async fn start() -> std::io::Result<WebhookRecorder> {
-        use axum::routing::post;
-
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("http://{}/webhooks/stripe", listener.local_addr()?);
-        let (tx, received) = tokio::sync::mpsc::unbounded_channel();
-        let record = move |headers: axum::http::HeaderMap, body: bytes::Bytes| {
-            let signature = headers
-                .get("stripe-signature")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let _ = tx.send(ReceivedWebhook { signature, body });
-            std::future::ready(axum::http::StatusCode::OK)
-        };
-        let app = axum::Router::new().route("/webhooks/stripe", post(record));
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        let inner = Recorder::start(200, serde_json::json!({})).await?;
         Ok(WebhookRecorder {
-            url,
-            received,
-            server,
+            url: format!("{}/webhooks/stripe", inner.url()),
+            inner,
+            seen: 0,
         })
     }
 
@@ -347,16 +332,14 @@ impl WebhookRecorder {
 
     /// The next delivery, or `None` after `timeout`.
     pub async fn next(&mut self, timeout: Duration) -> Option<ReceivedWebhook> {
-        tokio::time::timeout(timeout, self.received.recv())
-            .await
-            .ok()
-            .flatten()
-    }
-}
-
-impl Drop for WebhookRecorder {
-    fn drop(&mut self) {
-        self.server.abort();
+        let seen = self.seen;
+        let received = self.inner.wait_for(timeout, |r| r.len() > seen).await;
+        let delivery = received.get(seen)?;
+        self.seen += 1;
+        Some(ReceivedWebhook {
+            signature: delivery.header("stripe-signature").map(str::to_owned),
+            body: delivery.body.clone(),
+        })
     }
 }
 

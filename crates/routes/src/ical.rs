@@ -11,24 +11,15 @@
 use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
-use uuid::Uuid;
 
-/// One event of the feed.
+use crate::schedule::CalendarEvent;
+
+/// One event of the feed: the schedule's event and when it was made.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct FeedEvent {
-    pub id: Uuid,
-    pub source_kind: String,
-    pub source_id: Uuid,
-    /// `host` or `attendee`.
-    pub role: String,
-    pub title: String,
-    pub starts_at: DateTime<Utc>,
-    pub ends_at: DateTime<Utc>,
-    /// `confirmed` or `cancelled`.
-    pub status: String,
-    pub sequence: i32,
+    #[sqlx(flatten)]
+    pub event: CalendarEvent,
     pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
 }
 
 /// The domain in every UID.
@@ -57,7 +48,8 @@ pub fn calendar(events: &[FeedEvent]) -> String {
     out
 }
 
-fn push_event(out: &mut String, e: &FeedEvent) {
+fn push_event(out: &mut String, feed_event: &FeedEvent) {
+    let e = &feed_event.event;
     let (status, description) = match (e.status.as_str(), e.role.as_str()) {
         ("cancelled", _) => ("CANCELLED", "This class was cancelled."),
         (_, "host") => ("CONFIRMED", "You are hosting this class on Stagepass."),
@@ -75,7 +67,7 @@ fn push_event(out: &mut String, e: &FeedEvent) {
     push_line(out, &format!("DESCRIPTION:{}", text(description)));
     push_line(out, &format!("SEQUENCE:{}", e.sequence.max(0)));
     push_line(out, &format!("STATUS:{status}"));
-    push_line(out, &format!("CREATED:{}", stamp(e.created_at)));
+    push_line(out, &format!("CREATED:{}", stamp(feed_event.created_at)));
     push_line(out, &format!("LAST-MODIFIED:{}", stamp(e.updated_at)));
     push_line(out, "TRANSP:OPAQUE");
     push_line(out, "END:VEVENT");
