@@ -51,8 +51,11 @@ pub enum Limits {
     Money,
     /// Token purchases: burst, purchases, API — fail closed.
     Purchase,
-    /// Signed callers (Stripe, QStash, Vercel Cron): per source.
-    Webhook(&'static str),
+    /// Signed callers (Stripe, the access-token hook, QStash, Vercel Cron):
+    /// the route verifies first, then charges its source's budget — or, for
+    /// a bad signature, the client IP's `unsigned` budget
+    /// ([`crate::ratelimit::SignatureGate`], ADR 0011).
+    Signed(crate::ratelimit::SignedSource),
     /// No limiter at all, with the reason (liveness must do no I/O).
     Exempt(&'static str),
 }
@@ -65,7 +68,7 @@ impl Limits {
             Limits::Authenticated => routes::AUTHENTICATED,
             Limits::Money => routes::MONEY,
             Limits::Purchase => routes::PURCHASE,
-            Limits::Webhook(_) => routes::WEBHOOK,
+            Limits::Signed(source) => source.policies(),
             Limits::Exempt(_) => &[],
         }
     }
@@ -170,7 +173,7 @@ fn with_limits(
     let limiter = r.rate_limiter(upstash.as_ref(), l.app_env());
     let mut layer = crate::ratelimit::layer(limiter, function.limits.policies());
     match function.limits {
-        Limits::Webhook(source) => layer = layer.with_source(source),
+        Limits::Signed(source) => layer = layer.signed(source),
         Limits::Public => {}
         Limits::Authenticated | Limits::Purchase | Limits::Money => {
             let auth = AuthConfig::load(l)?;

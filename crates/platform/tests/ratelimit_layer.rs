@@ -20,7 +20,7 @@ use serde_json::Value;
 use stagepass_platform::auth::{AuthUser, Verifier};
 use stagepass_platform::config::Secret;
 use stagepass_platform::http::ApiError;
-use stagepass_platform::ratelimit::policies::{self, routes};
+use stagepass_platform::ratelimit::policies::routes;
 use stagepass_platform::ratelimit::{
     Algorithm, ClientIpSource, FailMode, KeyKind, Policy, RateLimiter, TrustLevel, TrustSource,
     layer,
@@ -295,27 +295,7 @@ async fn behind_vercel_the_forwarded_client_ip_counts() {
     );
 }
 
-#[tokio::test]
-async fn webhooks_are_limited_per_source() {
-    let shim = Shim::start().await;
-    let limiter = Arc::new(limiter(shim.client()));
-    let stripe = Router::new()
-        .route("/webhooks/stripe", get(|| async { "ok" }))
-        .layer(layer(limiter.clone(), routes::WEBHOOK).with_source("stripe"));
-    let mut statuses = Vec::new();
-    for _ in 0..11 {
-        let req = Request::get("/webhooks/stripe")
-            .body(Body::empty())
-            .unwrap();
-        statuses.push(send(&stripe, req).await.0.status());
-    }
-    assert!(
-        statuses[..10].iter().all(|s| *s == StatusCode::OK),
-        "{statuses:?}"
-    );
-    assert_eq!(statuses[10], StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(policies::WEBHOOKS.quota(), 10);
-}
+// Signed routes (webhooks, hook, jobs, cron): `ratelimit_signed.rs`.
 
 #[tokio::test]
 async fn anonymous_callers_skip_user_policies() {

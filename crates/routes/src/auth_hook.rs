@@ -22,13 +22,14 @@ use sqlx::PgPool;
 use stagepass_platform::config::{AuthHookConfig, DbConfig, ExposeSecret, Secret};
 use stagepass_platform::db;
 use stagepass_platform::http::{ApiError, ApiResult};
+use stagepass_platform::ratelimit::{SignatureGate, SignedSource};
 use stagepass_platform::serve::{Function, Limits};
 use stagepass_platform::time::Clock;
 use uuid::Uuid;
 
 pub const FUNCTION: Function = Function {
     name: "v1_auth_access_token_hook",
-    limits: Limits::Webhook("supabase-auth"),
+    limits: Limits::Signed(SignedSource::SupabaseAuth),
     paths: &["/api/v1/auth/access-token-hook"],
     build: |l, r| {
         let db = DbConfig::load(l);
@@ -121,12 +122,18 @@ impl HookKey {
 /// Answers Supabase with the claims it sent plus `app_role`.
 pub async fn access_token_hook(
     State(state): State<HookState>,
+    gate: SignatureGate,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<Value>> {
-    state
-        .key
-        .verify(&headers, &body, state.clock.now().timestamp())?;
+    // Verified before any budget is charged: forged calls cannot starve
+    // sign-ins (ADR 0011).
+    gate.admit(
+        state
+            .key
+            .verify(&headers, &body, state.clock.now().timestamp()),
+    )
+    .await?;
     let payload: Value = serde_json::from_slice(&body)
         .map_err(|_| ApiError::BadRequest("the body is not JSON".into()))?;
     let user_id = payload

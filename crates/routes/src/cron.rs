@@ -27,6 +27,7 @@ use stagepass_platform::config::{CronConfig, DbConfig, Secret, StripeApiConfig};
 use stagepass_platform::cron;
 use stagepass_platform::db;
 use stagepass_platform::http::{ApiError, ApiResult};
+use stagepass_platform::ratelimit::{SignatureGate, SignedSource};
 use stagepass_platform::serve::{Function, Limits};
 use utoipa::ToSchema;
 
@@ -52,7 +53,7 @@ fn cron_state(
 
 pub const LEDGER_AUDIT: Function = Function {
     name: "cron_ledger_audit",
-    limits: Limits::Webhook("vercel-cron"),
+    limits: Limits::Signed(SignedSource::VercelCron),
     paths: &["/api/cron/ledger-audit"],
     build: |l, r| {
         let state = cron_state(l, r)?;
@@ -66,7 +67,7 @@ pub const LEDGER_AUDIT: Function = Function {
 
 pub const CLEANUP: Function = Function {
     name: "cron_cleanup",
-    limits: Limits::Webhook("vercel-cron"),
+    limits: Limits::Signed(SignedSource::VercelCron),
     paths: &["/api/cron/cleanup"],
     build: |l, r| {
         let state = cron_state(l, r)?;
@@ -80,7 +81,7 @@ pub const CLEANUP: Function = Function {
 
 pub const RECONCILE_PURCHASES: Function = Function {
     name: "cron_reconcile_purchases",
-    limits: Limits::Webhook("vercel-cron"),
+    limits: Limits::Signed(SignedSource::VercelCron),
     paths: &["/api/cron/reconcile-purchases"],
     build: |l, r| {
         let state = cron_state(l, r);
@@ -100,7 +101,7 @@ pub const RECONCILE_PURCHASES: Function = Function {
 
 pub const SETTLE_CLASSES: Function = Function {
     name: "cron_settle_classes",
-    limits: Limits::Webhook("vercel-cron"),
+    limits: Limits::Signed(SignedSource::VercelCron),
     paths: &["/api/cron/settle-classes"],
     build: |l, r| {
         let state = cron_state(l, r)?;
@@ -114,7 +115,7 @@ pub const SETTLE_CLASSES: Function = Function {
 
 pub const DELIVER_OUTBOX: Function = Function {
     name: "cron_deliver_outbox",
-    limits: Limits::Webhook("vercel-cron"),
+    limits: Limits::Signed(SignedSource::VercelCron),
     paths: &["/api/cron/deliver-outbox"],
     build: |l, r| {
         let state = cron_state(l, r);
@@ -145,9 +146,11 @@ const OUTBOX_ROUNDS: usize = 20;
     responses((status = 200, body = Delivery), (status = 401, body = crate::openapi::Problem)))]
 pub async fn deliver_outbox(
     State(s): State<OutboxState>,
+    gate: SignatureGate,
     headers: HeaderMap,
 ) -> ApiResult<Json<Delivery>> {
-    cron::authorize(&headers, &s.cron.secret)?;
+    gate.admit(cron::authorize(&headers, &s.cron.secret))
+        .await?;
     // No lock: deliverers claim disjoint rows (`SKIP LOCKED`).
     Ok(Json(s.outbox.deliver_pending(OUTBOX_ROUNDS).await?))
 }
@@ -165,9 +168,10 @@ pub struct JobRun {
               (status = 500, description = "an invariant is violated", body = crate::openapi::Problem)))]
 pub async fn ledger_audit(
     State(s): State<CronState>,
+    gate: SignatureGate,
     headers: HeaderMap,
 ) -> ApiResult<Json<AuditReport>> {
-    cron::authorize(&headers, &s.secret)?;
+    gate.admit(cron::authorize(&headers, &s.secret)).await?;
     // One snapshot for every check.
     let mut tx = db::begin_service_snapshot(&s.pool).await?;
     let report = audit(&mut tx).await?;
@@ -182,8 +186,12 @@ pub async fn ledger_audit(
 
 #[utoipa::path(get, path = "/api/cron/cleanup", tag = "cron", security(("cron" = [])),
     responses((status = 200, body = JobRun), (status = 401, body = crate::openapi::Problem)))]
-pub async fn cleanup(State(s): State<CronState>, headers: HeaderMap) -> ApiResult<Json<JobRun>> {
-    cron::authorize(&headers, &s.secret)?;
+pub async fn cleanup(
+    State(s): State<CronState>,
+    gate: SignatureGate,
+    headers: HeaderMap,
+) -> ApiResult<Json<JobRun>> {
+    gate.admit(cron::authorize(&headers, &s.secret)).await?;
     let mut tx = db::begin_service(&s.pool).await?;
     if !cron::try_lock(&mut tx, "cleanup").await? {
         return Ok(Json(JobRun {
@@ -222,9 +230,11 @@ const RECONCILE_BATCH: i32 = 100;
     responses((status = 200, body = JobRun), (status = 401, body = crate::openapi::Problem)))]
 pub async fn reconcile_purchases(
     State(s): State<ReconcileState>,
+    gate: SignatureGate,
     headers: HeaderMap,
 ) -> ApiResult<Json<JobRun>> {
-    cron::authorize(&headers, &s.cron.secret)?;
+    gate.admit(cron::authorize(&headers, &s.cron.secret))
+        .await?;
     let mut tx = db::begin_service(&s.cron.pool).await?;
     if !cron::try_lock(&mut tx, "reconcile-purchases").await? {
         return Ok(Json(JobRun {
@@ -278,9 +288,10 @@ pub struct SettlementRun {
     responses((status = 200, body = SettlementRun), (status = 401, body = crate::openapi::Problem)))]
 pub async fn settle_classes(
     State(s): State<CronState>,
+    gate: SignatureGate,
     headers: HeaderMap,
 ) -> ApiResult<Json<SettlementRun>> {
-    cron::authorize(&headers, &s.secret)?;
+    gate.admit(cron::authorize(&headers, &s.secret)).await?;
     // Settlement credits creators' wallets, so it can deadlock with a tip
     // between two of them; the whole batch is then retried.
     let s = &s;

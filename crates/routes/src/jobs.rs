@@ -20,6 +20,7 @@ use stagepass_integrations::qstash::Verifier;
 use stagepass_platform::config::{DbConfig, Loader, QstashConfig};
 use stagepass_platform::db;
 use stagepass_platform::http::{ApiError, ApiResult};
+use stagepass_platform::ratelimit::{SignatureGate, SignedSource};
 use stagepass_platform::serve::{Function, Limits, PlatformHandle, Resources};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -30,7 +31,7 @@ const CLASS_REMINDER_PATH: &str = "/api/jobs/class-reminder";
 
 pub const CLASS_REMINDER: Function = Function {
     name: "jobs_class_reminder",
-    limits: Limits::Webhook("qstash"),
+    limits: Limits::Signed(SignedSource::Qstash),
     paths: &[CLASS_REMINDER_PATH],
     build: |l, r| {
         let state = JobState::load(l, r)?;
@@ -140,10 +141,12 @@ async fn remind(pool: &PgPool, message: &ClassReminder) -> ApiResult<String> {
 pub async fn class_reminder(
     State(s): State<JobState>,
     platform: PlatformHandle,
+    gate: SignatureGate,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<JobOutcome>> {
-    s.verify(CLASS_REMINDER_PATH, &headers, &body)?;
+    gate.admit(s.verify(CLASS_REMINDER_PATH, &headers, &body))
+        .await?;
     let message: ClassReminder = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("not a class-reminder message: {e}")))?;
     let outcome = remind(&s.pool, &message).await?;

@@ -19,6 +19,7 @@ use stagepass_ledger::purchases::{self, ClawBack, CreditOutcome};
 use stagepass_platform::config::{DbConfig, ExposeSecret, Secret, StripeWebhookConfig};
 use stagepass_platform::db;
 use stagepass_platform::http::{ApiError, ApiResult};
+use stagepass_platform::ratelimit::{SignatureGate, SignedSource};
 use stagepass_platform::serve::{Function, Limits, PlatformHandle};
 use stagepass_platform::time::Clock;
 use utoipa::ToSchema;
@@ -27,7 +28,7 @@ use crate::outbox::Outbox;
 
 pub const STRIPE: Function = Function {
     name: "webhooks_stripe",
-    limits: Limits::Webhook("stripe"),
+    limits: Limits::Signed(SignedSource::Stripe),
     paths: &["/api/webhooks/stripe"],
     build: |l, r| {
         let db = DbConfig::load(l);
@@ -74,29 +75,19 @@ pub struct Received {
     request_body(content = serde_json::Value, description = "a Stripe event, verified on the raw bytes"),
     responses(
         (status = 200, body = Received),
-        (status = 400, description = "bad or stale signature", body = crate::openapi::Problem),
+        (status = 401, description = "missing, bad or stale signature (`invalid_signature`)", body = crate::openapi::Problem),
+        (status = 429, description = "too many bad signatures from this client IP (`unsigned`), or Stripe's own budget spent", body = crate::openapi::Problem),
         (status = 500, description = "the effect failed; Stripe retries", body = crate::openapi::Problem)))]
 pub async fn stripe_webhook(
     State(state): State<StripeWebhookState>,
     platform: PlatformHandle,
+    gate: SignatureGate,
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<Received>> {
-    let signature = headers
-        .get("stripe-signature")
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| ApiError::BadRequest("missing Stripe-Signature".into()))?;
-    let event = webhook::verify_event(
-        &body,
-        signature,
-        state.secret.expose_secret(),
-        state.clock.now().timestamp(),
-        TOLERANCE_SECONDS,
-    )
-    .map_err(|e| {
-        tracing::warn!(error = %e, "refused a Stripe webhook");
-        ApiError::BadRequest("invalid Stripe signature".into())
-    })?;
+    // Verified before any budget is charged: a forged flood is counted
+    // against its own IP, never against Stripe's budget (ADR 0011).
+    let event = gate.admit(verify(&state, &headers, &body)).await?;
 
     let mut tx = db::begin_service(&state.pool).await?;
     let first_time = sqlx::query(
@@ -126,6 +117,29 @@ pub async fn stripe_webhook(
         duplicate: false,
         outcome,
     }))
+}
+
+/// Checks `Stripe-Signature` on the raw body (constant time). Missing, bad
+/// and stale signatures are one 401: the sender learns nothing more.
+fn verify(state: &StripeWebhookState, headers: &HeaderMap, body: &[u8]) -> ApiResult<Event> {
+    let refused = ApiError::Unauthenticated("invalid_signature");
+    let Some(signature) = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok())
+    else {
+        return Err(refused);
+    };
+    webhook::verify_event(
+        body,
+        signature,
+        state.secret.expose_secret(),
+        state.clock.now().timestamp(),
+        TOLERANCE_SECONDS,
+    )
+    .map_err(|e| {
+        tracing::warn!(error = %e, "refused a Stripe webhook");
+        refused
+    })
 }
 
 /// The effect of one event, in the caller's (service) transaction.

@@ -40,8 +40,13 @@ fn every_function_declares_its_limits() {
         if f.name == "v1_tokens_purchases" {
             assert!(matches!(f.limits, Limits::Purchase));
         }
-        if f.name.starts_with("webhooks_") || f.name.starts_with("cron_") {
-            assert!(matches!(f.limits, Limits::Webhook(_)), "{}", f.name);
+        // Signed callers verify before any budget is charged (ADR 0011).
+        if f.name.starts_with("webhooks_")
+            || f.name.starts_with("cron_")
+            || f.name.starts_with("jobs_")
+            || f.name == "v1_auth_access_token_hook"
+        {
+            assert!(matches!(f.limits, Limits::Signed(_)), "{}", f.name);
         }
     }
 }

@@ -129,9 +129,9 @@ async fn bad_and_stale_signatures_are_refused_and_change_nothing() {
         .raw_body("application/json", body.clone())
         .send()
         .await;
-    r.assert_problem(StatusCode::BAD_REQUEST, "bad_request");
+    r.assert_problem(StatusCode::UNAUTHORIZED, "invalid_signature");
     let stale = deliver_at(&app, &body, now() - 301).await;
-    stale.assert_problem(StatusCode::BAD_REQUEST, "bad_request");
+    stale.assert_problem(StatusCode::UNAUTHORIZED, "invalid_signature");
     let mut tampered = body.clone();
     let signature = webhook::sign(&body, STRIPE_WEBHOOK_SECRET, now()).expect("sign");
     tampered.extend_from_slice(b" ");
@@ -141,13 +141,13 @@ async fn bad_and_stale_signatures_are_refused_and_change_nothing() {
         .raw_body("application/json", tampered)
         .send()
         .await;
-    r.assert_problem(StatusCode::BAD_REQUEST, "bad_request");
+    r.assert_problem(StatusCode::UNAUTHORIZED, "invalid_signature");
     let unsigned = app
         .post("/api/webhooks/stripe")
         .raw_body("application/json", body.clone())
         .send()
         .await;
-    unsigned.assert_problem(StatusCode::BAD_REQUEST, "bad_request");
+    unsigned.assert_problem(StatusCode::UNAUTHORIZED, "invalid_signature");
 
     assert_eq!(events_recorded(&app).await, 0);
     assert_eq!(balance(&app, &fan).await["balance"], 0);

@@ -12,6 +12,8 @@
 //!   logged and counted. Both are reported to Sentry at most once a minute.
 //! - [`layer`]: the axum middleware applying a route's policies, with the
 //!   `RateLimit-Policy` / `RateLimit` headers ([`headers`]).
+//! - Signed callers (webhooks, the access-token hook, QStash, cron) are
+//!   verified before any budget is charged: [`SignatureGate`] (ADR 0011).
 //! - Without Upstash outside production, an in-process limiter with the
 //!   same algorithms (`local.rs`) stands in, announced loudly once.
 
@@ -25,6 +27,7 @@ mod local;
 pub mod policies;
 pub mod policy;
 mod script;
+mod signed;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,8 +38,9 @@ use chrono::{DateTime, Utc};
 pub use cache::DEFAULT_CAPACITY as DEFAULT_DENY_CACHE_CAPACITY;
 pub use headers::{ClientIpSource, client_ip};
 pub use layer::{RateLimitLayer, RateLimitService, TrustSource, layer};
-pub use policies::{AccountFacts, TrustLevel, money_policy};
+pub use policies::{AccountFacts, SignedSource, TrustLevel, money_policy};
 pub use policy::{Algorithm, FailMode, Identity, KeyKind, Policy};
+pub use signed::SignatureGate;
 
 use crate::config::{AppEnv, UpstashConfig};
 use crate::http::ApiError;

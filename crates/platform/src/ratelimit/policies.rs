@@ -8,12 +8,25 @@
 //! | `payouts` | 3 / h | sliding window | user | closed |
 //! | `api` | 300 / min | sliding window | user | open |
 //! | `public` | 600 / min | sliding window | client IP | open |
-//! | `webhooks` | 10 / s | token bucket (10 per 1 s, 10 max) | source | open |
+//! | `unsigned` | 20 / min | sliding window | client IP | open |
+//! | `stripe` | 100 / s, bursts of 1,000 | token bucket (100 per 1 s, 1,000 max) | source | open |
+//! | `supabase_auth` | 200 / s, bursts of 2,000 | token bucket (200 per 1 s, 2,000 max) | source | open |
+//! | `qstash` | 50 / s, bursts of 500 | token bucket (50 per 1 s, 500 max) | source | open |
+//! | `cron` | 1 / s, bursts of 20 | token bucket (1 per 1 s, 20 max) | source | open |
 //!
 //! Money fails closed: a limiter outage must not open the door to a
-//! spending spree. Reads and webhooks fail open: Stripe's events are
+//! spending spree. Reads and signed callers fail open: Stripe's events are
 //! authenticated by signature and applied exactly once anyway, and refusing
 //! them would only delay credits.
+//!
+//! Signed callers (webhooks, the access-token hook, QStash, cron) are
+//! verified **before** any budget is charged ([`SignedSource`], ADR 0011):
+//! a request whose signature fails costs the sender's IP one `unsigned`
+//! request and is answered 401 (429 once that budget is spent); only a
+//! verified request reaches its source's budget, so forged traffic can
+//! never use up what Stripe or Supabase need. SPEC §4's "webhooks 10 / s
+//! per source" is kept as "one budget per source", sized from each
+//! source's real peak instead of one number (ADR 0011 has the arithmetic).
 //!
 //! Every trust level's money limit is named `money` and shares one counter,
 //! so a user promoted mid-minute keeps what they already used.
@@ -99,17 +112,52 @@ pub const PUBLIC: Policy = Policy {
     fail: FailMode::Open,
 };
 
-/// Webhooks: 10 per second per source.
-pub const WEBHOOKS: Policy = Policy {
-    name: "webhooks",
-    algorithm: Algorithm::TokenBucket {
-        refill: 10,
-        interval_ms: 1_000,
-        max: 10,
+/// Requests to a signed route whose signature did not verify: 20 per
+/// minute per client IP. Small on purpose: a genuine caller never fails
+/// verification, and a misconfigured one (a rotated secret) is fixed by its
+/// operator, not by retrying faster.
+pub const UNSIGNED: Policy = Policy {
+    name: "unsigned",
+    algorithm: Algorithm::SlidingWindow {
+        limit: 20,
+        window_ms: MINUTE_MS,
     },
-    key: KeyKind::Source,
+    key: KeyKind::ClientIp,
     fail: FailMode::Open,
 };
+
+/// A verified source's budget: a token bucket refilled by `per_second`
+/// every second, holding at most `burst`.
+const fn signed(name: &'static str, per_second: u32, burst: u32) -> Policy {
+    Policy {
+        name,
+        algorithm: Algorithm::TokenBucket {
+            refill: per_second,
+            interval_ms: 1_000,
+            max: burst,
+        },
+        key: KeyKind::Source,
+        fail: FailMode::Open,
+    }
+}
+
+/// Verified Stripe events. Stripe's live-mode API accepts ~100 writes per
+/// second per account, which bounds the PaymentIntents (and so the events)
+/// we can cause; 100 / s sustained with a 1,000 burst is above any real
+/// peak and only stops a leaked secret or a runaway replay.
+pub const STRIPE_EVENTS: Policy = signed("stripe", 100, 1_000);
+/// Verified access-token hook calls: one per sign-in and one per token
+/// refresh (hourly per active session). 200 / s sustained is 720,000 token
+/// issues an hour; the 2,000 burst absorbs a push-notification stampede of
+/// sign-ins on top. A refusal here fails a user's sign-in, so it is sized
+/// far above the product's expected load (ADR 0011).
+pub const SUPABASE_AUTH_HOOK: Policy = signed("supabase_auth", 200, 2_000);
+/// Verified QStash callbacks (class reminders): classes cluster on the hour,
+/// so hundreds of reminders can fall due in the same second.
+pub const QSTASH_CALLBACKS: Policy = signed("qstash", 50, 500);
+/// Verified Vercel Cron calls: five jobs, at most one run a minute each,
+/// plus an operator's manual runs.
+pub const VERCEL_CRON: Policy = signed("cron", 1, 20);
 
 /// Every policy of the table (documentation, tests).
 pub const ALL: &[Policy] = &[
@@ -122,7 +170,11 @@ pub const ALL: &[Policy] = &[
     PAYOUT_REQUESTS,
     AUTHENTICATED_API,
     PUBLIC,
-    WEBHOOKS,
+    UNSIGNED,
+    STRIPE_EVENTS,
+    SUPABASE_AUTH_HOOK,
+    QSTASH_CALLBACKS,
+    VERCEL_CRON,
 ];
 
 /// Route sets. Money routes add [`money_policy`] for the caller's trust
@@ -141,8 +193,68 @@ pub mod routes {
     pub const AUTHENTICATED: &[Policy] = &[AUTHENTICATED_API];
     /// Public routes; also limits anonymous calls to routes with optional auth.
     pub const PUBLIC: &[Policy] = &[super::PUBLIC];
-    /// Stripe webhooks, QStash callbacks, cron.
-    pub const WEBHOOK: &[Policy] = &[WEBHOOKS];
+    /// Signed callers: their source's budget once verified, the client
+    /// IP's `unsigned` budget otherwise (see [`SignedSource`]).
+    pub const STRIPE: &[Policy] = &[STRIPE_EVENTS, UNSIGNED];
+    pub const SUPABASE_AUTH: &[Policy] = &[SUPABASE_AUTH_HOOK, UNSIGNED];
+    pub const QSTASH: &[Policy] = &[QSTASH_CALLBACKS, UNSIGNED];
+    pub const CRON: &[Policy] = &[VERCEL_CRON, UNSIGNED];
+}
+
+/// A caller that proves itself with a signature or shared secret. Its
+/// routes verify first and then charge one budget through
+/// [`crate::ratelimit::SignatureGate`]: the source's own when the signature
+/// holds, the client IP's [`UNSIGNED`] when it does not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignedSource {
+    /// `Stripe-Signature` (HMAC-SHA256 over `t.body`).
+    Stripe,
+    /// Supabase Auth's access-token hook (Standard Webhooks).
+    SupabaseAuth,
+    /// QStash callbacks (`Upstash-Signature` JWT).
+    Qstash,
+    /// Vercel Cron (`Bearer $CRON_SECRET`).
+    VercelCron,
+}
+
+impl SignedSource {
+    pub const ALL: [SignedSource; 4] = [
+        SignedSource::Stripe,
+        SignedSource::SupabaseAuth,
+        SignedSource::Qstash,
+        SignedSource::VercelCron,
+    ];
+
+    /// The source's name: the subject of its budget's key.
+    pub const fn name(self) -> &'static str {
+        match self {
+            SignedSource::Stripe => "stripe",
+            SignedSource::SupabaseAuth => "supabase-auth",
+            SignedSource::Qstash => "qstash",
+            SignedSource::VercelCron => "vercel-cron",
+        }
+    }
+
+    /// The budget of verified requests from this source.
+    pub const fn policy(self) -> Policy {
+        match self {
+            SignedSource::Stripe => STRIPE_EVENTS,
+            SignedSource::SupabaseAuth => SUPABASE_AUTH_HOOK,
+            SignedSource::Qstash => QSTASH_CALLBACKS,
+            SignedSource::VercelCron => VERCEL_CRON,
+        }
+    }
+
+    /// Every policy a request from this source may be charged: its own
+    /// and [`UNSIGNED`].
+    pub const fn policies(self) -> &'static [Policy] {
+        match self {
+            SignedSource::Stripe => routes::STRIPE,
+            SignedSource::SupabaseAuth => routes::SUPABASE_AUTH,
+            SignedSource::Qstash => routes::QSTASH,
+            SignedSource::VercelCron => routes::CRON,
+        }
+    }
 }
 
 /// How far a user is trusted with money, derived from account facts
@@ -334,5 +446,29 @@ mod tests {
             ALL.len() - 3,
             "only the money levels share a name"
         );
+    }
+
+    #[test]
+    fn every_signed_source_has_its_own_budget_apart_from_forgeries() {
+        let mut names: Vec<&str> = SignedSource::ALL.iter().map(|s| s.policy().name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(
+            names.len(),
+            SignedSource::ALL.len(),
+            "one counter per source"
+        );
+        for source in SignedSource::ALL {
+            let own = source.policy();
+            assert_eq!(own.key, KeyKind::Source, "{source:?}");
+            assert_eq!(own.fail, FailMode::Open, "{source:?}");
+            assert_eq!(source.policies(), &[own, UNSIGNED]);
+            assert!(ALL.contains(&own), "{source:?} is in the table");
+        }
+        // Forgeries are counted per client IP, never per source.
+        assert_eq!(UNSIGNED.key, KeyKind::ClientIp);
+        // A login burst is never below Stripe's, nor Stripe's below SPEC §4.
+        assert!(SUPABASE_AUTH_HOOK.quota() >= STRIPE_EVENTS.quota());
+        assert!(STRIPE_EVENTS.quota() >= 10);
     }
 }

@@ -28,7 +28,8 @@ pub enum KeyKind {
     User,
     /// The client's IP address (IPv6 per /64, see [`ip_subject`]).
     ClientIp,
-    /// The caller of a webhook or job (`"stripe"`, `"qstash"`), set by the route.
+    /// A signed caller (`"stripe"`, `"qstash"`) whose signature verified
+    /// ([`super::SignatureGate`]); never what an unverified request claims.
     Source,
 }
 

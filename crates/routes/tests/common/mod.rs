@@ -257,6 +257,14 @@ impl Req<'_> {
         self.header("authorization", &format!("Bearer {token}"))
     }
 
+    /// The TCP peer (what the dev server's `ConnectInfo` gives): the client
+    /// IP of per-IP limits, which in-process requests otherwise lack.
+    pub fn peer(mut self, peer: &str) -> Self {
+        let addr: std::net::SocketAddr = peer.parse().expect("ip:port");
+        self.builder = self.builder.extension(axum::extract::ConnectInfo(addr));
+        self
+    }
+
     pub fn origin(self, origin: &str) -> Self {
         self.header("origin", origin)
     }
