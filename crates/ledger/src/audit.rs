@@ -14,8 +14,12 @@ pub struct AuditReport {
     pub unbalanced_journals: Vec<String>,
     /// Accounts whose stored balance differs from the sum of their entries.
     pub drifted_accounts: Vec<String>,
-    /// Wallets, escrows or payout clearing below zero, debt above zero.
+    /// Wallets, escrows or payout clearing below zero, debt or promotions
+    /// above zero.
     pub sign_violations: Vec<String>,
+    /// Promotional journals without their `app.token_grants` audit row, or
+    /// whose amount differs from it (every grant is audited).
+    pub unaudited_grants: Vec<String>,
     /// The sum of every balance (must be 0).
     pub total_balance: i64,
     pub journals_checked: i64,
@@ -27,6 +31,7 @@ impl AuditReport {
         self.unbalanced_journals.is_empty()
             && self.drifted_accounts.is_empty()
             && self.sign_violations.is_empty()
+            && self.unaudited_grants.is_empty()
             && self.total_balance == 0
     }
 }
@@ -50,7 +55,22 @@ pub async fn audit(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> 
     let sign_violations: Vec<String> = sqlx::query_scalar(
         "select id::text from ledger.accounts where \
          (kind in ('wallet', 'escrow', 'payout_clearing', 'platform_revenue') and balance < 0) \
-         or (kind = 'debt' and balance > 0) limit 100",
+         or (kind in ('debt', 'promotions') and balance > 0) limit 100",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    // Each promotion journal credits exactly its audit row's amount to the
+    // audit row's user, from the promotions account.
+    let unaudited_grants: Vec<String> = sqlx::query_scalar(
+        "select j.id::text from ledger.journals j \
+         left join app.token_grants g on g.journal_id = j.id \
+         where j.kind = 'promotion' and (g.id is null or g.id::text <> j.reference \
+           or not exists (select 1 from ledger.entries e join ledger.accounts a on a.id = e.account_id \
+                          where e.journal_id = j.id and a.kind = 'wallet' \
+                            and a.owner_id = g.user_id and e.amount = g.amount) \
+           or not exists (select 1 from ledger.entries e join ledger.accounts a on a.id = e.account_id \
+                          where e.journal_id = j.id and a.kind = 'promotions' and e.amount = -g.amount)) \
+         limit 100",
     )
     .fetch_all(&mut *conn)
     .await?;
@@ -65,6 +85,7 @@ pub async fn audit(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> 
         unbalanced_journals,
         drifted_accounts,
         sign_violations,
+        unaudited_grants,
         total_balance,
         journals_checked,
         accounts_checked,

@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod classes;
+pub mod grants;
 pub mod packages;
 pub mod purchases;
 
@@ -55,6 +56,14 @@ pub enum LedgerError {
     DailyLimitExceeded { limit: i64, spent: i64 },
     #[error("already applied")]
     AlreadyApplied,
+    #[error("a grant needs a reason of 1–500 characters without control characters")]
+    InvalidReason,
+    #[error("admins cannot grant tokens to themselves")]
+    SelfGrant,
+    #[error("only an admin may do this")]
+    AdminRequired,
+    #[error("no such user")]
+    UnknownUser,
     #[error("ledger invariant violated: {0}")]
     Invariant(String),
     #[error(transparent)]
@@ -91,6 +100,14 @@ impl From<sqlx::Error> for LedgerError {
                 max: 10_000,
             },
             "SP011" => LedgerError::SelfTip,
+            "SP050" => LedgerError::AmountOutOfRange {
+                min: grants::MIN_GRANT,
+                max: grants::MAX_GRANT,
+            },
+            "SP051" => LedgerError::InvalidReason,
+            "SP052" => LedgerError::SelfGrant,
+            "SP053" => LedgerError::AdminRequired,
+            "SP054" => LedgerError::UnknownUser,
             "SP012" => LedgerError::RecipientNotCreator,
             "SP000" => LedgerError::Invariant(db.message().to_owned()),
             // The balance-sign constraint is the database's last word on
@@ -120,6 +137,10 @@ impl From<LedgerError> for ApiError {
                 ApiError::Unprocessable("daily_limit_exceeded", detail)
             }
             LedgerError::AlreadyApplied => ApiError::Conflict("already_applied", detail),
+            LedgerError::InvalidReason => ApiError::field("reason", detail),
+            LedgerError::SelfGrant => ApiError::Unprocessable("self_grant", detail),
+            LedgerError::AdminRequired => ApiError::Forbidden("admin_required"),
+            LedgerError::UnknownUser => ApiError::NotFound,
             LedgerError::Invariant(m) => ApiError::Internal(m.into()),
             LedgerError::Db(e) => e.into(),
         }

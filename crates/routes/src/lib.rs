@@ -7,6 +7,7 @@ pub mod admin;
 pub mod auth_hook;
 pub mod classes;
 pub mod cron;
+pub mod grants;
 pub mod health;
 pub mod ical;
 mod idempotent;
@@ -34,6 +35,7 @@ pub const FUNCTIONS: &[Function] = &[
     me::FUNCTION,
     auth_hook::FUNCTION,
     admin::ROLE,
+    grants::FUNCTION,
     openapi::FUNCTION,
     tokens::PACKAGES_FUNCTION,
     tokens::BALANCE_FUNCTION,

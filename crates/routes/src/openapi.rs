@@ -57,6 +57,7 @@ pub struct FieldErrorDoc {
         crate::me::get_me,
         crate::me::patch_me,
         crate::admin::set_role,
+        crate::grants::create_grant,
         crate::tokens::packages,
         crate::tokens::balance,
         crate::tokens::ledger,
