@@ -25,6 +25,11 @@ use crate::pgcluster::Cluster;
 /// Fixed ids, so re-running against the same database reuses the demo users.
 const DEMO_CREATOR: uuid::Uuid = uuid::uuid!("00000000-0000-4000-8000-0000000dec01");
 const DEMO_FAN: uuid::Uuid = uuid::uuid!("00000000-0000-4000-8000-0000000dfa01");
+/// The demo fan's promotional grant: a fixed id, so it is given once per
+/// database (the ledger refuses a second `('promotion', id)` journal).
+const DEMO_GRANT: uuid::Uuid = uuid::uuid!("00000000-0000-4000-8000-0000000d9a01");
+const DEMO_GRANT_TOKENS: i64 = 1_000;
+const DEMO_GRANT_REASON: &str = "stagepass dev: demo tokens to try tips and classes";
 const TOKEN_TTL_SECONDS: i64 = 24 * 3600;
 
 pub async fn run() -> Result<ExitCode> {
@@ -54,7 +59,9 @@ pub async fn run() -> Result<ExitCode> {
     print_banner(&base, &prepared, &failures);
     deliver_outbox_in_background(&mut env(), &resources);
     let tokens = demo_tokens(&prepared.admin_pool, &vars).await?;
+    let grant = grant_demo_tokens(&prepared.admin_pool).await?;
     print_tokens(&base, &tokens);
+    print_money(&base, &tokens, &grant, &vars);
     prepared.admin_pool.close().await;
 
     serve_local(listener, router, async move { signals.recv().await })
@@ -284,8 +291,81 @@ fn print_tokens(base: &str, tokens: &[DemoToken]) {
             t.token
         );
     }
+}
+
+/// What the demo fan can do with money right away, and whether card
+/// purchases work here (a Stripe stand-in or test keys configured).
+fn print_money(base: &str, tokens: &[DemoToken], grant: &str, vars: &BTreeMap<String, String>) {
+    println!();
+    println!("money: {grant}");
+    if let Some(fan) = tokens.iter().find(|t| t.label == "fan") {
+        println!("  # tip the demo creator 25 tokens");
+        println!(
+            "  curl -X POST -H \"Authorization: Bearer {}\" -H \"Idempotency-Key: demo-tip-1\" \\\n    \
+             -H \"Content-Type: application/json\" -d '{{\"recipient_id\":\"{DEMO_CREATOR}\",\"amount\":25}}' \\\n    \
+             {base}/api/v1/tips",
+            fan.token
+        );
+    }
+    let stripe = |k: &str| vars.get(k).is_some_and(|v| !v.trim().is_empty());
+    if stripe("STRIPE_SECRET_KEY") && stripe("STRIPE_WEBHOOK_SECRET") {
+        let api = vars
+            .get("STRIPE_API_BASE")
+            .map_or("https://api.stripe.com (test keys?)", String::as_str);
+        println!("card purchases: Stripe at {api}; webhooks to {base}/api/webhooks/stripe");
+    } else {
+        println!(
+            "card purchases: off (set STRIPE_SECRET_KEY, STRIPE_WEBHOOK_SECRET and, for \
+             localstripe, STRIPE_API_BASE; see README \"Try the money features\")"
+        );
+    }
     println!();
     println!("Ctrl-C stops the server.");
+}
+
+/// Gives the demo fan promotional tokens through the same audited SQL
+/// function as the admin route (`app.apply_token_grant`, as
+/// `operator:stagepass-dev`), once per database. Returns what to print.
+async fn grant_demo_tokens(admin: &PgPool) -> Result<String> {
+    use stagepass_ledger::LedgerError;
+    use stagepass_ledger::grants::{self, MAX_GRANT, MIN_GRANT};
+    let amount = stagepass_ledger::TokenAmount::parse(DEMO_GRANT_TOKENS, MIN_GRANT, MAX_GRANT)
+        .context("the demo grant amount")?;
+    let mut conn = admin
+        .acquire()
+        .await
+        .context("connecting for the demo grant")?;
+    let granted = grants::operator_grant(
+        &mut conn,
+        DEMO_GRANT,
+        DEMO_FAN,
+        amount,
+        DEMO_GRANT_REASON,
+        "stagepass-dev",
+    )
+    .await;
+    match granted {
+        Ok(g) => Ok(format!(
+            "granted {} promotional tokens to @demo_fan (audited in app.token_grants as \
+             operator:stagepass-dev, journal {}); balance {}",
+            g.amount, g.journal_id, g.balance
+        )),
+        Err(LedgerError::AlreadyApplied) => {
+            let balance: i64 = sqlx::query_scalar(
+                "select balance from ledger.accounts where kind = 'wallet' \
+                 and owner_id = $1 and reference is null",
+            )
+            .bind(DEMO_FAN)
+            .fetch_one(&mut *conn)
+            .await
+            .context("reading the demo fan's balance")?;
+            Ok(format!(
+                "@demo_fan received its {DEMO_GRANT_TOKENS} promotional tokens on an earlier \
+                 run; balance {balance}"
+            ))
+        }
+        Err(e) => Err(format!("granting the demo fan tokens: {e}").into()),
+    }
 }
 
 fn random_alphanumeric(len: usize) -> Result<String> {
