@@ -141,10 +141,11 @@ const fn signed(name: &'static str, per_second: u32, burst: u32) -> Policy {
     }
 }
 
-/// Verified Stripe events. Stripe's live-mode API accepts ~100 writes per
-/// second per account, which bounds the PaymentIntents (and so the events)
-/// we can cause; 100 / s sustained with a 1,000 burst is above any real
-/// peak and only stops a leaked secret or a runaway replay.
+/// Verified Stripe events. Stripe's live API takes 100 requests/s per
+/// account and 25/s per endpoint, so we create at most ~25 PaymentIntents a
+/// second, each causing a handful of events: 100 / s sustained with a 1,000
+/// burst (a backlog redelivered after an outage) is above any real peak and
+/// only stops a leaked secret or a runaway replay.
 pub const STRIPE_EVENTS: Policy = signed("stripe", 100, 1_000);
 /// Verified access-token hook calls: one per sign-in and one per token
 /// refresh (hourly per active session). 200 / s sustained is 720,000 token
