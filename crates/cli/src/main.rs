@@ -3,6 +3,7 @@
 //! - `dev`: every route on one port, with a throwaway Postgres when none is configured.
 //! - `migrate`: the embedded migrations, at deploy time (never on a cold start).
 //! - `users set-role`: bootstraps the first admin and changes roles outside the API.
+//! - `users grant`: promotional tokens by the operator, audited like an admin's grant.
 //! - `check-env`: validates a deployment's environment per function, without printing values.
 //! - `bench cold-start`: cold start, binary size, warm throughput and memory of the release binaries.
 //! - `bench tips`, `bench enroll-race`: money scenarios through release functions, with invariant checks.
@@ -36,6 +37,9 @@ USAGE:
   stagepass users set-role <user-id> <fan|creator|admin> [--reason TEXT]
       Change a user's role (creates the user row if needed). Uses DATABASE_URL
       (or DATABASE_ADMIN_URL); the operator name is $USER.
+  stagepass users grant <user-id> <tokens> --reason TEXT
+      Grant 1-10,000 promotional tokens (journal from the promotions account, audited
+      in app.token_grants as operator:$USER). Uses DATABASE_ADMIN_URL (the owner).
   stagepass check-env [--env-file PATH] [--function NAME] [--production]
       Check each function's configuration; exit 1 if any is incomplete.
   stagepass bench tips [--json] [--seconds S] [--connections C] [--fans N] [--bin-dir DIR]
@@ -116,7 +120,14 @@ fn users_command(rest: &[String]) -> Result<ExitCode> {
             let change = users::RoleChange::parse(user, role, p.value("--reason"))?;
             current_thread()?.block_on(users::set_role(change))
         }
-        _ => fail("usage: stagepass users set-role <user-id> <fan|creator|admin> [--reason TEXT]"),
+        [sub, user, tokens] if sub == "grant" => {
+            let grant = users::GrantRequest::parse(user, tokens, p.value("--reason"))?;
+            current_thread()?.block_on(users::grant(grant))
+        }
+        _ => fail(
+            "usage: stagepass users set-role <user-id> <fan|creator|admin> [--reason TEXT]\n       \
+             stagepass users grant <user-id> <tokens> --reason TEXT",
+        ),
     }
 }
 

@@ -43,10 +43,7 @@ impl RoleChange {
 pub async fn set_role(change: RoleChange) -> Result<ExitCode> {
     let url = database_url()?;
     let pool = crate::migrate::connect(&url).await?;
-    let operator = std::env::var("USER")
-        .ok()
-        .filter(|u| !u.trim().is_empty())
-        .unwrap_or_else(|| "cli".to_owned());
+    let operator = operator_name();
     let result = apply_role(
         &pool,
         change.user,
@@ -66,6 +63,84 @@ pub async fn set_role(change: RoleChange) -> Result<ExitCode> {
         println!("user {}: {previous} → {}", change.user, change.role);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A validated `users grant` (checked before touching the database, with
+/// the bounds `app.apply_token_grant` enforces again).
+#[derive(Debug, PartialEq, Eq)]
+pub struct GrantRequest {
+    pub user: uuid::Uuid,
+    pub amount: stagepass_ledger::TokenAmount,
+    pub reason: String,
+}
+
+impl GrantRequest {
+    pub fn parse(user: &str, tokens: &str, reason: Option<&str>) -> Result<GrantRequest> {
+        use stagepass_ledger::grants::{MAX_GRANT, MIN_GRANT, valid_reason};
+        let Ok(user) = uuid::Uuid::parse_str(user) else {
+            return fail(format!("'{user}' is not a user id (expected a UUID)"));
+        };
+        let amount = tokens
+            .parse::<i64>()
+            .ok()
+            .and_then(|n| stagepass_ledger::TokenAmount::parse(n, MIN_GRANT, MAX_GRANT).ok());
+        let Some(amount) = amount else {
+            return fail(format!(
+                "'{tokens}' is not a grant: {MIN_GRANT}-{MAX_GRANT} whole tokens"
+            ));
+        };
+        let Some(reason) = reason.filter(|r| valid_reason(r)) else {
+            return fail("--reason is required: 1-500 characters, no control characters");
+        };
+        Ok(GrantRequest {
+            user,
+            amount,
+            reason: reason.to_owned(),
+        })
+    }
+}
+
+/// Grants as the operator through `app.apply_token_grant` (owner only: it
+/// mints tokens), audited as `operator:$USER`.
+pub async fn grant(request: GrantRequest) -> Result<ExitCode> {
+    let url = std::env::var("DATABASE_ADMIN_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+        .ok_or("set DATABASE_ADMIN_URL (the database owner): only the owner may grant tokens")?;
+    let pool = crate::migrate::connect(&url).await?;
+    let granted = async {
+        let mut conn = pool.acquire().await.context("connecting")?;
+        stagepass_ledger::grants::operator_grant(
+            &mut conn,
+            uuid::Uuid::now_v7(),
+            request.user,
+            request.amount,
+            &request.reason,
+            &operator_name(),
+        )
+        .await
+        .map_err(|e| match e {
+            stagepass_ledger::LedgerError::UnknownUser => {
+                format!("user {} was not found", request.user).into()
+            }
+            other => crate::error::BoxError::from(format!("granting tokens: {other}")),
+        })
+    }
+    .await;
+    pool.close().await;
+    let g = granted?;
+    println!(
+        "user {}: +{} tokens (journal {}, grant {}); balance {}",
+        g.user_id, g.amount, g.journal_id, g.grant_id, g.balance
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn operator_name() -> String {
+    std::env::var("USER")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+        .unwrap_or_else(|| "cli".to_owned())
 }
 
 /// `DATABASE_URL` (the app login may become the service role), else
@@ -130,5 +205,22 @@ mod tests {
         assert!(RoleChange::parse("not-a-uuid", "fan", None).is_err());
         assert!(RoleChange::parse(id, "superuser", None).is_err());
         assert!(RoleChange::parse(id, "fan", Some(&"x".repeat(501))).is_err());
+    }
+
+    #[test]
+    fn grants_are_validated_before_touching_the_database() {
+        let id = "6f1c1c53-5c55-4b8e-9a57-6cc2a8c6f0a1";
+        let ok = GrantRequest::parse(id, "500", Some("support case 42")).expect("valid");
+        assert_eq!(ok.amount.get(), 500);
+        assert!(GrantRequest::parse("nope", "500", Some("r")).is_err());
+        for bad in ["0", "-1", "10001", "1.5", "lots"] {
+            assert!(GrantRequest::parse(id, bad, Some("r")).is_err(), "{bad}");
+        }
+        assert!(
+            GrantRequest::parse(id, "5", None).is_err(),
+            "reason required"
+        );
+        assert!(GrantRequest::parse(id, "5", Some(" ")).is_err());
+        assert!(GrantRequest::parse(id, "5", Some("a\0b")).is_err());
     }
 }

@@ -177,6 +177,37 @@ async fn the_demo_fan_can_spend_at_once_and_buy_through_localstripe() {
         .await
         .expect("count");
     assert_eq!(grants, 1);
+    drop(again);
+
+    // The operator's own grant, through the same SQL function.
+    let mut admin = url::Url::parse(&admin_url()).expect("admin url");
+    admin.set_path(&format!("/{}", db.name));
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_stagepass"))
+            .args(args)
+            .env_clear()
+            .env("USER", "tester")
+            .env("DATABASE_ADMIN_URL", admin.as_str())
+            .output()
+            .expect("run stagepass")
+    };
+    let fan = "00000000-0000-4000-8000-0000000dfa01";
+    let out = cli(&["users", "grant", fan, "50", "--reason", "support case 42"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("+50 tokens"), "{stdout}");
+    let refused = cli(&["users", "grant", fan, "50"]);
+    assert!(!refused.status.success(), "a reason is required");
+    let actors: Vec<String> =
+        sqlx::query_scalar("select actor from app.token_grants order by granted_at")
+            .fetch_all(&db.admin_pool)
+            .await
+            .expect("actors");
+    assert_eq!(actors, ["operator:stagepass-dev", "operator:tester"]);
     let mut conn = db.admin_pool.acquire().await.expect("conn");
     let report = stagepass_ledger::audit::audit(&mut conn)
         .await
