@@ -50,6 +50,9 @@ pub async fn request_rules(req: Request, next: Next) -> Response {
     }
     if let Some(query) = req.uri().query() {
         let mut seen: Vec<std::borrow::Cow<'_, str>> = Vec::new();
+        if let Err(e) = query_text(query) {
+            return e.into_response();
+        }
         for (key, _) in url::form_urlencoded::parse(query.as_bytes()) {
             if seen.contains(&key) {
                 return ApiError::field(key.into_owned(), "query parameter given more than once")
@@ -59,4 +62,22 @@ pub async fn request_rules(req: Request, next: Next) -> Response {
         }
     }
     next.run(req).await
+}
+
+/// Query values reach SQL (cursors, dates): the same character rules as
+/// bodies, single-line (ADR 0013).
+fn query_text(query: &str) -> Result<(), ApiError> {
+    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        if key
+            .chars()
+            .any(|c| c.is_control() || super::text::is_forbidden(c))
+        {
+            return Err(ApiError::field(
+                "query",
+                "a parameter name contains a forbidden character",
+            ));
+        }
+        super::text::check_single_line(&key, &value).map_err(|e| ApiError::Validation(vec![e]))?;
+    }
+    Ok(())
 }

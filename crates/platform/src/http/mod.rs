@@ -9,6 +9,7 @@ pub mod headers;
 pub mod json;
 pub mod problem;
 pub mod request_id;
+pub mod text;
 
 use axum::Router;
 use axum::middleware::from_fn;
