@@ -9,6 +9,7 @@
 //! together, refusals are rolled back to a savepoint and stored with the key.
 
 use axum::extract::{Path, Query, State};
+use axum::middleware::from_fn;
 use axum::response::Response;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -20,6 +21,7 @@ use stagepass_ledger::classes::{
 };
 use stagepass_platform::auth::AuthUser;
 use stagepass_platform::db;
+use stagepass_platform::http::guard;
 use stagepass_platform::http::{ApiError, ApiResult, FieldError, JsonBody, text};
 use stagepass_platform::idempotency::{DEFAULT_TTL_HOURS, Idempotency, IdempotencyKey};
 use stagepass_platform::serve::{Function, Limits, PlatformHandle};
@@ -65,7 +67,10 @@ pub const ENROLLMENTS: Function = Function {
         let api = UserApi::load_emitting(l, r)?;
         Some(
             Router::new()
-                .route("/api/v1/classes/{id}/enrollments", post(enroll))
+                .route(
+                    "/api/v1/classes/{id}/enrollments",
+                    post(enroll).layer(from_fn(guard::no_body)),
+                )
                 .with_state(api),
         )
     },
@@ -93,7 +98,10 @@ pub const CANCEL: Function = Function {
         let api = UserApi::load_emitting(l, r)?;
         Some(
             Router::new()
-                .route("/api/v1/classes/{id}/cancel", post(cancel_class))
+                .route(
+                    "/api/v1/classes/{id}/cancel",
+                    post(cancel_class).layer(from_fn(guard::no_body)),
+                )
                 .with_state(api),
         )
     },

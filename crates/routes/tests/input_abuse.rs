@@ -186,3 +186,88 @@ async fn an_idempotency_key_outside_visible_ascii_is_refused() {
     }
     assert_eq!(common::wallet(&app, fan.id).await, 100);
 }
+
+/// Issue 14: raw-body routes read 300 KiB under the dev server and Lambda,
+/// and routes that take no body read and ignored any. One limit, one
+/// answer (problem+json), and bodies refused where none is taken.
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_are_bounded_everywhere_and_refused_where_none_is_taken() {
+    let app = TestApp::unlimited().await;
+    let big = vec![b'{'; 300 * 1024];
+    for path in [
+        "/api/webhooks/stripe",
+        "/api/v1/auth/access-token-hook",
+        "/api/jobs/class-reminder",
+        "/api/v1/realtime/token",
+    ] {
+        let r = app
+            .post(path)
+            .raw_body("application/json", big.clone())
+            .send()
+            .await;
+        r.assert_problem(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    }
+    let c = creator(&app).await;
+    let fan = fan_with(&app, 100).await;
+    let id = common::classes::class(&app, &c, 48, 10, 5).await;
+    let json_body = json!({"ignored": true});
+    for (method, path, who) in [
+        (
+            http::Method::POST,
+            format!("/api/v1/classes/{id}/cancel"),
+            &c,
+        ),
+        (
+            http::Method::POST,
+            "/api/v1/schedule/feed-token".to_owned(),
+            &fan,
+        ),
+        (http::Method::GET, "/api/v1/me".to_owned(), &fan),
+        (http::Method::GET, "/api/v1/tokens/balance".to_owned(), &fan),
+        (
+            http::Method::DELETE,
+            format!("/api/v1/classes/{id}/enrollments/me"),
+            &fan,
+        ),
+    ] {
+        let r = app
+            .request(method.clone(), &path)
+            .bearer(&who.token)
+            .json(&json_body)
+            .send()
+            .await;
+        r.assert_problem(StatusCode::BAD_REQUEST, "bad_request");
+        assert!(
+            r.text().contains("takes no request body"),
+            "{method} {path}: {}",
+            r.text()
+        );
+    }
+    let r = app
+        .post(&format!("/api/v1/classes/{id}/enrollments"))
+        .bearer(&fan.token)
+        .header("idempotency-key", "with-body")
+        .json(&json_body)
+        .send()
+        .await;
+    r.assert_problem(StatusCode::BAD_REQUEST, "bad_request");
+    // Nothing happened: the class is still on and nobody enrolled.
+    let class = app
+        .get(&format!("/api/v1/classes/{id}"))
+        .bearer(&fan.token)
+        .send()
+        .await
+        .json();
+    assert_eq!(
+        (class["status"].as_str(), class["seats_taken"].as_i64()),
+        (Some("scheduled"), Some(0))
+    );
+    // Without a body the same requests work.
+    let r = app
+        .post(&format!("/api/v1/classes/{id}/enrollments"))
+        .bearer(&fan.token)
+        .header("idempotency-key", "no-body")
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+}

@@ -81,3 +81,68 @@ fn query_text(query: &str) -> Result<(), ApiError> {
     }
     Ok(())
 }
+
+/// One body limit on every target (issue 14): the request body is read here,
+/// at most [`super::MAX_BODY_BYTES`], before any route sees it. Vercel's
+/// adapter collected bodies itself, but under the dev server and Lambda the
+/// raw-body routes (webhooks, the auth hook, jobs) read up to axum's own
+/// 2 MiB and answered 413 as `text/plain` above it; now every target answers
+/// the same 413 problem, and axum's limit can never be reached.
+///
+/// Methods without request content (GET, HEAD, DELETE; RFC 9110 §9.3: such
+/// content "has no generally defined semantics") are refused with a 400
+/// when they carry a body, rather than reading and ignoring it; routes that
+/// take no body on POST say so with [`no_body`].
+pub async fn body_rules(req: Request, next: Next) -> Response {
+    use http_body_util::BodyExt as _;
+
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let bodyless_method = matches!(
+        *req.method(),
+        http::Method::GET | http::Method::HEAD | http::Method::DELETE
+    );
+    if bodyless_method && declared.is_some_and(|n| n > 0) {
+        return body_not_allowed();
+    }
+    if declared.is_some_and(|n| n > super::MAX_BODY_BYTES as u64) {
+        return ApiError::PayloadTooLarge.into_response();
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match http_body_util::Limited::new(body, super::MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return ApiError::PayloadTooLarge.into_response();
+        }
+        Err(_) => {
+            return ApiError::BadRequest("the request body could not be read".into())
+                .into_response();
+        }
+    };
+    if bodyless_method && !bytes.is_empty() {
+        return body_not_allowed();
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
+}
+
+fn body_not_allowed() -> Response {
+    ApiError::BadRequest("this route takes no request body".into()).into_response()
+}
+
+/// For a POST route that takes nothing (cancel a class, rotate the feed
+/// token, enrol): a body is refused instead of ignored. Runs after
+/// [`body_rules`], so the body is already buffered and its size exact.
+pub async fn no_body(req: Request, next: Next) -> Response {
+    use http_body::Body as _;
+    if req.body().size_hint().exact() != Some(0) {
+        return body_not_allowed();
+    }
+    next.run(req).await
+}
