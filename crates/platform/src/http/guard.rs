@@ -146,3 +146,54 @@ pub async fn no_body(req: Request, next: Next) -> Response {
     }
     next.run(req).await
 }
+
+/// The Lambda target (API Gateway HTTP API events through `lambda_http`'s
+/// adapter into the same stack): the body limit holds there too.
+#[cfg(all(test, feature = "lambda"))]
+mod lambda_body_tests {
+    use lambda_http::lambda_runtime::{Context, LambdaEvent};
+    use lambda_http::request::LambdaRequest;
+    use tower::ServiceExt;
+
+    async fn post(len: usize) -> serde_json::Value {
+        let event: LambdaRequest = serde_json::from_value(serde_json::json!({
+            "version": "2.0", "routeKey": "$default", "rawPath": "/raw", "rawQueryString": "",
+            "headers": {"host": "api.example.com", "content-type": "application/json"},
+            "requestContext": {
+                "accountId": "1", "apiId": "api", "domainName": "api.example.com",
+                "domainPrefix": "api", "requestId": "req-1", "routeKey": "$default",
+                "stage": "$default", "time": "27/Nov/2026:00:00:00 +0000", "timeEpoch": 0,
+                "http": {"method": "POST", "path": "/raw", "protocol": "HTTP/1.1",
+                         "sourceIp": "127.0.0.1", "userAgent": "test"}
+            },
+            "body": "x".repeat(len),
+            "isBase64Encoded": false
+        }))
+        .expect("an API Gateway v2 event");
+        let router = axum::Router::new().route(
+            "/raw",
+            axum::routing::post(|body: bytes::Bytes| async move { body.len().to_string() }),
+        );
+        let core = crate::config::CoreConfig::load(&mut crate::config::Loader::from_map(Vec::<(
+            String,
+            String,
+        )>::new(
+        )));
+        let adapter = lambda_http::Adapter::from(super::super::stack(router, &core));
+        let response = adapter
+            .oneshot(LambdaEvent::new(event, Context::default()))
+            .await
+            .expect("response");
+        serde_json::to_value(&response).expect("serialise")
+    }
+
+    #[tokio::test]
+    async fn lambda_bodies_get_the_same_limit_and_problem() {
+        assert_eq!(post(1024).await["statusCode"], 200);
+        for len in [300 * 1024, 3 * 1024 * 1024] {
+            let r = post(len).await;
+            assert_eq!(r["statusCode"], 413, "{len}");
+            assert_eq!(r["headers"]["content-type"], "application/problem+json");
+        }
+    }
+}
