@@ -145,6 +145,20 @@ async fn routes_that_take_no_body_refuse_one() {
     }
     let empty = oneshot(Request::post("/nobody").body(Body::empty()).unwrap()).await;
     assert_eq!(empty.status, StatusCode::OK);
+    // Clients that always send JSON may send an empty object.
+    for tolerated in ["{}", " { } \n"] {
+        let a = oneshot(
+            Request::post("/nobody")
+                .body(Body::from(tolerated))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(a.status, StatusCode::OK, "{tolerated:?}");
+    }
+    for refused in ["{\"a\":1}", "[]", "x", "{}{}"] {
+        let a = oneshot(Request::post("/nobody").body(Body::from(refused)).unwrap()).await;
+        assert_problem(&a, StatusCode::BAD_REQUEST, "bad_request");
+    }
     let with_body = oneshot(
         Request::post("/nobody")
             .header("content-type", "application/json")

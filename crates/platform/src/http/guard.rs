@@ -137,14 +137,25 @@ fn body_not_allowed() -> Response {
 }
 
 /// For a POST route that takes nothing (cancel a class, rotate the feed
-/// token, enrol): a body is refused instead of ignored. Runs after
-/// [`body_rules`], so the body is already buffered and its size exact.
+/// token, enrol): a body is refused instead of ignored. An empty JSON object
+/// is tolerated, since many clients always send one. Runs after
+/// [`body_rules`], so the body is already buffered (≤ the limit).
 pub async fn no_body(req: Request, next: Next) -> Response {
-    use http_body::Body as _;
-    if req.body().size_hint().exact() != Some(0) {
+    use http_body_util::BodyExt as _;
+    let (parts, body) = req.into_parts();
+    let bytes = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => return body_not_allowed(),
+    };
+    let trimmed = bytes.trim_ascii();
+    let empty_object = trimmed.first() == Some(&b'{')
+        && trimmed.last() == Some(&b'}')
+        && trimmed[1..trimmed.len() - 1].trim_ascii().is_empty();
+    if !trimmed.is_empty() && !empty_object {
         return body_not_allowed();
     }
-    next.run(req).await
+    next.run(Request::from_parts(parts, axum::body::Body::empty()))
+        .await
 }
 
 /// The Lambda target (API Gateway HTTP API events through `lambda_http`'s
