@@ -55,8 +55,8 @@ pub struct ClassFields {
     pub price_tokens: Option<i64>,
 }
 
-/// Every reason a class operation is refused (SQLSTATEs SP030–SP042 of the
-/// classes migration), plus the ledger's own refusals of the payment.
+/// Every reason a class operation is refused (SQLSTATEs SP030–SP043 of the
+/// classes migrations), plus the ledger's own refusals of the payment.
 #[derive(Debug, thiserror::Error)]
 pub enum ClassError {
     #[error("class not found")]
@@ -83,6 +83,8 @@ pub enum ClassError {
     StartsInPast,
     #[error("the price cannot change once fans have enrolled")]
     PriceLocked,
+    #[error("a class with paid enrolments cannot be moved to start less than 24 hours from now")]
+    RescheduleTooSoon,
     #[error("capacity cannot be below the {seats_taken} seats taken")]
     CapacityBelowSeats { seats_taken: i64 },
     #[error(transparent)]
@@ -112,6 +114,7 @@ impl From<sqlx::Error> for ClassError {
             Some("SP039") => ClassError::StartsInPast,
             Some("SP040") => ClassError::PriceLocked,
             Some("SP041") => ClassError::NotFound,
+            Some("SP043") => ClassError::RescheduleTooSoon,
             Some("SP042") => ClassError::CapacityBelowSeats {
                 seats_taken: detail.trim().parse().unwrap_or_default(),
             },
@@ -136,6 +139,7 @@ impl From<ClassError> for ApiError {
             ClassError::UnknownTimeZone => ApiError::field("time_zone", "unknown IANA time zone"),
             ClassError::StartsInPast => ApiError::field("starts_at", "must be in the future"),
             ClassError::PriceLocked => ApiError::Conflict("price_locked", detail),
+            ClassError::RescheduleTooSoon => ApiError::Conflict("reschedule_too_soon", detail),
             ClassError::CapacityBelowSeats { .. } => ApiError::field("capacity", detail),
             ClassError::Ledger(l) => l.into(),
         }

@@ -46,6 +46,16 @@ pub async fn begin(
     )
 }
 
+/// The caller's Stripe call for purchase `id` failed: gives its in-flight
+/// claim back, so a retry need not wait for the lease to run out.
+pub async fn release_claim(conn: &mut PgConnection, id: Uuid) -> Result<(), PurchaseError> {
+    sqlx::query("select app.release_purchase_claim($1)")
+        .bind(id)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 pub async fn attach_payment_intent(
     conn: &mut PgConnection,
     id: Uuid,

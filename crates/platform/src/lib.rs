@@ -15,6 +15,7 @@ pub mod cron;
 pub mod db;
 pub mod http;
 pub mod idempotency;
+pub mod local;
 pub mod ratelimit;
 pub mod serve;
 pub mod telemetry;

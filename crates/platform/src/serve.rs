@@ -12,7 +12,6 @@
 //! `text/event-stream` keeps the runtime's streaming path.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -265,22 +264,15 @@ async fn serve_platform(app: Router) -> Result<(), lambda_http::Error> {
     lambda_http::run(app).await
 }
 
-/// Serves `app` (already stacked) on a local listener with `TCP_NODELAY`,
-/// until `shutdown` resolves. Used by the dev server.
+/// Serves `app` (already stacked) on a local listener with `TCP_NODELAY`
+/// and a header read timeout (`crate::local`), until `shutdown` resolves.
+/// Used by the dev server.
 pub async fn serve_local(
     listener: tokio::net::TcpListener,
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    crate::local::serve(listener, app, shutdown, crate::local::HEADER_READ_TIMEOUT).await
 }
 
 /// The platform's per-request handle (Vercel's `AppState`), put into request

@@ -9,6 +9,7 @@
 //! together, refusals are rolled back to a savepoint and stored with the key.
 
 use axum::extract::{Path, Query, State};
+use axum::middleware::from_fn;
 use axum::response::Response;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -20,7 +21,8 @@ use stagepass_ledger::classes::{
 };
 use stagepass_platform::auth::AuthUser;
 use stagepass_platform::db;
-use stagepass_platform::http::{ApiError, ApiResult, FieldError, JsonBody};
+use stagepass_platform::http::guard;
+use stagepass_platform::http::{ApiError, ApiResult, FieldError, JsonBody, text};
 use stagepass_platform::idempotency::{DEFAULT_TTL_HOURS, Idempotency, IdempotencyKey};
 use stagepass_platform::serve::{Function, Limits, PlatformHandle};
 use utoipa::{IntoParams, ToSchema};
@@ -65,7 +67,10 @@ pub const ENROLLMENTS: Function = Function {
         let api = UserApi::load_emitting(l, r)?;
         Some(
             Router::new()
-                .route("/api/v1/classes/{id}/enrollments", post(enroll))
+                .route(
+                    "/api/v1/classes/{id}/enrollments",
+                    post(enroll).layer(from_fn(guard::no_body)),
+                )
                 .with_state(api),
         )
     },
@@ -93,7 +98,10 @@ pub const CANCEL: Function = Function {
         let api = UserApi::load_emitting(l, r)?;
         Some(
             Router::new()
-                .route("/api/v1/classes/{id}/cancel", post(cancel_class))
+                .route(
+                    "/api/v1/classes/{id}/cancel",
+                    post(cancel_class).layer(from_fn(guard::no_body)),
+                )
                 .with_state(api),
         )
     },
@@ -212,8 +220,8 @@ fn field_error(field: &str, message: &str) -> FieldError {
     }
 }
 
-/// Length in characters within `min..=max`, and no control characters but
-/// line breaks and tabs.
+/// Length in characters within `min..=max`, and the shared character rules
+/// (`text`): the title on one line, the description may keep line breaks.
 fn check_text(
     errors: &mut Vec<FieldError>,
     field: &str,
@@ -223,13 +231,22 @@ fn check_text(
 ) {
     let Some(value) = value else { return };
     let length_ok = (min..=max).contains(&value.chars().count());
-    let chars_ok = !value
-        .chars()
-        .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'));
+    let chars_ok = if field == "title" {
+        text::check_single_line(field, value).is_ok()
+    } else {
+        text::check(field, value).is_ok()
+    };
     if !length_ok || !chars_ok {
         errors.push(FieldError {
             field: field.to_owned(),
-            message: format!("must be {min}–{max} characters without control characters"),
+            message: format!(
+                "must be {min}–{max} characters without control or format characters{}",
+                if field == "title" {
+                    ", on one line"
+                } else {
+                    ""
+                }
+            ),
         });
     }
 }
@@ -316,6 +333,10 @@ pub struct ClassPage {
     pub next_cursor: Option<String>,
 }
 
+/// 9999-12-31T23:59:59.999999Z, the latest RFC 3339 instant a class can be
+/// given (four-digit years).
+const MAX_CURSOR_MICROS: i64 = 253_402_300_799_999_999;
+
 /// The cursor is opaque to clients: `<start in µs>.<id>`.
 fn encode_cursor(class: &Class) -> String {
     format!(
@@ -328,9 +349,12 @@ fn encode_cursor(class: &Class) -> String {
 fn decode_cursor(raw: &str) -> Result<ClassCursor, ApiError> {
     let bad = || ApiError::field("cursor", "not a cursor from a previous page");
     let (micros, id) = raw.split_once('.').ok_or_else(bad)?;
+    // Bounded to what a class can start at: chrono accepts instants far
+    // outside Postgres's timestamp range, which answered 500 (issue 14).
     let starts_at = micros
         .parse::<i64>()
         .ok()
+        .filter(|m| (0..=MAX_CURSOR_MICROS).contains(m))
         .and_then(DateTime::<Utc>::from_timestamp_micros)
         .ok_or_else(bad)?;
     let id = Uuid::parse_str(id).map_err(|_| bad())?;
@@ -581,6 +605,14 @@ mod tests {
         );
         for bad in ["", "x", "1.nope", "nope.0190"] {
             assert!(decode_cursor(bad).is_err(), "{bad}");
+        }
+        // Postgres cannot hold these instants (issue 14: a 500).
+        for out_of_range in [
+            "-3200000000000000000.00000000000000000000000000000000",
+            "253402300800000000.0191c7b5a4f27a5e9c1b2d3e4f5a6b7c",
+            "-1.0191c7b5a4f27a5e9c1b2d3e4f5a6b7c",
+        ] {
+            assert!(decode_cursor(out_of_range).is_err(), "{out_of_range}");
         }
     }
 }

@@ -20,6 +20,8 @@ pub struct FeedEvent {
     #[sqlx(flatten)]
     pub event: CalendarEvent,
     pub created_at: DateTime<Utc>,
+    /// The class's own description (may be empty, may hold line breaks).
+    pub description: String,
 }
 
 /// The domain in every UID.
@@ -50,7 +52,7 @@ pub fn calendar(events: &[FeedEvent]) -> String {
 
 fn push_event(out: &mut String, feed_event: &FeedEvent) {
     let e = &feed_event.event;
-    let (status, description) = match (e.status.as_str(), e.role.as_str()) {
+    let (status, note) = match (e.status.as_str(), e.role.as_str()) {
         ("cancelled", _) => ("CANCELLED", "This class was cancelled."),
         (_, "host") => ("CONFIRMED", "You are hosting this class on Stagepass."),
         _ => ("CONFIRMED", "You are attending this class on Stagepass."),
@@ -64,7 +66,13 @@ fn push_event(out: &mut String, feed_event: &FeedEvent) {
     push_line(out, &format!("DTSTART:{}", stamp(e.starts_at)));
     push_line(out, &format!("DTEND:{}", stamp(e.ends_at)));
     push_line(out, &format!("SUMMARY:{}", text(&e.title)));
-    push_line(out, &format!("DESCRIPTION:{}", text(description)));
+    // The creator's description first (what the class is), then what it
+    // is to this calendar's owner.
+    let description = match feed_event.description.trim() {
+        "" => note.to_owned(),
+        own => format!("{own}\n\n{note}"),
+    };
+    push_line(out, &format!("DESCRIPTION:{}", text(&description)));
     push_line(out, &format!("SEQUENCE:{}", e.sequence.max(0)));
     push_line(out, &format!("STATUS:{status}"));
     push_line(out, &format!("CREATED:{}", stamp(feed_event.created_at)));

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use stagepass_platform::auth::AuthUser;
 use stagepass_platform::db::{self, DbResultExt};
-use stagepass_platform::http::{ApiError, ApiResult, FieldError, JsonBody};
+use stagepass_platform::http::{ApiError, ApiResult, FieldError, JsonBody, text};
 use stagepass_platform::serve::{Function, Limits};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -108,11 +108,14 @@ impl MePatch {
         }
         let display_name = self.display_name.map(|d| d.trim().to_owned());
         if let Some(d) = &display_name
-            && (!(1..=60).contains(&d.chars().count()) || d.chars().any(char::is_control))
+            && (!(1..=60).contains(&d.chars().count())
+                || text::check_single_line("display_name", d).is_err())
         {
             errors.push(FieldError {
                 field: "display_name".into(),
-                message: "must be 1–60 characters without control characters".into(),
+                message:
+                    "must be 1–60 characters on one line, without control or format characters"
+                        .into(),
             });
         }
         if handle.is_none() && display_name.is_none() && errors.is_empty() {

@@ -55,6 +55,13 @@ pub const FUNCTION: Function = Function {
 
 const ROUTE: &str = "POST /api/v1/tokens/purchases";
 
+/// The most the Stripe call may take. It must stay below the purchase's
+/// in-flight claim (`app.purchase_claim_lease()`, 60 s; a test compares
+/// them): a claim that ran out while its holder still waited on Stripe let
+/// a duplicate call Stripe too (issue 14). The client alone may take
+/// 2 × 10 s + 2 s.
+pub const STRIPE_BUDGET: std::time::Duration = std::time::Duration::from_secs(30);
+
 #[derive(Clone)]
 pub struct PurchaseState {
     pub api: UserApi,
@@ -131,17 +138,27 @@ pub async fn create_purchase(
         ("user_id".to_owned(), user.id().to_string()),
         ("package".to_owned(), package.id.to_owned()),
     ]);
-    let intent = state
-        .stripe
-        .create_payment_intent(&params, &format!("purchase:{id}"))
-        .await
-        .map_err(|e| {
-            tracing::warn!(error = %e, "creating a PaymentIntent failed");
-            ApiError::Unavailable(
+    let stripe_key = format!("purchase:{id}");
+    let call = state.stripe.create_payment_intent(&params, &stripe_key);
+    let intent = match tokio::time::timeout(STRIPE_BUDGET, call).await {
+        Ok(Ok(intent)) => intent,
+        failed => {
+            match failed {
+                Ok(Err(e)) => tracing::warn!(error = %e, "creating a PaymentIntent failed"),
+                _ => tracing::warn!("creating a PaymentIntent took longer than its budget"),
+            }
+            // Best effort: the lease runs out anyway.
+            if let Ok(mut tx) = db::begin_user(&state.api.pool, user.claims()).await
+                && purchases::release_claim(&mut tx, id).await.is_ok()
+            {
+                let _ = tx.commit().await;
+            }
+            return Err(ApiError::Unavailable(
                 "payment_provider_unavailable",
                 "the payment provider did not answer; retry with the same Idempotency-Key".into(),
-            )
-        })?;
+            ));
+        }
+    };
 
     // 3. Record it with the response, in one transaction.
     let created = PurchaseCreated {
@@ -155,6 +172,13 @@ pub async fn create_purchase(
     };
     let body = serde_json::to_value(&created).map_err(ApiError::internal)?;
     let mut tx = db::begin_user(&state.api.pool, user.claims()).await?;
+    // Under the key's lock again: if a duplicate finished first (its claim
+    // outlived ours), answer what it answered rather than refusing our own
+    // request as a reused key.
+    if let Some(replay) = idempotency.begin(&mut tx).await? {
+        tx.commit().await?;
+        return Ok(replay.into_response());
+    }
     purchases::attach_payment_intent(&mut tx, id, &intent.id, intent.client_secret.as_deref())
         .await?;
     idempotency

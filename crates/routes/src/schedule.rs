@@ -12,6 +12,7 @@
 //! working (404).
 
 use axum::extract::{FromRef, Path, Query, State};
+use axum::middleware::from_fn;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -24,6 +25,7 @@ use sqlx::PgPool;
 use stagepass_platform::auth::{AuthUser, Verifier};
 use stagepass_platform::config::{DbConfig, Loader};
 use stagepass_platform::db;
+use stagepass_platform::http::guard;
 use stagepass_platform::http::{ApiError, ApiResult, FieldError};
 use stagepass_platform::serve::{Function, Limits};
 use utoipa::{IntoParams, ToSchema};
@@ -68,7 +70,10 @@ pub const FEED_TOKEN: Function = Function {
         let base = public_base_url(l);
         Some(
             Router::new()
-                .route("/api/v1/schedule/feed-token", post(rotate_feed_token))
+                .route(
+                    "/api/v1/schedule/feed-token",
+                    post(rotate_feed_token).layer(from_fn(guard::no_body)),
+                )
                 .with_state(FeedTokenState {
                     api: api?,
                     public_base: base?,

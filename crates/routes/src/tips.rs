@@ -14,7 +14,7 @@ use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use stagepass_ledger::{Tip, TokenAmount};
 use stagepass_platform::auth::AuthUser;
-use stagepass_platform::http::{ApiError, ApiResult, JsonBody};
+use stagepass_platform::http::{ApiError, ApiResult, JsonBody, text};
 use stagepass_platform::idempotency::{DEFAULT_TTL_HOURS, Idempotency, IdempotencyKey};
 use stagepass_platform::serve::{Function, Limits, PlatformHandle};
 use utoipa::ToSchema;
@@ -57,11 +57,12 @@ impl TipRequest {
         let amount = TokenAmount::parse(self.amount, MIN_TIP, MAX_TIP)?;
         if let Some(m) = &self.message
             && (m.chars().count() > MAX_MESSAGE_CHARS
-                || m.chars().any(|c| c.is_control() && c != '\n'))
+                || m.chars().any(|c| c.is_control() && c != '\n')
+                || text::check("message", m).is_err())
         {
             return Err(ApiError::field(
                 "message",
-                "at most 280 characters, no control characters",
+                "at most 280 characters, no control or format characters",
             ));
         }
         Ok(amount)

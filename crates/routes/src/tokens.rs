@@ -106,6 +106,13 @@ pub async fn ledger(
     query: Result<Query<LedgerQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<LedgerPage>> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
+    // Entry ids are positive; anything else is not a cursor we gave out.
+    if q.cursor.is_some_and(|c| c < 1) {
+        return Err(ApiError::field(
+            "cursor",
+            "not a cursor from a previous page",
+        ));
+    }
     let limit = q.limit.unwrap_or(50);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::field("limit", "must be between 1 and 100"));

@@ -653,3 +653,180 @@ async fn the_class_list_pages_by_start_and_filters_by_creator() {
     }
     assert_ledger_clean(&app).await;
 }
+
+/// Issue 14: a creator moved a paid class with enrolled fans to start in two
+/// minutes; the fans' withdrawal then hit the cut-off and settlement would
+/// have paid their escrow to the creator. The rule (SPEC §3, ADR 0013): a
+/// class with paid enrolments cannot move to start within 24 h, and any
+/// reschedule reopens a full-refund withdrawal for every enrolled fan for
+/// 24 h (or until the new start), announced in `class.updated`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reschedule_cannot_take_away_a_fans_refund() {
+    let app = TestApp::unlimited().await;
+    let c = creator(&app).await;
+    let fan = fan_with(&app, 100).await;
+    let id = class(&app, &c, 72, 30, 10).await;
+    assert_eq!(
+        enroll(&app, &fan, &id, "k1").await.status,
+        StatusCode::CREATED
+    );
+    let path = format!("/api/v1/classes/{id}");
+
+    // Moving it to start in two minutes (or 23 h) is refused and changes nothing.
+    for minutes in [2, 23 * 60] {
+        let soon = Utc::now() + Duration::minutes(minutes);
+        app.patch(&path)
+            .bearer(&c.token)
+            .json(&json!({"starts_at": rfc3339(soon)}))
+            .send()
+            .await
+            .assert_problem(StatusCode::CONFLICT, "reschedule_too_soon");
+    }
+    let unchanged = app.get(&path).bearer(&fan.token).send().await.json();
+    assert_eq!(unchanged["sequence"], 0);
+
+    // Moving it to start in 25 h is allowed and reopens the refund for 24 h.
+    let new_start = (Utc::now() + Duration::hours(25)).with_nanosecond_zero();
+    let r = app
+        .patch(&path)
+        .bearer(&c.token)
+        .json(&json!({"starts_at": rfc3339(new_start)}))
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let seen = app.get(&path).bearer(&fan.token).send().await.json();
+    let until = parse(seen["withdraw_until"].as_str().expect("withdraw_until"));
+    let expected = Utc::now() + Duration::hours(24);
+    assert!(
+        (until - expected).num_seconds().abs() < 60,
+        "the fan's deadline is 24 h after the change: {until}"
+    );
+    // The creator (not enrolled) sees the plain cut-off.
+    let host = app.get(&path).bearer(&c.token).send().await.json();
+    assert_eq!(
+        host["withdraw_until"].as_str().map(parse),
+        Some(new_start - Duration::hours(24))
+    );
+    // Fans learn the window from the class.updated message.
+    let payload: Value = sqlx::query_scalar(
+        "select payload from app.outbox where name = 'class.updated' \
+         and destination = 'class:' || $1 order by id desc limit 1",
+    )
+    .bind(&id)
+    .fetch_one(&app.db.admin_pool)
+    .await
+    .expect("class.updated");
+    assert_eq!(
+        payload["refund_window_until"].as_str().map(parse),
+        Some(until),
+        "{payload}"
+    );
+
+    // Twelve hours pass (the superuser shifts every instant back): the
+    // normal cut-off is over, a fan who enrols now gets only the cut-off,
+    // and the fan enrolled at the change still gets a full refund.
+    for sql in [
+        "update app.classes set starts_at = starts_at - interval '12 hours' where id = $1::uuid",
+        "update app.enrollments set refund_until = refund_until - interval '12 hours' \
+         where class_id = $1::uuid",
+    ] {
+        sqlx::query(sql)
+            .bind(&id)
+            .execute(&app.db.admin_pool)
+            .await
+            .expect("time passes");
+    }
+    let late = fan_with(&app, 100).await;
+    assert_eq!(
+        enroll(&app, &late, &id, "k2").await.status,
+        StatusCode::CREATED
+    );
+    withdraw(&app, &late, &id)
+        .await
+        .assert_problem(StatusCode::CONFLICT, "cutoff_passed");
+    let r = withdraw(&app, &fan, &id).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["refunded_tokens"], 30);
+    assert_eq!(wallet(&app, fan.id).await, 100);
+    assert_eq!(escrow(&app, &id).await, 30);
+    assert_ledger_clean(&app).await;
+}
+
+/// A free class may move close to its start (nobody loses money), but its
+/// fans may still leave until the new start.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_free_class_may_move_close_and_its_fans_may_leave_until_the_start() {
+    let app = TestApp::unlimited().await;
+    let c = creator(&app).await;
+    let fan = fan_with(&app, 0).await;
+    let id = class(&app, &c, 72, 0, 10).await;
+    assert_eq!(
+        enroll(&app, &fan, &id, "f1").await.status,
+        StatusCode::CREATED
+    );
+    let new_start = (Utc::now() + Duration::minutes(10)).with_nanosecond_zero();
+    let r = app
+        .patch(&format!("/api/v1/classes/{id}"))
+        .bearer(&c.token)
+        .json(&json!({"starts_at": rfc3339(new_start)}))
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let seen = app
+        .get(&format!("/api/v1/classes/{id}"))
+        .bearer(&fan.token)
+        .send()
+        .await
+        .json();
+    assert_eq!(
+        seen["withdraw_until"].as_str().map(parse),
+        Some(new_start),
+        "the window ends at the new start"
+    );
+    let r = withdraw(&app, &fan, &id).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["refunded_tokens"], 0);
+    assert_ledger_clean(&app).await;
+}
+
+/// Settlement never pays out escrow a fan can still withdraw.
+#[tokio::test(flavor = "multi_thread")]
+async fn settlement_waits_for_an_open_refund_window() {
+    let app = TestApp::unlimited().await;
+    let c = creator(&app).await;
+    let fan = fan_with(&app, 100).await;
+    let id = class(&app, &c, 72, 40, 10).await;
+    assert_eq!(
+        enroll(&app, &fan, &id, "s1").await.status,
+        StatusCode::CREATED
+    );
+    let r = app
+        .patch(&format!("/api/v1/classes/{id}"))
+        .bearer(&c.token)
+        .json(&json!({"starts_at": rfc3339(Utc::now() + Duration::hours(30))}))
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    // The superuser makes the class end while the window is still open.
+    sqlx::query(
+        "update app.classes set starts_at = now() - interval '3 hours' where id = $1::uuid",
+    )
+    .bind(&id)
+    .execute(&app.db.admin_pool)
+    .await
+    .expect("end the class");
+    let r = settle(&app).await;
+    assert_eq!(r.json()["settled_classes"], 0, "{}", r.text());
+    assert_eq!(escrow(&app, &id).await, 40);
+    assert_eq!(wallet(&app, c.id).await, 0);
+    // The window closes: now it settles.
+    sqlx::query("update app.enrollments set refund_until = now() - interval '1 second' where class_id = $1::uuid")
+        .bind(&id)
+        .execute(&app.db.admin_pool)
+        .await
+        .expect("close the window");
+    let r = settle(&app).await;
+    assert_eq!(r.json()["settled_classes"], 1, "{}", r.text());
+    assert_eq!(escrow(&app, &id).await, 0);
+    assert_ledger_clean(&app).await;
+}

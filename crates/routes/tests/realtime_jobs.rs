@@ -736,11 +736,16 @@ async fn the_ical_feed_follows_the_class_and_rotates() {
     let fan = fan_with(&app, 50).await;
     let stranger = fan_with(&app, 50).await;
     let title = r"Yoga, flow; and a \ backslash — ünïcode";
+    // Issue 14: the feed sent a fixed text instead of this. Long enough to
+    // fold, with line breaks and every character RFC 5545 escapes.
+    let description = "Bring a mat, water; and a towel.\nWe start slowly — \\ no rush.\n\
+                       Ünïcode 🧘 and a long line that certainly needs folding at 75 octets.";
     let r = app
         .post("/api/v1/classes")
         .bearer(&host.token)
         .json(&json!({
             "title": title,
+            "description": description,
             "starts_at": rfc3339(Utc::now() + chrono::Duration::hours(48)),
             "time_zone": "Europe/Berlin",
             "duration_minutes": 90,
@@ -767,6 +772,10 @@ async fn the_ical_feed_follows_the_class_and_rotates() {
     let uid = format!("class-{class}@stagepass.app");
     assert_eq!(event.get_uid(), Some(uid.as_str()));
     assert_eq!(event.get_summary(), Some(title));
+    assert_eq!(
+        event.get_description(),
+        Some(format!("{description}\n\nYou are attending this class on Stagepass.").as_str())
+    );
     assert_eq!(event.get_start(), utc(start));
     assert_eq!(event.get_end(), utc(start + chrono::Duration::minutes(90)));
     assert_eq!(event.get_sequence(), Some(0));

@@ -374,10 +374,18 @@ fn message_ok(message: &str) -> bool {
 }
 
 impl Model {
-    /// `POST /api/v1/tips`: validation, then the idempotency record, then
-    /// `app.tip`.
+    /// `POST /api/v1/tips`: the shared text rule on every string (while
+    /// the body is read, so first), validation, then the idempotency
+    /// record, then `app.tip`.
     fn tip(&mut self, call: &TipCall) -> TipExpect {
         let body = &call.body;
+        if body
+            .message
+            .as_deref()
+            .is_some_and(|m| m.chars().any(stagepass_platform::http::text::is_forbidden))
+        {
+            return TipExpect::Invalid("message");
+        }
         if !(MIN_TIP..=MAX_TIP).contains(&body.amount) {
             return TipExpect::Invalid("amount");
         }

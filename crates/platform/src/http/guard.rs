@@ -50,6 +50,9 @@ pub async fn request_rules(req: Request, next: Next) -> Response {
     }
     if let Some(query) = req.uri().query() {
         let mut seen: Vec<std::borrow::Cow<'_, str>> = Vec::new();
+        if let Err(e) = query_text(query) {
+            return e.into_response();
+        }
         for (key, _) in url::form_urlencoded::parse(query.as_bytes()) {
             if seen.contains(&key) {
                 return ApiError::field(key.into_owned(), "query parameter given more than once")
@@ -59,4 +62,149 @@ pub async fn request_rules(req: Request, next: Next) -> Response {
         }
     }
     next.run(req).await
+}
+
+/// Query values reach SQL (cursors, dates): the same character rules as
+/// bodies, single-line (ADR 0013).
+fn query_text(query: &str) -> Result<(), ApiError> {
+    for (key, value) in url::form_urlencoded::parse(query.as_bytes()) {
+        if key
+            .chars()
+            .any(|c| c.is_control() || super::text::is_forbidden(c))
+        {
+            return Err(ApiError::field(
+                "query",
+                "a parameter name contains a forbidden character",
+            ));
+        }
+        super::text::check_single_line(&key, &value).map_err(|e| ApiError::Validation(vec![e]))?;
+    }
+    Ok(())
+}
+
+/// One body limit on every target (issue 14): the request body is read here,
+/// at most [`super::MAX_BODY_BYTES`], before any route sees it. Vercel's
+/// adapter collected bodies itself, but under the dev server and Lambda the
+/// raw-body routes (webhooks, the auth hook, jobs) read up to axum's own
+/// 2 MiB and answered 413 as `text/plain` above it; now every target answers
+/// the same 413 problem, and axum's limit can never be reached.
+///
+/// Methods without request content (GET, HEAD, DELETE; RFC 9110 §9.3: such
+/// content "has no generally defined semantics") are refused with a 400
+/// when they carry a body, rather than reading and ignoring it; routes that
+/// take no body on POST say so with [`no_body`].
+pub async fn body_rules(req: Request, next: Next) -> Response {
+    use http_body_util::BodyExt as _;
+
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let bodyless_method = matches!(
+        *req.method(),
+        http::Method::GET | http::Method::HEAD | http::Method::DELETE
+    );
+    if bodyless_method && declared.is_some_and(|n| n > 0) {
+        return body_not_allowed();
+    }
+    if declared.is_some_and(|n| n > super::MAX_BODY_BYTES as u64) {
+        return ApiError::PayloadTooLarge.into_response();
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match http_body_util::Limited::new(body, super::MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return ApiError::PayloadTooLarge.into_response();
+        }
+        Err(_) => {
+            return ApiError::BadRequest("the request body could not be read".into())
+                .into_response();
+        }
+    };
+    if bodyless_method && !bytes.is_empty() {
+        return body_not_allowed();
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
+}
+
+fn body_not_allowed() -> Response {
+    ApiError::BadRequest("this route takes no request body".into()).into_response()
+}
+
+/// For a POST route that takes nothing (cancel a class, rotate the feed
+/// token, enrol): a body is refused instead of ignored. An empty JSON object
+/// is tolerated, since many clients always send one. Runs after
+/// [`body_rules`], so the body is already buffered (≤ the limit).
+pub async fn no_body(req: Request, next: Next) -> Response {
+    use http_body_util::BodyExt as _;
+    let (parts, body) = req.into_parts();
+    let bytes = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => return body_not_allowed(),
+    };
+    let trimmed = bytes.trim_ascii();
+    let empty_object = trimmed.first() == Some(&b'{')
+        && trimmed.last() == Some(&b'}')
+        && trimmed[1..trimmed.len() - 1].trim_ascii().is_empty();
+    if !trimmed.is_empty() && !empty_object {
+        return body_not_allowed();
+    }
+    next.run(Request::from_parts(parts, axum::body::Body::empty()))
+        .await
+}
+
+/// The Lambda target (API Gateway HTTP API events through `lambda_http`'s
+/// adapter into the same stack): the body limit holds there too.
+#[cfg(all(test, feature = "lambda"))]
+mod lambda_body_tests {
+    use lambda_http::lambda_runtime::{Context, LambdaEvent};
+    use lambda_http::request::LambdaRequest;
+    use tower::ServiceExt;
+
+    async fn post(len: usize) -> serde_json::Value {
+        let event: LambdaRequest = serde_json::from_value(serde_json::json!({
+            "version": "2.0", "routeKey": "$default", "rawPath": "/raw", "rawQueryString": "",
+            "headers": {"host": "api.example.com", "content-type": "application/json"},
+            "requestContext": {
+                "accountId": "1", "apiId": "api", "domainName": "api.example.com",
+                "domainPrefix": "api", "requestId": "req-1", "routeKey": "$default",
+                "stage": "$default", "time": "27/Nov/2026:00:00:00 +0000", "timeEpoch": 0,
+                "http": {"method": "POST", "path": "/raw", "protocol": "HTTP/1.1",
+                         "sourceIp": "127.0.0.1", "userAgent": "test"}
+            },
+            "body": "x".repeat(len),
+            "isBase64Encoded": false
+        }))
+        .expect("an API Gateway v2 event");
+        let router = axum::Router::new().route(
+            "/raw",
+            axum::routing::post(|body: bytes::Bytes| async move { body.len().to_string() }),
+        );
+        let core = crate::config::CoreConfig::load(&mut crate::config::Loader::from_map(Vec::<(
+            String,
+            String,
+        )>::new(
+        )));
+        let adapter = lambda_http::Adapter::from(super::super::stack(router, &core));
+        let response = adapter
+            .oneshot(LambdaEvent::new(event, Context::default()))
+            .await
+            .expect("response");
+        serde_json::to_value(&response).expect("serialise")
+    }
+
+    #[tokio::test]
+    async fn lambda_bodies_get_the_same_limit_and_problem() {
+        assert_eq!(post(1024).await["statusCode"], 200);
+        for len in [300 * 1024, 3 * 1024 * 1024] {
+            let r = post(len).await;
+            assert_eq!(r["statusCode"], 413, "{len}");
+            assert_eq!(r["headers"]["content-type"], "application/problem+json");
+        }
+    }
 }

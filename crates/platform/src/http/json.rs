@@ -40,8 +40,18 @@ where
         let bytes = axum::body::to_bytes(req.into_body(), MAX_JSON_BYTES)
             .await
             .map_err(|_| ApiError::PayloadTooLarge)?;
-        parse(&bytes).map(JsonBody)
+        parse_text(&bytes).map(JsonBody)
     }
+}
+
+/// [`parse`] for text from a client: first every string is checked against
+/// the shared character rules ([`super::text`]), so no route can store a NUL
+/// (a 500 from Postgres) or a bidi override, whatever its own checks.
+pub fn parse_text<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if let Ok(document) = serde_json::from_slice::<serde_json::Value>(bytes) {
+        super::text::check_json(&document)?;
+    }
+    parse(bytes)
 }
 
 /// Parses a JSON document into `T`, naming the failing field on error.

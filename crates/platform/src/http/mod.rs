@@ -9,6 +9,7 @@ pub mod headers;
 pub mod json;
 pub mod problem;
 pub mod request_id;
+pub mod text;
 
 use axum::Router;
 use axum::middleware::from_fn;
@@ -20,15 +21,19 @@ use crate::config::CoreConfig;
 
 /// The `API-Version` every response carries.
 pub const API_VERSION: &str = "1";
-/// Largest request body any function accepts (webhooks included).
+/// Largest request body any function accepts (webhooks included), on every
+/// target: enforced by [`guard::body_rules`] in [`stack`] (and used by the
+/// Vercel adapter, which collects bodies before the stack).
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
 
 /// Wraps a route's router in the shared layers. Outermost first: request id
-/// → panic guard → telemetry → security headers → CORS → query rules → route.
+/// → panic guard → telemetry → security headers → CORS → query rules → body
+/// rules → route.
 pub fn stack(router: Router, core: &CoreConfig) -> Router {
     let cors = cors::Cors::from_config(core);
     router
         .fallback(|| async { ApiError::NotFound })
+        .layer(from_fn(guard::body_rules))
         .layer(from_fn(guard::request_rules))
         .layer(from_fn(move |req, next| {
             cors::apply(cors.clone(), req, next)
