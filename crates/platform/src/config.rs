@@ -370,7 +370,7 @@ impl DbConfig {
     pub fn load(l: &mut Loader) -> Option<DbConfig> {
         let url = l.required_secret(
             "DATABASE_URL",
-            "postgres://stagepass_app:…@host:5432/postgres (session mode) — see docs/ARCHITECTURE.md",
+            "postgres://stagepass_app:…@host:6543/postgres?sslmode=verify-full (Supabase transaction pooler) — see docs/ARCHITECTURE.md",
             |v| {
                 if v.starts_with("postgres://") || v.starts_with("postgresql://") {
                     url::Url::parse(v)

@@ -195,3 +195,16 @@ pub fn sqlstate(e: &sqlx::Error) -> Option<String> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_begin_sets_the_one_statement_timeout() {
+        let set = format!("; set local statement_timeout = '{STATEMENT_TIMEOUT}'");
+        for begin in [BEGIN, BEGIN_SNAPSHOT] {
+            assert!(begin.ends_with(&set), "{begin}");
+        }
+    }
+}
