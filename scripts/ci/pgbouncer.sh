@@ -108,5 +108,7 @@ else
   cargo test -p stagepass-platform --features testing --test pooler
   cargo test -p stagepass-functions --test e2e --test e2e_money
   cargo test -p stagepass-routes "${suites[@]}"
+  # `stagepass users set-role` with the functions' DATABASE_URL.
+  cargo test -p stagepass-cli users::
   echo "through pgbouncer: $(($(date +%s) - started)) s"
 fi

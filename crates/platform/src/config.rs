@@ -430,23 +430,28 @@ fn load_pool_mode(l: &mut Loader, url: Option<&url::Url>) -> PoolMode {
             );
             PoolMode::Session
         }
-        None => {
-            let pooler = url.is_some_and(|u| {
-                u.port() == Some(TRANSACTION_POOLER_PORT)
-                    || u.query_pairs()
-                        .any(|(k, v)| k == "pgbouncer" && v == "true")
-            });
-            if pooler {
-                PoolMode::Transaction
-            } else {
-                PoolMode::Session
-            }
+        None => url.map_or(PoolMode::Session, PoolMode::inferred_from),
+    }
+}
+
+impl PoolMode {
+    /// What a URL alone says: Supabase's transaction pooler port, or
+    /// `pgbouncer=true`.
+    pub fn inferred_from(url: &url::Url) -> PoolMode {
+        if url.port() == Some(TRANSACTION_POOLER_PORT)
+            || url
+                .query_pairs()
+                .any(|(k, v)| k == "pgbouncer" && v == "true")
+        {
+            PoolMode::Transaction
+        } else {
+            PoolMode::Session
         }
     }
 }
 
 /// The URL sqlx gets: `pgbouncer=` is ours (sqlx would log it as unknown).
-fn without_pgbouncer_param(mut url: url::Url) -> String {
+pub fn without_pgbouncer_param(mut url: url::Url) -> String {
     if url.query_pairs().any(|(k, _)| k == "pgbouncer") {
         let kept: Vec<(String, String)> = url
             .query_pairs()
