@@ -362,8 +362,9 @@ pub struct DbConfig {
     pub pool_mode: PoolMode,
     /// `DATABASE_CA_PEM`: the CA that signs the server's certificate, as
     /// PEM text (a file next to the binary does not exist on Vercel). It is
-    /// public, but never echoed anyway: it is long and says nothing useful.
-    pub ca_pem: Option<Vec<u8>>,
+    /// public, but held as a [`Secret`] so no `Debug` print or log line
+    /// echoes it: it is long and says nothing useful there.
+    pub ca_pem: Option<Secret>,
 }
 
 impl DbConfig {
@@ -471,7 +472,7 @@ pub fn without_pgbouncer_param(mut url: url::Url) -> String {
 /// anchor (what the TLS client will do with it), and an `sslmode` that
 /// verifies — with `prefer`/`require` the CA would silently be ignored.
 /// `sslrootcert=` in the URL as well is refused: two CAs, one would lose.
-fn load_ca_pem(l: &mut Loader, url: Option<&url::Url>, mode: Option<&str>) -> Option<Vec<u8>> {
+fn load_ca_pem(l: &mut Loader, url: Option<&url::Url>, mode: Option<&str>) -> Option<Secret> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject as _;
     const HINT: &str = "the PEM text of the CA certificate (Supabase: Database settings → SSL                         → Download certificate), with its BEGIN/END lines";
@@ -525,7 +526,7 @@ fn load_ca_pem(l: &mut Loader, url: Option<&url::Url>, mode: Option<&str>) -> Op
         );
     }
     // Normalised with a final newline; nothing else changes.
-    Some(format!("{}\n", pem.trim_end()).into_bytes())
+    Some(Secret::from(format!("{}\n", pem.trim_end())))
 }
 
 /// The `sslmode` of a Postgres URL (libpq's default, `prefer`, when absent).
@@ -983,8 +984,13 @@ mod tests {
             ("DATABASE_CA_PEM", TEST_CA_PEM),
         ]);
         assert_eq!(result, Ok(vec![]), "verify-full with a CA: no warning");
-        let pem = db.expect("db").ca_pem.expect("ca");
-        assert!(pem.starts_with(b"-----BEGIN CERTIFICATE-----"));
+        let db = db.expect("db");
+        assert!(!format!("{db:?}").contains("MIIB"), "Debug echoes the CA");
+        let pem = db.ca_pem.expect("ca");
+        assert!(
+            pem.expose_secret()
+                .starts_with("-----BEGIN CERTIFICATE-----")
+        );
         // Pasted on one line with literal \n (some settings screens).
         let one_line = TEST_CA_PEM.replace('\n', "\\n");
         let (db, result) = load_db(&[("DATABASE_URL", url), ("DATABASE_CA_PEM", &one_line)]);

@@ -56,7 +56,7 @@ pub fn connect_options(cfg: &DbConfig) -> Result<PgConnectOptions, sqlx::Error> 
     if let Some(pem) = &cfg.ca_pem {
         // Replaces `PGSSLROOTCERT`; the config refuses `sslrootcert=` next
         // to it. Used for verify-ca/verify-full (the config requires one).
-        options = options.ssl_root_cert_from_pem(pem.clone());
+        options = options.ssl_root_cert_from_pem(pem.expose_secret().as_bytes().to_vec());
     }
     Ok(match cfg.pool_mode {
         PoolMode::Session => options.options([("statement_timeout", STATEMENT_TIMEOUT)]),
