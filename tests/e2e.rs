@@ -222,3 +222,146 @@ async fn server_errors_reach_sentry_with_request_id_and_without_secrets() {
     assert!(text.contains("/api/health/ready"), "route missing: {text}");
     assert!(!text.contains("pa55w0rd-secret"), "secret leaked: {text}");
 }
+
+/// Every function that reads or writes the database, as its own compiled
+/// binary, answers one request that reaches Postgres — user routes, the
+/// trust-level lookup of money routes, the crons, the outbox. Run as is, and
+/// through PgBouncer in transaction mode by `scripts/ci/pgbouncer.sh`
+/// (STAGEPASS_TEST_DB_PROXY), where it shows every binary's connection
+/// settings and statements survive a transaction pooler.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_database_function_binary_reaches_postgres() {
+    const CRON_SECRET: &str = "cron-secret-for-e2e-tests-0123456789";
+    let db = stagepass_platform::testing::TestDb::new().await;
+    let mut env = env_for(&db);
+    env.extend([
+        ("CRON_SECRET", CRON_SECRET),
+        ("STRIPE_SECRET_KEY", "sk_test_stagepass_e2e"),
+        ("STRIPE_WEBHOOK_SECRET", "whsec_stagepass_e2e_secret"),
+        // Nothing listens here: no route below calls out to Stripe or Ably.
+        ("STRIPE_API_BASE", "http://127.0.0.1:9"),
+        ("ABLY_API_KEY", "testapp.testkey:ably-test-secret"),
+        ("ABLY_API_BASE", "http://127.0.0.1:9"),
+        ("PUBLIC_BASE_URL", "https://api.stagepass.test"),
+    ]);
+    let token = mint(uuid::Uuid::new_v4(), Some("fan@example.com"));
+    let nobody = uuid::Uuid::new_v4();
+    let tip = format!(r#"{{"recipient_id":"{nobody}","amount":5}}"#);
+    let role = r#"{"role":"creator"}"#;
+    let class = format!("/api/v1/classes/{nobody}");
+    let (enrol, me, cancel) = (
+        format!("{class}/enrollments"),
+        format!("{class}/enrollments/me"),
+        format!("{class}/cancel"),
+    );
+    let admin = format!("/api/v1/admin/users/{nobody}/role");
+    use reqwest::Method;
+    // (binary, method, path, body, expected status): each status is decided
+    // by what the database holds (a fresh database: no classes, no funds).
+    let cases: Vec<(&str, Method, &str, Option<&str>, u16)> = vec![
+        ("health_ready", Method::GET, "/api/health/ready", None, 200),
+        ("v1_me", Method::GET, "/api/v1/me", None, 200),
+        (
+            "v1_tokens_packages",
+            Method::GET,
+            "/api/v1/tokens/packages",
+            None,
+            200,
+        ),
+        (
+            "v1_tokens_balance",
+            Method::GET,
+            "/api/v1/tokens/balance",
+            None,
+            200,
+        ),
+        (
+            "v1_tokens_ledger",
+            Method::GET,
+            "/api/v1/tokens/ledger",
+            None,
+            200,
+        ),
+        ("v1_tips", Method::POST, "/api/v1/tips", Some(&tip), 422),
+        (
+            "v1_tokens_purchases",
+            Method::POST,
+            "/api/v1/tokens/purchases",
+            // Recorded as pending in Postgres first; then Stripe (nothing
+            // listens) is unavailable.
+            Some(r#"{"package":"small"}"#),
+            503,
+        ),
+        ("v1_classes", Method::GET, "/api/v1/classes", None, 200),
+        ("v1_classes_id", Method::GET, &class, None, 404),
+        ("v1_classes_enrollments", Method::POST, &enrol, None, 404),
+        ("v1_classes_enrollments_me", Method::DELETE, &me, None, 404),
+        ("v1_classes_cancel", Method::POST, &cancel, None, 404),
+        (
+            "v1_schedule",
+            Method::GET,
+            "/api/v1/schedule?from=2026-01-01T00:00:00Z&to=2026-02-01T00:00:00Z",
+            None,
+            200,
+        ),
+        (
+            "v1_schedule_feed_token",
+            Method::POST,
+            "/api/v1/schedule/feed-token",
+            None,
+            201,
+        ),
+        (
+            "v1_schedule_feed",
+            Method::GET,
+            "/api/v1/schedule/feed/0000000000000000000000000000000000000000000.ics",
+            None,
+            404,
+        ),
+        (
+            "v1_realtime_token",
+            Method::POST,
+            "/api/v1/realtime/token",
+            None,
+            200,
+        ),
+        ("v1_admin_users_role", Method::PUT, &admin, Some(role), 403),
+    ];
+    for (binary, method, path, body, expected) in cases {
+        let f = Function::start(binary, &env).await;
+        let mut req = f
+            .client()
+            .request(method.clone(), f.url(path))
+            .bearer_auth(&token)
+            .header("idempotency-key", format!("e2e-{binary}"));
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_owned());
+        }
+        let r = req.send().await.expect("request");
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        assert_eq!(status, expected, "{binary} {method} {path}: {text}");
+    }
+    for cron in [
+        "ledger-audit",
+        "cleanup",
+        "reconcile-purchases",
+        "settle-classes",
+        "deliver-outbox",
+    ] {
+        let binary = format!("cron_{}", cron.replace('-', "_"));
+        let f = Function::start(&binary, &env).await;
+        let r = f
+            .client()
+            .get(f.url(&format!("/api/cron/{cron}")))
+            .bearer_auth(CRON_SECRET)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        assert_eq!(status, 200, "{binary}: {text}");
+    }
+}

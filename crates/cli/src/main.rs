@@ -20,6 +20,9 @@ mod migrate;
 mod pgcluster;
 mod users;
 
+#[cfg(test)]
+mod db_tls_tests;
+
 use std::process::ExitCode;
 
 use crate::args::Parsed;

@@ -8,6 +8,7 @@ use std::str::FromStr;
 
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use stagepass_platform::config::{PoolMode, without_pgbouncer_param};
 use stagepass_platform::db::MIGRATOR;
 
 use crate::error::{Context as _, Result, fail};
@@ -17,6 +18,12 @@ pub const APP_LOGIN: &str = "stagepass_app";
 
 pub async fn run() -> Result<ExitCode> {
     let (variable, url) = admin_url()?;
+    if url::Url::parse(&url).is_ok_and(|u| PoolMode::inferred_from(&u) == PoolMode::Transaction) {
+        return fail(format!(
+            "{variable} names a transaction pooler (port 6543 or pgbouncer=true): migrations \
+             hold a session lock; use the direct connection or the session pooler (port 5432)"
+        ));
+    }
     println!("migrating the database named by {variable}");
     let pool = connect(&url).await?;
     let applied = apply(&pool).await?;
@@ -64,11 +71,19 @@ fn admin_url() -> Result<(&'static str, String)> {
 }
 
 /// One connection, for operator commands. Errors never echo the URL (it may
-/// hold a password).
+/// hold a password). Through a transaction pooler (the production
+/// `DATABASE_URL` for `users set-role`) with the functions' settings for it:
+/// unnamed statements, no startup parameters the pooler refuses.
 pub async fn connect(url: &str) -> Result<PgPool> {
-    let options = PgConnectOptions::from_str(url)
+    let parsed =
+        url::Url::parse(url).map_err(|_| "the database URL is not a valid postgres:// URL")?;
+    let mode = PoolMode::inferred_from(&parsed);
+    let mut options = PgConnectOptions::from_str(&without_pgbouncer_param(parsed))
         .map_err(|_| "the database URL is not a valid postgres:// URL")?
         .application_name("stagepass-cli");
+    if mode == PoolMode::Transaction {
+        options = options.statement_cache_capacity(0).extra_float_digits(None);
+    }
     let target = format!(
         "{}@{}:{}/{}",
         options.get_username(),

@@ -24,11 +24,25 @@ pub struct Cluster {
     port: u16,
     as_postgres: bool,
     started: bool,
+    /// `-c` settings added to the server's command line.
+    settings: Vec<String>,
+}
+
+/// A server certificate and its key (PEM) for a cluster with `ssl = on`.
+pub struct ServerTls {
+    pub cert_pem: String,
+    pub key_pem: String,
 }
 
 impl Cluster {
     /// Creates, initialises and starts a cluster; ready for connections on return.
     pub fn start() -> Result<Cluster> {
+        Self::start_with(None)
+    }
+
+    /// [`Cluster::start`], serving TLS with `tls` when given (plain
+    /// connections are still accepted: `trust` on `host` lines).
+    pub fn start_with(tls: Option<&ServerTls>) -> Result<Cluster> {
         let bindir = find_bindir()?;
         let as_postgres = running_as_root()?;
         let dir =
@@ -41,11 +55,15 @@ impl Cluster {
             port: 0,
             as_postgres,
             started: false,
+            settings: Vec::new(),
         };
         if as_postgres {
             cluster.chown_to_postgres()?;
         }
         cluster.initdb()?;
+        if let Some(tls) = tls {
+            cluster.install_tls(tls)?;
+        }
         cluster.port = crate::bench::free_port()?;
         cluster.pg_ctl_start()?;
         Ok(cluster)
@@ -53,6 +71,11 @@ impl Cluster {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    #[cfg(test)]
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The superuser connection (migrations, fixtures).
@@ -70,9 +93,36 @@ impl Cluster {
     }
 
     fn chown_to_postgres(&self) -> Result<()> {
+        self.chown_path_to_postgres(&self.dir)
+    }
+
+    fn chown_path_to_postgres(&self, path: &Path) -> Result<()> {
         let (uid, gid) = os_user_ids(OS_USER)?;
-        std::os::unix::fs::chown(&self.dir, Some(uid), Some(gid))
-            .with_context(|| format!("handing {} to the {OS_USER} user", self.dir.display()))
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .with_context(|| format!("handing {} to the {OS_USER} user", path.display()))
+    }
+
+    /// Writes the certificate and key where the server reads them. The key
+    /// must belong to the server's user and be private to it, or PostgreSQL
+    /// refuses to start.
+    fn install_tls(&mut self, tls: &ServerTls) -> Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let cert = self.dir.join("server.crt");
+        let key = self.dir.join("server.key");
+        std::fs::write(&cert, &tls.cert_pem).context("writing server.crt")?;
+        std::fs::write(&key, &tls.key_pem).context("writing server.key")?;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+            .context("chmod server.key")?;
+        if self.as_postgres {
+            self.chown_path_to_postgres(&cert)?;
+            self.chown_path_to_postgres(&key)?;
+        }
+        self.settings.extend([
+            "ssl=on".to_owned(),
+            format!("ssl_cert_file={}", cert.display()),
+            format!("ssl_key_file={}", key.display()),
+        ]);
+        Ok(())
     }
 
     fn initdb(&self) -> Result<()> {
@@ -99,11 +149,15 @@ impl Cluster {
         // Listen on 127.0.0.1 only, with the Unix socket in our own directory
         // (not /var/run/postgresql, which the system cluster owns). fsync off:
         // nothing here needs to survive a crash.
-        let server_options = format!(
+        let mut server_options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
             self.port,
             self.dir.display()
         );
+        for setting in &self.settings {
+            server_options.push_str(" -c ");
+            server_options.push_str(setting);
+        }
         let args: Vec<&std::ffi::OsStr> = vec![
             "start".as_ref(),
             "-w".as_ref(),

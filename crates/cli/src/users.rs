@@ -223,4 +223,27 @@ mod tests {
         assert!(GrantRequest::parse(id, "5", Some(" ")).is_err());
         assert!(GrantRequest::parse(id, "5", Some("a\0b")).is_err());
     }
+
+    /// With the app login's URL, as an operator on a deployment would run it
+    /// (through PgBouncer in transaction mode under scripts/ci/pgbouncer.sh).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn sets_a_role_with_the_functions_database_url() {
+        let db = stagepass_platform::testing::TestDb::new().await;
+        let pool = crate::migrate::connect(&db.app_url())
+            .await
+            .expect("connect");
+        let user = uuid::Uuid::new_v4();
+        for _ in 0..3 {
+            apply_role(&pool, user, "creator", "cli-test", Some("launch"))
+                .await
+                .expect("set role");
+        }
+        let role: String = sqlx::query_scalar("select role::text from app.users where id = $1")
+            .bind(user)
+            .fetch_one(&db.admin_pool)
+            .await
+            .expect("role");
+        assert_eq!(role, "creator");
+        pool.close().await;
+    }
 }

@@ -335,19 +335,43 @@ fn parse_origins(l: &mut Loader, raw: &str) -> Vec<String> {
     origins
 }
 
+/// How the functions reach Postgres (`DATABASE_POOL_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    /// A direct connection or a session pooler (Supabase port 5432): one
+    /// server connection per client connection, prepared statements cached.
+    Session,
+    /// A transaction pooler (Supabase port 6543, PgBouncer
+    /// `pool_mode = transaction`): each transaction may run on another server
+    /// connection, so no named prepared statements, no startup `options`,
+    /// settings only transaction-local, every statement in a transaction.
+    Transaction,
+}
+
+/// Supabase's transaction pooler listens on this port.
+pub const TRANSACTION_POOLER_PORT: u16 = 6543;
+
 /// Postgres access.
 #[derive(Debug, Clone)]
 pub struct DbConfig {
+    /// The connection URL, without the `pgbouncer` parameter (ours, not
+    /// sqlx's).
     pub url: Secret,
     /// Connections per function instance (serverless: small).
     pub max_connections: u32,
+    pub pool_mode: PoolMode,
+    /// `DATABASE_CA_PEM`: the CA that signs the server's certificate, as
+    /// PEM text (a file next to the binary does not exist on Vercel). It is
+    /// public, but held as a [`Secret`] so no `Debug` print or log line
+    /// echoes it: it is long and says nothing useful there.
+    pub ca_pem: Option<Secret>,
 }
 
 impl DbConfig {
     pub fn load(l: &mut Loader) -> Option<DbConfig> {
         let url = l.required_secret(
             "DATABASE_URL",
-            "postgres://stagepass_app:…@host:5432/postgres (session mode) — see docs/ARCHITECTURE.md",
+            "postgres://stagepass_app:…@host:6543/postgres?sslmode=verify-full (Supabase transaction pooler) — see docs/ARCHITECTURE.md",
             |v| {
                 if v.starts_with("postgres://") || v.starts_with("postgresql://") {
                     url::Url::parse(v)
@@ -358,11 +382,17 @@ impl DbConfig {
                 }
             },
         );
+        let parsed = url
+            .as_ref()
+            .and_then(|u| url::Url::parse(u.expose_secret()).ok());
+        let mode = parsed.as_ref().map(ssl_mode);
         if l.app_env().is_production()
-            && let Some(mode) = l.get("DATABASE_URL").as_deref().and_then(ssl_mode)
+            && let Some(mode) = &mode
         {
-            check_production_ssl_mode(l, &mode);
+            check_production_ssl_mode(l, mode);
         }
+        let ca_pem = load_ca_pem(l, parsed.as_ref(), mode.as_deref());
+        let pool_mode = load_pool_mode(l, parsed.as_ref());
         let max_connections = match l.get("DATABASE_MAX_CONNECTIONS") {
             None => 4,
             Some(v) => match v.parse::<u32>() {
@@ -371,28 +401,140 @@ impl DbConfig {
                     l.problem(
                         "DATABASE_MAX_CONNECTIONS",
                         "must be an integer from 1 to 32",
-                        "serverless instances keep this small (default 4)",
+                        "serverless instances keep this small (default 4; docs/ARCHITECTURE.md)",
                     );
                     4
                 }
             },
         };
         Some(DbConfig {
-            url: url?,
+            url: Secret::from(without_pgbouncer_param(parsed?)),
             max_connections,
+            pool_mode,
+            ca_pem,
         })
     }
 }
 
-/// The `sslmode` of a Postgres URL (libpq's default, `prefer`, when absent);
-/// `None` when the URL does not parse (reported elsewhere).
-fn ssl_mode(raw: &str) -> Option<String> {
-    let url = url::Url::parse(raw).ok()?;
-    let mode = url
-        .query_pairs()
+/// `DATABASE_POOL_MODE` when set; otherwise `transaction` for Supabase's
+/// transaction pooler port (6543) or a URL with `pgbouncer=true` (Prisma's
+/// convention), `session` for anything else.
+fn load_pool_mode(l: &mut Loader, url: Option<&url::Url>) -> PoolMode {
+    match l.get("DATABASE_POOL_MODE").as_deref() {
+        Some("session") => PoolMode::Session,
+        Some("transaction") => PoolMode::Transaction,
+        Some(_) => {
+            l.problem(
+                "DATABASE_POOL_MODE",
+                "must be session or transaction",
+                "transaction for Supabase's transaction pooler (port 6543); unset to infer from DATABASE_URL",
+            );
+            PoolMode::Session
+        }
+        None => url.map_or(PoolMode::Session, PoolMode::inferred_from),
+    }
+}
+
+impl PoolMode {
+    /// What a URL alone says: Supabase's transaction pooler port, or
+    /// `pgbouncer=true`.
+    pub fn inferred_from(url: &url::Url) -> PoolMode {
+        if url.port() == Some(TRANSACTION_POOLER_PORT)
+            || url
+                .query_pairs()
+                .any(|(k, v)| k == "pgbouncer" && v == "true")
+        {
+            PoolMode::Transaction
+        } else {
+            PoolMode::Session
+        }
+    }
+}
+
+/// The URL sqlx gets: `pgbouncer=` is ours (sqlx would log it as unknown).
+pub fn without_pgbouncer_param(mut url: url::Url) -> String {
+    if url.query_pairs().any(|(k, _)| k == "pgbouncer") {
+        let kept: Vec<(String, String)> = url
+            .query_pairs()
+            .filter(|(k, _)| k != "pgbouncer")
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        if kept.is_empty() {
+            url.set_query(None);
+        } else {
+            url.query_pairs_mut().clear().extend_pairs(kept);
+        }
+    }
+    url.into()
+}
+
+/// `DATABASE_CA_PEM`: at least one certificate, each one usable as a trust
+/// anchor (what the TLS client will do with it), and an `sslmode` that
+/// verifies — with `prefer`/`require` the CA would silently be ignored.
+/// `sslrootcert=` in the URL as well is refused: two CAs, one would lose.
+fn load_ca_pem(l: &mut Loader, url: Option<&url::Url>, mode: Option<&str>) -> Option<Secret> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject as _;
+    const HINT: &str = "the PEM text of the CA certificate (Supabase: Database settings → SSL                         → Download certificate), with its BEGIN/END lines";
+    let mut pem = l.get("DATABASE_CA_PEM")?;
+    // Some settings screens keep a pasted value on one line with literal
+    // `\n`s; PEM needs its line breaks.
+    if !pem.contains('\n') && pem.contains("\\n") {
+        pem = pem.replace("\\n", "\n");
+    }
+    let certs: Result<Vec<CertificateDer<'_>>, _> =
+        CertificateDer::pem_slice_iter(pem.as_bytes()).collect();
+    match certs {
+        Ok(certs) if certs.is_empty() => {
+            l.problem("DATABASE_CA_PEM", "holds no PEM certificate", HINT);
+            return None;
+        }
+        Ok(certs) => {
+            if certs
+                .iter()
+                .any(|c| webpki::anchor_from_trusted_cert(c).is_err())
+            {
+                l.problem(
+                    "DATABASE_CA_PEM",
+                    "holds a block that is not a valid X.509 certificate",
+                    HINT,
+                );
+                return None;
+            }
+        }
+        Err(_) => {
+            l.problem("DATABASE_CA_PEM", "is not valid PEM", HINT);
+            return None;
+        }
+    }
+    if url.is_some_and(|u| u.query_pairs().any(|(k, _)| k == "sslrootcert")) {
+        l.problem(
+            "DATABASE_CA_PEM",
+            "is set while DATABASE_URL also names sslrootcert=",
+            "keep one CA: remove sslrootcert= from DATABASE_URL (a file path does not exist on Vercel)",
+        );
+    }
+    if let Some(mode) = mode
+        && !matches!(mode, "verify-ca" | "verify-full")
+    {
+        l.problem(
+            "DATABASE_CA_PEM",
+            format!(
+                "is ignored with DATABASE_URL's sslmode={mode}, which does not verify the server"
+            ),
+            "add sslmode=verify-full to DATABASE_URL",
+        );
+    }
+    // Normalised with a final newline; nothing else changes.
+    Some(Secret::from(format!("{}\n", pem.trim_end())))
+}
+
+/// The `sslmode` of a Postgres URL (libpq's default, `prefer`, when absent).
+fn ssl_mode(url: &url::Url) -> String {
+    url.query_pairs()
         .find(|(k, _)| k == "sslmode")
-        .map(|(_, v)| v.into_owned());
-    Some(mode.unwrap_or_else(|| "prefer".to_owned()))
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_else(|| "prefer".to_owned())
 }
 
 /// Production: no clear text to the database; and a warning while the
@@ -403,12 +545,12 @@ fn check_production_ssl_mode(l: &mut Loader, mode: &str) {
         "disable" | "allow" => l.problem(
             "DATABASE_URL",
             format!("sslmode={mode} sends the password and data in clear text in production"),
-            "use sslmode=verify-full with sslrootcert= the provider's CA (Supabase: project settings → database → SSL)",
+            "use sslmode=verify-full with DATABASE_CA_PEM set to the provider's CA (Supabase: database settings → SSL)",
         ),
         "verify-ca" | "verify-full" => {}
         other => l.warn(format!(
             "DATABASE_URL: sslmode={other} encrypts but does not verify the database's certificate; \
-             use sslmode=verify-full with sslrootcert= the provider's CA"
+             use sslmode=verify-full with DATABASE_CA_PEM set to the provider's CA"
         )),
     }
 }
@@ -822,6 +964,94 @@ mod tests {
         let mut dev = Loader::from_map([("DATABASE_URL", "postgres://a:b@db/x?sslmode=disable")]);
         assert!(DbConfig::load(&mut dev).is_some());
         assert!(dev.warnings().is_empty() && dev.finish().is_ok());
+    }
+
+    /// A throwaway self-signed CA (public material, no key kept).
+    const TEST_CA_PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBnjCCAUOgAwIBAgIUFmAzm20AsE9hrxljHFqFSuOc3i4wCgYIKoZIzj0EAwIw\nIzEhMB8GA1UEAwwYU3RhZ2VwYXNzIGNvbmZpZyB0ZXN0IENBMCAXDTI2MTEyOTIy\nNDIyOVoYDzIxMjYxMTA1MjI0MjI5WjAjMSEwHwYDVQQDDBhTdGFnZXBhc3MgY29u\nZmlnIHRlc3QgQ0EwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAATPcwhpX636n6t8\nzMf+PxdUsfrHi6FRAxxC/UjBcorpZJrewLpSu0WJoy61JeuZsvvq/hBidc/XE1jo\n4Lbf99Qvo1MwUTAdBgNVHQ4EFgQUcT/eSWCyeyhfmjPt84hNCWvbG8QwHwYDVR0j\nBBgwFoAUcT/eSWCyeyhfmjPt84hNCWvbG8QwDwYDVR0TAQH/BAUwAwEB/zAKBggq\nhkjOPQQDAgNJADBGAiEAt0N+ln3RzgaWx64tsi+P0mhK/ldq1I0SM68eviqQoNIC\nIQDli02H/hIO1LfnVKSQo0aYPRZOuma3x3YCyr/XWndfgA==\n-----END CERTIFICATE-----";
+
+    fn load_db(pairs: &[(&str, &str)]) -> (Option<DbConfig>, Result<Vec<String>, ConfigErrors>) {
+        let mut l = Loader::from_map(pairs.iter().copied());
+        let db = DbConfig::load(&mut l);
+        (db, l.finish())
+    }
+
+    #[test]
+    fn the_database_ca_comes_from_the_environment_and_is_checked() {
+        let url = "postgres://a:b@db.example.supabase.co:5432/postgres?sslmode=verify-full";
+        let (db, result) = load_db(&[
+            ("APP_ENV", "production"),
+            ("DATABASE_URL", url),
+            ("DATABASE_CA_PEM", TEST_CA_PEM),
+        ]);
+        assert_eq!(result, Ok(vec![]), "verify-full with a CA: no warning");
+        let db = db.expect("db");
+        assert!(!format!("{db:?}").contains("MIIB"), "Debug echoes the CA");
+        let pem = db.ca_pem.expect("ca");
+        assert!(
+            pem.expose_secret()
+                .starts_with("-----BEGIN CERTIFICATE-----")
+        );
+        // Pasted on one line with literal \n (some settings screens).
+        let one_line = TEST_CA_PEM.replace('\n', "\\n");
+        let (db, result) = load_db(&[("DATABASE_URL", url), ("DATABASE_CA_PEM", &one_line)]);
+        assert!(result.is_ok() && db.is_some_and(|d| d.ca_pem.is_some()));
+
+        let problem = |pem: &str, url: &str| {
+            let (_, result) = load_db(&[("DATABASE_URL", url), ("DATABASE_CA_PEM", pem)]);
+            let errors = result.expect_err("refused");
+            assert!(
+                errors.0.iter().all(|p| p.variable == "DATABASE_CA_PEM"),
+                "{errors}"
+            );
+            assert!(!errors.to_string().contains("MIIB"), "the PEM is echoed");
+            errors.to_string()
+        };
+        assert!(problem("not a certificate", url).contains("no PEM certificate"));
+        let garbage = "-----BEGIN CERTIFICATE-----\nTUlJQm5qQ0NBVU9n\n-----END CERTIFICATE-----\n";
+        assert!(problem(garbage, url).contains("not a valid X.509"));
+        let broken = "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n";
+        assert!(problem(broken, url).contains("PEM"));
+        let both = format!("{url}&sslrootcert=/var/task/ca.pem");
+        assert!(problem(TEST_CA_PEM, &both).contains("sslrootcert"));
+        let unverified = "postgres://a:b@db/x?sslmode=require";
+        assert!(problem(TEST_CA_PEM, unverified).contains("sslmode=require"));
+    }
+
+    #[test]
+    fn the_pool_mode_is_explicit_or_inferred_from_the_url() {
+        let mode = |pairs: &[(&str, &str)]| load_db(pairs).0.expect("db").pool_mode;
+        let direct = "postgres://a:b@db.abc.supabase.co:5432/postgres";
+        let pooler = "postgres://a.abc:b@aws-0-eu-central-1.pooler.supabase.com:6543/postgres";
+        assert_eq!(mode(&[("DATABASE_URL", direct)]), PoolMode::Session);
+        assert_eq!(mode(&[("DATABASE_URL", pooler)]), PoolMode::Transaction);
+        let flagged = "postgres://a:b@127.0.0.1:6432/x?pgbouncer=true&sslmode=disable";
+        let (db, _) = load_db(&[("DATABASE_URL", flagged)]);
+        let db = db.expect("db");
+        assert_eq!(db.pool_mode, PoolMode::Transaction);
+        // Ours, not sqlx's: removed from what sqlx parses; the rest kept.
+        assert_eq!(
+            db.url.expose_secret(),
+            "postgres://a:b@127.0.0.1:6432/x?sslmode=disable"
+        );
+        assert_eq!(
+            mode(&[("DATABASE_URL", pooler), ("DATABASE_POOL_MODE", "session")]),
+            PoolMode::Session
+        );
+        assert_eq!(
+            mode(&[
+                ("DATABASE_URL", direct),
+                ("DATABASE_POOL_MODE", "transaction")
+            ]),
+            PoolMode::Transaction
+        );
+        let (_, result) = load_db(&[
+            ("DATABASE_URL", direct),
+            ("DATABASE_POOL_MODE", "statement"),
+        ]);
+        assert_eq!(
+            result.expect_err("refused").0[0].variable,
+            "DATABASE_POOL_MODE"
+        );
     }
 
     #[test]

@@ -5,12 +5,15 @@
 //! the pool is small (default 4), connects lazily (a cold start that never
 //! touches the database never pays for a connection) and bounds every wait:
 //! acquiring a connection (3 s) and every statement (`statement_timeout`,
-//! 5 s, sent in the startup packet).
+//! 5 s: `SET LOCAL` in the same round trip as each transaction's `BEGIN`,
+//! and in session mode also in the startup packet for statements outside a
+//! transaction).
 //!
-//! Supabase: use the session pooler or a direct connection (port 5432). The
-//! transaction pooler (port 6543) cannot keep sqlx's named prepared
-//! statements across transactions, nor the startup `options` used here for
-//! the statement timeout (docs/ARCHITECTURE.md, "Database connections").
+//! Supabase's transaction pooler (port 6543, `DATABASE_POOL_MODE=transaction`)
+//! is supported: unnamed statements only (no statement cache), no startup
+//! `options`, settings only transaction-local, and every statement inside an
+//! explicit transaction ([`PoolMode::Transaction`]; docs/ARCHITECTURE.md,
+//! "Database connections"; ADR 0010).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -19,6 +22,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::auth::Claims;
+pub use crate::config::PoolMode;
 use crate::config::{DbConfig, ExposeSecret};
 
 /// Statement timeout for every connection of a function.
@@ -32,12 +36,37 @@ pub const USER_ROLE: &str = "authenticated";
 /// The role webhooks, jobs and cron run as: explicit grants, no `BYPASSRLS`.
 pub const SERVICE_ROLE: &str = "stagepass_service";
 
+/// `BEGIN` and the statement timeout in one simple-protocol round trip. The
+/// timeout is transaction-local, so it holds through a transaction pooler,
+/// where startup `options` do not reach the server connection.
+const BEGIN: &str = "begin; set local statement_timeout = '5s'";
+const BEGIN_SNAPSHOT: &str =
+    "begin isolation level repeatable read read only; set local statement_timeout = '5s'";
+
 /// Builds the per-process pool. Connects lazily.
 pub fn connect_lazy(cfg: &DbConfig) -> Result<PgPool, sqlx::Error> {
-    let options = PgConnectOptions::from_str(cfg.url.expose_secret())?
-        .options([("statement_timeout", STATEMENT_TIMEOUT)])
-        .application_name("stagepass");
-    Ok(pool_options(cfg.max_connections).connect_lazy_with(options))
+    Ok(pool_options(cfg.max_connections).connect_lazy_with(connect_options(cfg)?))
+}
+
+/// The connection settings of [`connect_lazy`] (also what tests through a
+/// pooler connect with).
+pub fn connect_options(cfg: &DbConfig) -> Result<PgConnectOptions, sqlx::Error> {
+    let mut options =
+        PgConnectOptions::from_str(cfg.url.expose_secret())?.application_name("stagepass");
+    if let Some(pem) = &cfg.ca_pem {
+        // Replaces `PGSSLROOTCERT`; the config refuses `sslrootcert=` next
+        // to it. Used for verify-ca/verify-full (the config requires one).
+        options = options.ssl_root_cert_from_pem(pem.expose_secret().as_bytes().to_vec());
+    }
+    Ok(match cfg.pool_mode {
+        PoolMode::Session => options.options([("statement_timeout", STATEMENT_TIMEOUT)]),
+        // No statement cache: with the vendored sqlx-postgres
+        // (transact-rs/sqlx#4337) that also means unnamed statements, which
+        // never outlive a transaction. No startup parameters a pooler does
+        // not know: PgBouncer refuses `options` and `extra_float_digits`
+        // (Supavisor ignores them); the timeout is in `BEGIN` instead.
+        PoolMode::Transaction => options.statement_cache_capacity(0).extra_float_digits(None),
+    })
 }
 
 pub fn pool_options(max_connections: u32) -> PgPoolOptions {
@@ -59,7 +88,7 @@ pub async fn begin_user<'a>(
     pool: &'a PgPool,
     claims: &Claims,
 ) -> Result<Transaction<'a, Postgres>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = pool.begin_with(BEGIN).await?;
     // `set_config('role', …)` is `SET LOCAL ROLE` in a form that takes a bind
     // parameter. One round trip for both settings.
     sqlx::query("select set_config('request.jwt.claims', $1, true), set_config('role', $2, true)")
@@ -73,7 +102,7 @@ pub async fn begin_user<'a>(
 /// Begins a transaction as the service role (webhooks, jobs, cron, admin
 /// tooling). Never used for a user's request.
 pub async fn begin_service(pool: &PgPool) -> Result<Transaction<'_, Postgres>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut tx = pool.begin_with(BEGIN).await?;
     sqlx::query("select set_config('role', $1, true)")
         .bind(SERVICE_ROLE)
         .execute(&mut *tx)
@@ -86,14 +115,28 @@ pub async fn begin_service(pool: &PgPool) -> Result<Transaction<'_, Postgres>, s
 pub async fn begin_service_snapshot(
     pool: &PgPool,
 ) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
-    let mut tx = pool
-        .begin_with("begin isolation level repeatable read read only")
-        .await?;
+    let mut tx = pool.begin_with(BEGIN_SNAPSHOT).await?;
     sqlx::query("select set_config('role', $1, true)")
         .bind(SERVICE_ROLE)
         .execute(&mut *tx)
         .await?;
     Ok(tx)
+}
+
+/// Begins a transaction as the login itself (no role switch) for the few
+/// statements that need no request context (the outbox, trust levels)
+/// through a transaction pooler: there sqlx's extended protocol (Parse …
+/// Sync, then Bind … Sync) must not be split across two server connections,
+/// which only an open transaction prevents. `None` in session mode, where
+/// such a statement runs on the pool as it is (one round trip, cached).
+pub async fn begin_pinned(
+    pool: &PgPool,
+    mode: PoolMode,
+) -> Result<Option<Transaction<'static, Postgres>>, sqlx::Error> {
+    match mode {
+        PoolMode::Session => Ok(None),
+        PoolMode::Transaction => pool.begin_with(BEGIN).await.map(Some),
+    }
 }
 
 /// Runs the embedded migrations (the `migrate` command; never a cold start).
@@ -150,5 +193,18 @@ pub fn sqlstate(e: &sqlx::Error) -> Option<String> {
     match e {
         sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_begin_sets_the_one_statement_timeout() {
+        let set = format!("; set local statement_timeout = '{STATEMENT_TIMEOUT}'");
+        for begin in [BEGIN, BEGIN_SNAPSHOT] {
+            assert!(begin.ends_with(&set), "{begin}");
+        }
     }
 }

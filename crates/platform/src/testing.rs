@@ -8,6 +8,13 @@
 //!
 //! `DATABASE_ADMIN_URL` names a superuser connection to the cluster
 //! (default `postgres://postgres@127.0.0.1:5432/postgres`).
+//!
+//! `STAGEPASS_TEST_DB_PROXY=host:port` routes every `stagepass_app`
+//! connection (the in-process pool and the `DATABASE_URL` given to function
+//! binaries) through a transaction pooler at that address, e.g. PgBouncer in
+//! `pool_mode = transaction` (`scripts/ci/pgbouncer.sh`): the same tests then
+//! prove the functions work through Supabase's transaction pooler. Fixtures
+//! and inspection stay on the direct admin connection.
 
 use std::str::FromStr;
 
@@ -22,6 +29,25 @@ pub const TEST_DB_PREFIX: &str = "stagepass_t_";
 
 pub fn admin_url() -> String {
     std::env::var("DATABASE_ADMIN_URL").unwrap_or_else(|_| DEFAULT_ADMIN_URL.to_owned())
+}
+
+/// The transaction pooler the tests go through (`STAGEPASS_TEST_DB_PROXY`).
+pub fn db_proxy() -> Option<(String, u16)> {
+    let raw = std::env::var("STAGEPASS_TEST_DB_PROXY").ok()?;
+    let (host, port) = raw
+        .rsplit_once(':')
+        .expect("STAGEPASS_TEST_DB_PROXY must be host:port");
+    let port = port.parse().expect("STAGEPASS_TEST_DB_PROXY: bad port");
+    Some((host.to_owned(), port))
+}
+
+/// How the tests' `stagepass_app` connections reach Postgres.
+pub fn pool_mode() -> crate::db::PoolMode {
+    if db_proxy().is_some() {
+        crate::db::PoolMode::Transaction
+    } else {
+        crate::db::PoolMode::Session
+    }
 }
 
 /// A throwaway database, dropped when the value is dropped.
@@ -59,7 +85,17 @@ impl TestDb {
             .expect("unlock");
         let _ = conn.close().await;
         let db_admin = admin_options.clone().database(&name);
-        let app = db_admin.clone().username("stagepass_app").password("");
+        let app = match db_proxy() {
+            None => db_admin.clone().username("stagepass_app").password(""),
+            // Exactly what a function connects with (from the URL binaries get).
+            Some(_) => crate::db::connect_options(&crate::config::DbConfig {
+                url: app_url(&name).into(),
+                max_connections: 8,
+                pool_mode: crate::db::PoolMode::Transaction,
+                ca_pem: None,
+            })
+            .expect("proxy url"),
+        };
         TestDb {
             app_pool: PgPoolOptions::new()
                 .max_connections(8)
@@ -79,12 +115,28 @@ impl TestDb {
     /// A `postgres://` URL for this database as `stagepass_app` (for
     /// function binaries started by end-to-end tests).
     pub fn app_url(&self) -> String {
-        let mut url = url::Url::parse(&admin_url()).expect("admin url");
-        let _ = url.set_username("stagepass_app");
-        let _ = url.set_password(None);
-        url.set_path(&format!("/{}", self.name));
-        url.to_string()
+        app_url(&self.name)
     }
+
+    /// How [`TestDb::app_pool`] reaches Postgres.
+    pub fn pool_mode(&self) -> crate::db::PoolMode {
+        pool_mode()
+    }
+}
+
+/// Through the pooler, the URL says so with `pgbouncer=true`: function
+/// binaries infer transaction mode from it (their environment is cleared).
+fn app_url(name: &str) -> String {
+    let mut url = url::Url::parse(&admin_url()).expect("admin url");
+    let _ = url.set_username("stagepass_app");
+    let _ = url.set_password(None);
+    url.set_path(&format!("/{name}"));
+    if let Some((host, port)) = db_proxy() {
+        let _ = url.set_host(Some(&host));
+        let _ = url.set_port(Some(port));
+        url.query_pairs_mut().append_pair("pgbouncer", "true");
+    }
+    url.to_string()
 }
 
 impl Drop for TestDb {

@@ -67,7 +67,9 @@ fn build_ready(l: &mut Loader, r: &Resources) -> Option<Router> {
               (status = 503, description = "database unavailable", body = crate::openapi::Problem)))]
 pub async fn ready(State(pool): State<PgPool>) -> ApiResult<Json<Ready>> {
     let started = Instant::now();
-    let probe = sqlx::query_scalar::<_, i32>("select 1").fetch_one(&pool);
+    // The simple protocol: one message, no prepared statement, so the probe
+    // needs no transaction through a transaction pooler either.
+    let probe = sqlx::raw_sql("select 1").execute(&pool);
     match tokio::time::timeout(READY_TIMEOUT, probe).await {
         Ok(Ok(_)) => Ok(Json(Ready {
             status: "ready",

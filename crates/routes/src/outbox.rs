@@ -23,7 +23,8 @@ use serde::Serialize;
 use sqlx::PgPool;
 use stagepass_integrations::ably::{AblyClient, AblyKey, Message};
 use stagepass_integrations::qstash::{DEFAULT_RETRIES, Publish, QstashClient};
-use stagepass_platform::config::{AblyConfig, ExposeSecret, Loader, QstashConfig};
+use stagepass_platform::config::{AblyConfig, ExposeSecret, Loader, PoolMode, QstashConfig};
+use stagepass_platform::db;
 use stagepass_platform::http::ApiError;
 use stagepass_platform::serve::{PlatformHandle, Resources};
 use utoipa::ToSchema;
@@ -53,6 +54,9 @@ pub struct Outbox {
     /// serves many requests' messages).
     kicks: Arc<Kicks>,
     pool: PgPool,
+    /// Claims and records run outside a request transaction: through a
+    /// transaction pooler each in a transaction of its own.
+    pool_mode: PoolMode,
     /// `None` outside production without `ABLY_API_KEY`: realtime messages
     /// are then marked done unsent (and say so in `last_error`).
     ably: Option<AblyClient>,
@@ -122,6 +126,7 @@ impl Outbox {
         Some(Outbox {
             kicks: Arc::default(),
             pool: pool?,
+            pool_mode: r.pool_mode(),
             ably: ably?,
             jobs: jobs?,
         })
@@ -180,14 +185,20 @@ impl Outbox {
 
     async fn claim(&self) -> Result<Vec<Pending>, ApiError> {
         let inline = matches!(self.jobs, JobTransport::Inline);
-        let mut rows = sqlx::query_as::<_, Pending>(
+        let query = sqlx::query_as::<_, Pending>(
             "select id, kind, destination, name, payload, dedup_key, not_before, attempts \
                from app.claim_outbox($1, $2)",
         )
         .bind(i32::try_from(BATCH).unwrap_or(50))
-        .bind(inline)
-        .fetch_all(&self.pool)
-        .await?;
+        .bind(inline);
+        let mut rows = match db::begin_pinned(&self.pool, self.pool_mode).await? {
+            Some(mut tx) => {
+                let rows = query.fetch_all(&mut *tx).await?;
+                tx.commit().await?;
+                rows
+            }
+            None => query.fetch_all(&self.pool).await?,
+        };
         rows.sort_by_key(|r| r.id);
         Ok(rows)
     }
@@ -292,13 +303,20 @@ impl Outbox {
                 }
             }
         }
-        sqlx::query("select app.record_outbox($1, $2, $3, $4)")
+        let query = sqlx::query("select app.record_outbox($1, $2, $3, $4)")
             .bind(&ids)
             .bind(&done)
             .bind(&errors)
-            .bind(MAX_ATTEMPTS)
-            .execute(&self.pool)
-            .await?;
+            .bind(MAX_ATTEMPTS);
+        match db::begin_pinned(&self.pool, self.pool_mode).await? {
+            Some(mut tx) => {
+                query.execute(&mut *tx).await?;
+                tx.commit().await?;
+            }
+            None => {
+                query.execute(&self.pool).await?;
+            }
+        }
         Ok(())
     }
 }

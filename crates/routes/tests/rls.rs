@@ -256,10 +256,15 @@ async fn the_app_login_itself_can_read_nothing() {
     let app = TestApp::new().await;
     let _ = two_users(&app).await;
     let pool = &app.db.app_pool;
+    // Each probe in a transaction of its own, as everything the functions
+    // run (through a transaction pooler a bare statement may be split
+    // across server connections: STAGEPASS_TEST_DB_PROXY).
+    let mut tx = pool.begin().await.expect("begin");
     let who: String = sqlx::query_scalar("select current_user::text")
-        .fetch_one(pool)
+        .fetch_one(&mut *tx)
         .await
         .expect("current_user");
+    drop(tx);
     assert_eq!(who, "stagepass_app");
     for sql in [
         "select * from app.users",
@@ -268,8 +273,9 @@ async fn the_app_login_itself_can_read_nothing() {
         "update app.users set role = 'admin'",
         "select app.operator_set_role(gen_random_uuid(), 'admin', 'x', null)",
     ] {
+        let mut tx = pool.begin().await.expect("begin");
         let err = sqlx::query(sql)
-            .execute(pool)
+            .execute(&mut *tx)
             .await
             .expect_err(&format!("stagepass_app must not run `{sql}`"));
         assert_eq!(
@@ -280,9 +286,10 @@ async fn the_app_login_itself_can_read_nothing() {
     }
     // It cannot become a superuser-ish role either.
     for role in ["postgres", "pg_read_all_data", "pg_write_all_data"] {
+        let mut tx = pool.begin().await.expect("begin");
         let err = sqlx::query("select set_config('role', $1, false)")
             .bind(role)
-            .execute(pool)
+            .execute(&mut *tx)
             .await
             .expect_err(&format!("stagepass_app must not SET ROLE {role}"));
         assert_eq!(

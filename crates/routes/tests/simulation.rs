@@ -1594,14 +1594,17 @@ impl Sim {
             .await
             .expect("connection")
             .detach();
+        // The transaction first (simple protocol: one message): through a
+        // transaction pooler only an open transaction pins the server
+        // backend whose pid this is.
+        sqlx::raw_sql("begin")
+            .execute(&mut conn)
+            .await
+            .expect("begin");
         let pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
             .fetch_one(&mut conn)
             .await
             .expect("pid");
-        sqlx::query("begin")
-            .execute(&mut conn)
-            .await
-            .expect("begin");
         (conn, pid)
     }
 

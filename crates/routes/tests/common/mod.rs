@@ -117,7 +117,7 @@ impl TestApp {
             env.retain(|(name, _)| name != k);
             env.push((k, v.clone()));
         }
-        let resources = Resources::with_pool(db.app_pool.clone());
+        let resources = Resources::with_pool_in(db.app_pool.clone(), db.pool_mode());
         let (router, failures) = compose(stagepass_routes::FUNCTIONS, || loader(&env), &resources);
         assert!(
             failures.is_empty(),
