@@ -71,6 +71,9 @@ pub struct Loader {
     problems: Vec<ConfigProblem>,
     warnings: Vec<String>,
     app_env: AppEnv,
+    /// Every variable asked for, and whether as a secret (the SAM template
+    /// lists each function's variables from this).
+    asked: std::cell::RefCell<BTreeMap<String, bool>>,
 }
 
 impl Loader {
@@ -95,6 +98,7 @@ impl Loader {
             problems: Vec::new(),
             warnings: Vec::new(),
             app_env: AppEnv::Development,
+            asked: Default::default(),
         };
         loader.app_env = loader.load_app_env();
         loader
@@ -122,6 +126,7 @@ impl Loader {
 
     /// A variable's value; an empty value counts as unset.
     pub fn get(&self, name: &str) -> Option<String> {
+        self.asked.borrow_mut().entry(name.to_owned()).or_default();
         self.vars
             .get(name)
             .map(|v| v.trim().to_owned())
@@ -165,6 +170,7 @@ impl Loader {
         hint: &'static str,
         rule: impl FnOnce(&str) -> Result<(), &'static str>,
     ) -> Option<Secret> {
+        self.asked.get_mut().insert(name.to_owned(), true);
         let value = self.required(name, hint)?;
         self.check_secret(name, value, hint, rule)
     }
@@ -176,6 +182,7 @@ impl Loader {
         hint: &'static str,
         rule: impl FnOnce(&str) -> Result<(), &'static str>,
     ) -> Option<Secret> {
+        self.asked.get_mut().insert(name.to_owned(), true);
         let value = self.get(name)?;
         self.check_secret(name, value, hint, rule)
     }
@@ -258,6 +265,16 @@ impl Loader {
 
     pub fn has_problems(&self) -> bool {
         !self.problems.is_empty()
+    }
+
+    /// Every variable read so far, `true` for secrets.
+    pub fn asked(&self) -> BTreeMap<String, bool> {
+        self.asked.borrow().clone()
+    }
+
+    /// The variables with a problem so far (missing or invalid).
+    pub fn problem_variables(&self) -> Vec<&'static str> {
+        self.problems.iter().map(|p| p.variable).collect()
     }
 }
 

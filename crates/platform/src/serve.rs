@@ -539,6 +539,37 @@ pub fn compose(
     (crate::http::stack(router, &core), failures)
 }
 
+/// The event an EventBridge schedule sends to a cron function on Lambda: an
+/// API Gateway HTTP API (v2) request `GET path` with `Authorization:
+/// <authorization>`. A schedule cannot call the HTTP API with a header, so
+/// it invokes the function directly with this payload (the rule's
+/// constant input) and the request takes the same way as any other, cron
+/// secret check included. `stagepass lambda template` writes it with
+/// `Bearer ${CronSecret}` for CloudFormation to substitute.
+pub fn schedule_event(path: &str, authorization: &str) -> serde_json::Value {
+    serde_json::json!({
+        "version": "2.0",
+        "routeKey": format!("GET {path}"),
+        "rawPath": path,
+        "rawQueryString": "",
+        "headers": {
+            "authorization": authorization,
+            "user-agent": "amazon-eventbridge-scheduler",
+        },
+        "requestContext": {
+            // No domain name: an empty one would make `lambda_http` read the
+            // path's first segment as the host.
+            "requestId": "eventbridge", "routeKey": format!("GET {path}"),
+            "stage": "$default", "timeEpoch": 0,
+            "http": {
+                "method": "GET", "path": path, "protocol": "HTTP/1.1",
+                "sourceIp": "", "userAgent": "amazon-eventbridge-scheduler",
+            },
+        },
+        "isBase64Encoded": false,
+    })
+}
+
 /// The AWS Lambda target (`lambda` feature): the same stacked router behind
 /// `lambda_http`, with after-response work awaited before the response is
 /// handed back and the client IP taken from the event's request context.
@@ -874,5 +905,35 @@ mod lambda_tests {
             "body": "", "isBase64Encoded": false
         });
         assert_eq!(client_ip_of(alb), Some("203.0.113.6".parse().unwrap()));
+    }
+
+    /// The payload `stagepass lambda template` gives each cron schedule,
+    /// once CloudFormation has substituted the secret, reaches the cron
+    /// route through the Lambda adapter and passes (or fails) its check.
+    #[tokio::test]
+    async fn a_schedule_event_carries_the_cron_secret_to_the_route() {
+        let secret: crate::config::Secret = "cron-secret-0123456789".to_owned().into();
+        let router = axum::Router::new().route(
+            "/api/cron/cleanup",
+            axum::routing::get(move |headers: http::HeaderMap| {
+                let secret = secret.clone();
+                async move { crate::cron::authorize(&headers, &secret).map(|()| "ran") }
+            }),
+        );
+        let adapter = LambdaAdapter::new(stacked(router));
+        let template = serde_json::to_string(&super::schedule_event(
+            "/api/cron/cleanup",
+            "Bearer ${CronSecret}",
+        ))
+        .expect("json");
+        for (secret, status) in [
+            ("cron-secret-0123456789", 200),
+            ("wrong-secret-000000000", 401),
+        ] {
+            let input: serde_json::Value =
+                serde_json::from_str(&template.replace("${CronSecret}", secret)).expect("json");
+            let r = send(adapter.clone(), input).await;
+            assert_eq!(r["statusCode"], status, "{r}");
+        }
     }
 }
