@@ -936,4 +936,22 @@ mod lambda_tests {
             assert_eq!(r["statusCode"], status, "{r}");
         }
     }
+
+    /// The event holds the whole body; the limit every function has on
+    /// Vercel applies here too (413 problem, the handler never runs).
+    #[tokio::test]
+    async fn oversized_bodies_are_refused_as_on_vercel() {
+        let router = axum::Router::new().route(
+            "/api/echo",
+            axum::routing::post(|body: String| async move { body.len().to_string() }),
+        );
+        let adapter = LambdaAdapter::new(stacked(router));
+        for (size, status) in [(1024, 200), (crate::http::MAX_BODY_BYTES + 1, 413)] {
+            let mut e = event("/api/echo", "203.0.113.9", serde_json::json!({}));
+            e["requestContext"]["http"]["method"] = "POST".into();
+            e["body"] = "x".repeat(size).into();
+            let r = send(adapter.clone(), e).await;
+            assert_eq!(r["statusCode"], status, "{size}: {}", r["body"]);
+        }
+    }
 }
