@@ -107,8 +107,9 @@ pub fn apply_unavailable(headers: &mut HeaderMap, policies: &[Policy]) {
 /// Where the client's IP address comes from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ClientIpSource {
-    /// Vercel's headers when the request came through the Vercel runtime
-    /// (it carries [`crate::serve::Platform`]), else the connection.
+    /// The Lambda event's request context when there is one (`lambda`
+    /// feature), Vercel's headers when the request came through the Vercel
+    /// runtime (a Vercel [`crate::serve::Platform`]), else the connection.
     #[default]
     Auto,
     /// Always Vercel's headers (tests of a Vercel deployment).
