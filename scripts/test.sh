@@ -178,3 +178,4 @@ cargo test --workspace --all-targets
 # The Lambda target: API Gateway events through the same stack.
 cargo test -p stagepass-platform --features lambda --lib serve::lambda_tests
 bash scripts/ci/pgbouncer.sh # the functions through a transaction pooler (ADR 0010)
+bash scripts/ci/lambda-template.sh # the Lambda target's SAM template, through cfn-lint

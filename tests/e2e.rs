@@ -364,4 +364,119 @@ async fn every_database_function_binary_reaches_postgres() {
         let text = r.text().await.unwrap_or_default();
         assert_eq!(status, 200, "{binary}: {text}");
     }
+
+/// The body of every envelope item kent received of type `transaction`.
+fn transactions(events: &[Value]) -> Vec<&Value> {
+    events
+        .iter()
+        .filter(|e| e["payload"]["header"]["type"] == "transaction")
+        .map(|e| &e["payload"]["body"])
+        .collect()
+}
+
+/// With `SENTRY_TRACES_SAMPLE_RATE=1` a request becomes a Sentry transaction
+/// named after its route, released as the deployed commit, whose spans are
+/// the request's SQL statements (the `begin_user` settings included), with
+/// no bound value (the token's e-mail) anywhere.
+#[tokio::test]
+async fn sampled_requests_reach_sentry_as_transactions_with_database_spans_and_the_release() {
+    let Some(kent) = support::Kent::start().await else {
+        return;
+    };
+    let db = stagepass_platform::testing::TestDb::new().await;
+    let dsn = kent.dsn();
+    let mut env = env_for(&db);
+    env.extend([
+        ("SENTRY_DSN", dsn.as_str()),
+        ("SENTRY_TRACES_SAMPLE_RATE", "1"),
+        ("VERCEL_GIT_COMMIT_SHA", "4f3c2b1a0e9d8c7b"),
+    ]);
+    let f = Function::start("v1_me", &env).await;
+    let token = mint(uuid::Uuid::new_v4(), Some("traced-fan@example.com"));
+    let r = f.get("/api/v1/me", Some(&token)).await;
+    assert_eq!(r.status(), 200);
+
+    let events = kent.wait_for_events(1).await;
+    let found = transactions(&events);
+    let tx = found
+        .first()
+        .unwrap_or_else(|| panic!("no transaction arrived: {events:?}"));
+    assert_eq!(tx["transaction"], "GET /api/v1/me", "{tx}");
+    assert_eq!(tx["release"], "stagepass@4f3c2b1a0e9d8c7b", "{tx}");
+    assert_eq!(tx["contexts"]["trace"]["op"], "http.server", "{tx}");
+    let spans = tx["spans"].as_array().cloned().unwrap_or_default();
+    let db_spans: Vec<&str> = spans
+        .iter()
+        .filter(|s| s["op"] == "db.sql.query")
+        .filter_map(|s| s["description"].as_str())
+        .collect();
+    assert!(
+        db_spans.iter().any(|d| d.contains("request.jwt.claims")),
+        "no span for begin_user's settings: {db_spans:?}"
+    );
+    assert!(
+        db_spans.iter().any(|d| d.eq_ignore_ascii_case("commit")),
+        "the transaction's COMMIT is missing: {db_spans:?}"
+    );
+    // sqlx pipelines BEGIN with the first statement (no event of its own):
+    // `db::begin_user` records acquiring the connection and BEGIN instead.
+    assert!(
+        spans
+            .iter()
+            .any(|s| s["op"] == "db.connection" && s["description"] == "begin_user"),
+        "no span for the connection and BEGIN: {spans:?}"
+    );
+    let text = tx.to_string();
+    assert!(
+        !text.contains("traced-fan@example.com"),
+        "a bound value leaked: {text}"
+    );
+    assert!(!text.contains(&token), "the token leaked: {text}");
+}
+
+/// The default sample rate (unset, i.e. 0) sends no transaction: a request
+/// that would have been traced is followed by a 5xx from another instance,
+/// whose event is the marker that kent is receiving.
+#[tokio::test]
+async fn without_a_sample_rate_no_transaction_is_sent() {
+    let Some(kent) = support::Kent::start().await else {
+        return;
+    };
+    let db = stagepass_platform::testing::TestDb::new().await;
+    let dsn = kent.dsn();
+    let mut env = env_for(&db);
+    env.extend([
+        ("SENTRY_DSN", dsn.as_str()),
+        ("SENTRY_TRACES_SAMPLE_RATE", "0"),
+    ]);
+    let traced = Function::start("health_ready", &env).await;
+    assert_eq!(traced.get("/api/health/ready", None).await.status(), 200);
+    let unset = Function::start("v1_me", &env[..env.len() - 1]).await;
+    let token = mint(uuid::Uuid::new_v4(), None);
+    assert_eq!(unset.get("/api/v1/me", Some(&token)).await.status(), 200);
+
+    let broken = Function::start(
+        "health_ready",
+        &[
+            (
+                "DATABASE_URL",
+                "postgres://stagepass_app:x@127.0.0.1:9/none",
+            ),
+            ("SENTRY_DSN", &dsn),
+        ],
+    )
+    .await;
+    assert_eq!(broken.get("/api/health/ready", None).await.status(), 503);
+    let events = kent.wait_for_events(1).await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e.to_string().contains("/api/health/ready")),
+        "the marker event did not arrive: {events:?}"
+    );
+    // Anything the traced instances sent was sent before the marker's
+    // request was even made; give stragglers a moment anyway.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let events = kent.wait_for_events(1).await;
+    assert!(transactions(&events).is_empty(), "{events:?}");
 }

@@ -16,6 +16,7 @@ mod check_env;
 mod dev;
 mod dotenv;
 mod error;
+mod lambda;
 mod migrate;
 mod pgcluster;
 mod users;
@@ -26,7 +27,7 @@ mod db_tls_tests;
 use std::process::ExitCode;
 
 use crate::args::Parsed;
-use crate::error::{Result, fail};
+use crate::error::{Context as _, Result, fail};
 
 const USAGE: &str = "\
 stagepass — Stagepass operator CLI
@@ -45,6 +46,10 @@ USAGE:
       in app.token_grants as operator:$USER). Uses DATABASE_ADMIN_URL (the owner).
   stagepass check-env [--env-file PATH] [--function NAME] [--production]
       Check each function's configuration; exit 1 if any is incomplete.
+  stagepass lambda template [--arch arm64|x86_64] [--code-root DIR] [--output FILE]
+      The AWS SAM template of the Lambda target (JSON): one function per binary
+      (code in DIR/<binary>/, default target/lambda, as `cargo lambda build` lays
+      it out), HTTP API routes, the crons as EventBridge schedules, parameters.
   stagepass bench tips [--json] [--seconds S] [--connections C] [--fans N] [--bin-dir DIR]
                        [--sslmode MODE]
       Tips/s and p50/p99 through the release v1_tips with many fans tipping one
@@ -112,8 +117,29 @@ fn run(argv: &[String]) -> Result<ExitCode> {
             current_thread()?.block_on(async { check_env::run(&opts) })
         }
         "bench" => bench_command(rest),
+        "lambda" => lambda_command(rest),
         other => fail(format!("unknown command '{other}' (see stagepass --help)")),
     }
+}
+
+fn lambda_command(rest: &[String]) -> Result<ExitCode> {
+    let p = parse(rest, &["--arch", "--code-root", "--output"], &[])?;
+    if p.positional.as_slice() != ["template"] {
+        return fail(
+            "usage: stagepass lambda template [--arch arm64|x86_64] [--code-root DIR] [--output FILE]",
+        );
+    }
+    let opts = lambda::Options {
+        arch: lambda::Arch::parse(p.value("--arch").unwrap_or("arm64"))?,
+        code_root: p.value("--code-root").unwrap_or("target/lambda").to_owned(),
+    };
+    // A runtime because building a router creates (lazy) pools.
+    let text = current_thread()?.block_on(async { lambda::run(&opts) })?;
+    match p.value("--output") {
+        Some(path) => std::fs::write(path, text).context(path)?,
+        None => print!("{text}"),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn users_command(rest: &[String]) -> Result<ExitCode> {

@@ -71,6 +71,9 @@ pub struct Loader {
     problems: Vec<ConfigProblem>,
     warnings: Vec<String>,
     app_env: AppEnv,
+    /// Every variable asked for, and whether as a secret (the SAM template
+    /// lists each function's variables from this).
+    asked: std::cell::RefCell<BTreeMap<String, bool>>,
 }
 
 impl Loader {
@@ -95,6 +98,7 @@ impl Loader {
             problems: Vec::new(),
             warnings: Vec::new(),
             app_env: AppEnv::Development,
+            asked: Default::default(),
         };
         loader.app_env = loader.load_app_env();
         loader
@@ -122,6 +126,7 @@ impl Loader {
 
     /// A variable's value; an empty value counts as unset.
     pub fn get(&self, name: &str) -> Option<String> {
+        self.asked.borrow_mut().entry(name.to_owned()).or_default();
         self.vars
             .get(name)
             .map(|v| v.trim().to_owned())
@@ -165,6 +170,7 @@ impl Loader {
         hint: &'static str,
         rule: impl FnOnce(&str) -> Result<(), &'static str>,
     ) -> Option<Secret> {
+        self.asked.get_mut().insert(name.to_owned(), true);
         let value = self.required(name, hint)?;
         self.check_secret(name, value, hint, rule)
     }
@@ -176,6 +182,7 @@ impl Loader {
         hint: &'static str,
         rule: impl FnOnce(&str) -> Result<(), &'static str>,
     ) -> Option<Secret> {
+        self.asked.get_mut().insert(name.to_owned(), true);
         let value = self.get(name)?;
         self.check_secret(name, value, hint, rule)
     }
@@ -259,6 +266,16 @@ impl Loader {
     pub fn has_problems(&self) -> bool {
         !self.problems.is_empty()
     }
+
+    /// Every variable read so far, `true` for secrets.
+    pub fn asked(&self) -> BTreeMap<String, bool> {
+        self.asked.borrow().clone()
+    }
+
+    /// The variables with a problem so far (missing or invalid).
+    pub fn problem_variables(&self) -> Vec<&'static str> {
+        self.problems.iter().map(|p| p.variable).collect()
+    }
 }
 
 /// Settings every function has: environment, CORS, telemetry.
@@ -271,7 +288,12 @@ pub struct CoreConfig {
     /// `https://stagepass-*-team.vercel.app` (one `*`, matching `[a-z0-9-]+`).
     pub preview_origin_pattern: Option<String>,
     pub sentry_dsn: Option<Secret>,
-    pub release: &'static str,
+    /// Share of requests that become Sentry performance transactions
+    /// (`SENTRY_TRACES_SAMPLE_RATE`, 0..=1, default 0: none).
+    pub traces_sample_rate: f32,
+    /// What Sentry reports as the release: the deployment's commit
+    /// ([`release`]), else the package version.
+    pub release: String,
 }
 
 impl CoreConfig {
@@ -308,14 +330,49 @@ impl CoreConfig {
                     _ => Err("is not a Sentry DSN (scheme://public_key@host/project_id)"),
                 },
             );
+        let traces_sample_rate = match l.get("SENTRY_TRACES_SAMPLE_RATE") {
+            None => 0.0,
+            Some(raw) => match raw.parse::<f32>() {
+                Ok(rate) if (0.0..=1.0).contains(&rate) => rate,
+                _ => {
+                    l.problem(
+                        "SENTRY_TRACES_SAMPLE_RATE",
+                        "is not a number from 0 to 1",
+                        "the share of requests traced, e.g. 0.05; 0 or unset traces none",
+                    );
+                    0.0
+                }
+            },
+        };
         CoreConfig {
             app_env: l.app_env(),
             allowed_origins,
             preview_origin_pattern,
             sentry_dsn,
-            release: env!("CARGO_PKG_VERSION"),
+            traces_sample_rate,
+            release: release(l),
         }
     }
+}
+
+/// Variables that name the deployed commit, first match wins: Vercel sets
+/// `VERCEL_GIT_COMMIT_SHA` on every deployment from git; on Lambda (or
+/// anywhere else) the deploy sets `STAGEPASS_RELEASE` (the SAM template
+/// passes its `Release` parameter, e.g. `$(git rev-parse HEAD)`).
+pub const RELEASE_VARIABLES: [&str; 2] = ["STAGEPASS_RELEASE", "VERCEL_GIT_COMMIT_SHA"];
+
+/// The release Sentry groups events and transactions by: the deployed
+/// commit when the platform names it, else the package version.
+pub fn release(l: &Loader) -> String {
+    RELEASE_VARIABLES
+        .iter()
+        .find_map(|name| l.get(name))
+        .filter(|v| {
+            // A release name may not contain newlines or slashes and must
+            // fit Sentry's 200 characters; anything else is not a commit.
+            v.len() <= 200 && !v.contains(['/', '\\', '\n', '\r'])
+        })
+        .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned())
 }
 
 fn parse_origins(l: &mut Loader, raw: &str) -> Vec<String> {
@@ -1059,5 +1116,42 @@ mod tests {
         assert!(check_hook_secret("v1,whsec_aGVsbG8gd29ybGQ=").is_ok());
         assert!(check_hook_secret("whsec_aGVsbG8=").is_err());
         assert!(check_hook_secret("v1,whsec_***").is_err());
+    }
+}
+
+#[cfg(test)]
+mod sentry_settings_tests {
+    use super::*;
+
+    #[test]
+    fn traces_sample_rate_defaults_to_zero_and_must_be_a_share() {
+        let mut l = Loader::from_map([("APP_ENV", "test")]);
+        assert_eq!(CoreConfig::load(&mut l).traces_sample_rate, 0.0);
+        let mut l = Loader::from_map([("SENTRY_TRACES_SAMPLE_RATE", "0.25")]);
+        assert_eq!(CoreConfig::load(&mut l).traces_sample_rate, 0.25);
+        assert!(l.finish().is_ok());
+        for bad in ["1.5", "-0.1", "NaN", "ten percent", "inf"] {
+            let mut l = Loader::from_map([("SENTRY_TRACES_SAMPLE_RATE", bad)]);
+            let core = CoreConfig::load(&mut l);
+            assert_eq!(core.traces_sample_rate, 0.0, "{bad}");
+            let errors = l.finish().expect_err(bad);
+            assert_eq!(errors.0[0].variable, "SENTRY_TRACES_SAMPLE_RATE");
+        }
+    }
+
+    #[test]
+    fn release_is_the_deployed_commit_else_the_package_version() {
+        let version = env!("CARGO_PKG_VERSION");
+        assert_eq!(release(&Loader::from_map([("APP_ENV", "test")])), version);
+        let vercel = Loader::from_map([("VERCEL_GIT_COMMIT_SHA", "0a1b2c3d")]);
+        assert_eq!(release(&vercel), "0a1b2c3d");
+        // Set by the deployment itself (Lambda): wins over Vercel's.
+        let own = Loader::from_map([
+            ("VERCEL_GIT_COMMIT_SHA", "0a1b2c3d"),
+            ("STAGEPASS_RELEASE", "4e5f6a7b"),
+        ]);
+        assert_eq!(release(&own), "4e5f6a7b");
+        let odd = Loader::from_map([("STAGEPASS_RELEASE", "../../etc")]);
+        assert_eq!(release(&odd), version);
     }
 }

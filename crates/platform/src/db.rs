@@ -88,7 +88,7 @@ pub async fn begin_user<'a>(
     pool: &'a PgPool,
     claims: &Claims,
 ) -> Result<Transaction<'a, Postgres>, sqlx::Error> {
-    let mut tx = pool.begin_with(BEGIN).await?;
+    let mut tx = crate::telemetry::db_span("begin_user", pool.begin_with(BEGIN)).await?;
     // `set_config('role', …)` is `SET LOCAL ROLE` in a form that takes a bind
     // parameter. One round trip for both settings.
     sqlx::query("select set_config('request.jwt.claims', $1, true), set_config('role', $2, true)")
@@ -102,7 +102,7 @@ pub async fn begin_user<'a>(
 /// Begins a transaction as the service role (webhooks, jobs, cron, admin
 /// tooling). Never used for a user's request.
 pub async fn begin_service(pool: &PgPool) -> Result<Transaction<'_, Postgres>, sqlx::Error> {
-    let mut tx = pool.begin_with(BEGIN).await?;
+    let mut tx = crate::telemetry::db_span("begin_service", pool.begin_with(BEGIN)).await?;
     sqlx::query("select set_config('role', $1, true)")
         .bind(SERVICE_ROLE)
         .execute(&mut *tx)

@@ -283,7 +283,7 @@ async fn serve_platform(app: Router) -> Result<(), vercel_runtime::Error> {
 
 #[cfg(feature = "lambda")]
 async fn serve_platform(app: Router) -> Result<(), lambda_http::Error> {
-    lambda_http::run(app).await
+    lambda_http::run(lambda::LambdaAdapter::new(app)).await
 }
 
 /// Serves `app` (already stacked) on a local listener with `TCP_NODELAY`
@@ -297,23 +297,95 @@ pub async fn serve_local(
     crate::local::serve(listener, app, shutdown, crate::local::HEADER_READ_TIMEOUT).await
 }
 
-/// The platform's per-request handle (Vercel's `AppState`), put into request
-/// extensions so layers can call `wait_until` (work after the response).
+/// The platform's per-request handle, put into request extensions so layers
+/// and handlers can schedule work after the response (`wait_until`).
 #[derive(Clone)]
-pub struct Platform(vercel_runtime::AppState);
+pub struct Platform(PlatformKind);
+
+#[derive(Clone)]
+enum PlatformKind {
+    /// Vercel's `AppState`: the instance stays alive until the work ends.
+    Vercel(vercel_runtime::AppState),
+    /// Work collected during the request and awaited by the adapter before
+    /// it hands the response back (AWS Lambda freezes the process as soon
+    /// as the handler returns, so nothing may run "after" the response).
+    Deferred(Deferred),
+}
 
 impl Platform {
+    /// The handle of a request that came through the Vercel runtime.
+    pub fn vercel(state: vercel_runtime::AppState) -> Self {
+        Platform(PlatformKind::Vercel(state))
+    }
+
+    /// A handle whose work the caller awaits with [`Deferred::run`].
+    pub fn deferred(work: Deferred) -> Self {
+        Platform(PlatformKind::Deferred(work))
+    }
+
+    /// Whether the request came through the Vercel runtime (its forwarded
+    /// headers can then be trusted for the client IP).
+    pub fn is_vercel(&self) -> bool {
+        matches!(self.0, PlatformKind::Vercel(_))
+    }
+
     pub fn wait_until<F>(&self, future: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.0.wait_until(future);
+        match &self.0 {
+            PlatformKind::Vercel(state) => state.wait_until(future),
+            PlatformKind::Deferred(work) => work.push(future),
+        }
+    }
+}
+
+/// Work a request scheduled "after the response", run before the response
+/// is returned ([`Platform::deferred`]).
+#[derive(Clone, Default)]
+pub struct Deferred(Arc<std::sync::Mutex<Vec<futures_util::future::BoxFuture<'static, ()>>>>);
+
+impl Deferred {
+    fn push<F>(&self, future: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        if let Ok(mut queue) = self.0.lock() {
+            queue.push(Box::pin(future));
+        }
+    }
+
+    /// Runs the queued work concurrently, including work queued while it
+    /// runs, for at most `budget`. `false` when the budget ran out: what
+    /// was still running is dropped. Everything scheduled this way may be
+    /// abandoned (the outbox's rows wait for the `deliver-outbox` cron; a
+    /// Sentry flush loses at most the events of this request).
+    pub async fn run(&self, budget: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + budget;
+        loop {
+            let batch = match self.0.lock() {
+                Ok(mut queue) => std::mem::take(&mut *queue),
+                Err(_) => return false,
+            };
+            if batch.is_empty() {
+                return true;
+            }
+            let all = futures_util::future::join_all(batch);
+            if tokio::time::timeout_at(deadline, all).await.is_err() {
+                tracing::warn!(
+                    budget_ms = budget.as_millis() as u64,
+                    "after-response work did not finish in time; abandoned"
+                );
+                return false;
+            }
+        }
     }
 }
 
 /// Runs `work` after the response has been sent: through Vercel's
-/// `wait_until` (the instance stays alive until it finishes), elsewhere
-/// (local, Lambda) as a background task.
+/// `wait_until` (the instance stays alive until it finishes), on Lambda
+/// before the response is returned (see [`Deferred`]), elsewhere (local) as
+/// a background task.
 pub fn after_response<F>(platform: Option<&Platform>, work: F)
 where
     F: Future<Output = ()> + Send + 'static,
@@ -395,7 +467,7 @@ impl tower::Service<(vercel_runtime::AppState, vercel_runtime::Request)> for Ver
                     bytes::Bytes::new()
                 }
             };
-            parts.extensions.insert(Platform(state));
+            parts.extensions.insert(Platform::vercel(state));
             let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
             let response = match tower::ServiceExt::oneshot(router, req).await {
                 Ok(r) => r,
@@ -484,31 +556,209 @@ pub fn compose(
     (crate::http::stack(router, &core), failures)
 }
 
-/// The Lambda target: an API Gateway HTTP API (v2) event goes through the
-/// same adapter `lambda_http::run` uses, into the same stacked router.
+/// The event an EventBridge schedule sends to a cron function on Lambda: an
+/// API Gateway HTTP API (v2) request `GET path` with `Authorization:
+/// <authorization>`. A schedule cannot call the HTTP API with a header, so
+/// it invokes the function directly with this payload (the rule's
+/// constant input) and the request takes the same way as any other, cron
+/// secret check included. `stagepass lambda template` writes it with
+/// `Bearer ${CronSecret}` for CloudFormation to substitute.
+pub fn schedule_event(path: &str, authorization: &str) -> serde_json::Value {
+    serde_json::json!({
+        "version": "2.0",
+        "routeKey": format!("GET {path}"),
+        "rawPath": path,
+        "rawQueryString": "",
+        "headers": {
+            "authorization": authorization,
+            "user-agent": "amazon-eventbridge-scheduler",
+        },
+        "requestContext": {
+            // No domain name: an empty one would make `lambda_http` read the
+            // path's first segment as the host.
+            "requestId": "eventbridge", "routeKey": format!("GET {path}"),
+            "stage": "$default", "timeEpoch": 0,
+            "http": {
+                "method": "GET", "path": path, "protocol": "HTTP/1.1",
+                "sourceIp": "", "userAgent": "amazon-eventbridge-scheduler",
+            },
+        },
+        "isBase64Encoded": false,
+    })
+}
+
+/// The AWS Lambda target (`lambda` feature): the same stacked router behind
+/// `lambda_http`, with after-response work awaited before the response is
+/// handed back and the client IP taken from the event's request context.
+#[cfg(feature = "lambda")]
+pub mod lambda {
+    use std::convert::Infallible;
+    use std::net::IpAddr;
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    use axum::Router;
+    use futures_util::future::BoxFuture;
+    use lambda_http::request::RequestContext;
+
+    use super::{Deferred, Platform};
+    use crate::http::MAX_BODY_BYTES;
+
+    /// How long a request's after-response work (outbox kick, Sentry flush)
+    /// may hold its response back on Lambda. Lambda freezes the process as
+    /// soon as the handler returns, so that work runs before; past this
+    /// budget it is abandoned (the outbox's `deliver-outbox` cron retries).
+    pub const AFTER_RESPONSE_BUDGET: Duration = Duration::from_secs(5);
+
+    /// `lambda_http`'s handler: the router, plus the work its request
+    /// scheduled with [`super::after_response`], awaited before returning.
+    #[derive(Clone)]
+    pub struct LambdaAdapter {
+        router: Router,
+        budget: Duration,
+    }
+
+    impl LambdaAdapter {
+        pub fn new(router: Router) -> Self {
+            LambdaAdapter {
+                router,
+                budget: AFTER_RESPONSE_BUDGET,
+            }
+        }
+
+        /// A different budget for after-response work (tests).
+        pub fn with_budget(mut self, budget: Duration) -> Self {
+            self.budget = budget;
+            self
+        }
+    }
+
+    impl tower::Service<lambda_http::Request> for LambdaAdapter {
+        type Response = axum::response::Response;
+        type Error = Infallible;
+        type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+        fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, req: lambda_http::Request) -> Self::Future {
+            let router = self.router.clone();
+            let budget = self.budget;
+            Box::pin(async move {
+                let (mut parts, body) = req.into_parts();
+                let bytes = match body {
+                    lambda_http::Body::Empty => bytes::Bytes::new(),
+                    lambda_http::Body::Text(text) => bytes::Bytes::from(text),
+                    lambda_http::Body::Binary(data) => bytes::Bytes::from(data),
+                    other => bytes::Bytes::copy_from_slice(other.as_ref()),
+                };
+                // The event holds the whole body already (API Gateway allows
+                // up to 10 MB); the same limit as on Vercel applies.
+                let bytes = if bytes.len() > MAX_BODY_BYTES {
+                    parts.extensions.insert(crate::http::guard::BodyTooLarge);
+                    bytes::Bytes::new()
+                } else {
+                    bytes
+                };
+                let work = Deferred::default();
+                parts.extensions.insert(Platform::deferred(work.clone()));
+                let req = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+                let response = match tower::ServiceExt::oneshot(router, req).await {
+                    Ok(r) => r,
+                    Err(never) => match never {},
+                };
+                work.run(budget).await;
+                Ok(response)
+            })
+        }
+    }
+
+    /// The client IP of a request that came from a Lambda event (`None`
+    /// when it did not; `Some(None)` when the event does not say):
+    ///
+    /// - HTTP API (v2): `requestContext.http.sourceIp`;
+    /// - REST API (v1): `requestContext.identity.sourceIp`;
+    /// - ALB: the *last* `X-Forwarded-For` entry, the one the load balancer
+    ///   appended (every entry before it is whatever the client sent).
+    ///
+    /// API Gateway's `X-Forwarded-For` is never read: it appends to the
+    /// client's header, so its first entry is a claim.
+    pub fn client_ip(parts: &http::request::Parts) -> Option<Option<IpAddr>> {
+        let context = parts.extensions.get::<RequestContext>()?;
+        let raw = match context {
+            RequestContext::ApiGatewayV2(c) => c.http.source_ip.clone(),
+            RequestContext::ApiGatewayV1(c) => c.identity.source_ip.clone(),
+            RequestContext::Alb(_) => parts
+                .headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .next_back()
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.rsplit(',').next())
+                .map(|v| v.trim().to_owned()),
+            // Event kinds this build does not enable (WebSocket, Lattice).
+            #[allow(unreachable_patterns)]
+            _ => None,
+        };
+        Some(raw.and_then(|ip| ip.parse().ok()))
+    }
+}
+
+/// The Lambda target: API Gateway events go through the same adapter
+/// `serve::run` gives `lambda_http::run`, into the same stacked router.
 #[cfg(all(test, feature = "lambda"))]
 mod lambda_tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
     use lambda_http::lambda_runtime::{Context, LambdaEvent};
     use lambda_http::request::LambdaRequest;
     use tower::ServiceExt;
 
-    fn event(path: &str) -> LambdaRequest {
-        serde_json::from_value(serde_json::json!({
+    use super::PlatformHandle;
+    use super::lambda::LambdaAdapter;
+    use crate::ratelimit::{Algorithm, FailMode, KeyKind, Policy, RateLimiter};
+
+    /// An HTTP API (v2) event as API Gateway sends it.
+    fn event(path: &str, source_ip: &str, headers: serde_json::Value) -> serde_json::Value {
+        let mut all =
+            serde_json::json!({"host": "api.example.com", "origin": "https://stagepass.app"});
+        for (k, v) in headers.as_object().into_iter().flatten() {
+            all[k] = v.clone();
+        }
+        serde_json::json!({
             "version": "2.0",
             "routeKey": "$default",
             "rawPath": path,
             "rawQueryString": "",
-            "headers": {"host": "api.example.com", "origin": "https://stagepass.app"},
+            "headers": all,
             "requestContext": {
                 "accountId": "123456789012", "apiId": "api", "domainName": "api.example.com",
                 "domainPrefix": "api", "requestId": "req-1", "routeKey": "$default",
                 "stage": "$default", "time": "27/Nov/2026:00:00:00 +0000", "timeEpoch": 0,
                 "http": {"method": "GET", "path": path, "protocol": "HTTP/1.1",
-                         "sourceIp": "127.0.0.1", "userAgent": "test"}
+                         "sourceIp": source_ip, "userAgent": "test"}
             },
             "isBase64Encoded": false
-        }))
-        .expect("an API Gateway v2 event")
+        })
+    }
+
+    fn stacked(router: axum::Router) -> axum::Router {
+        let mut loader =
+            crate::config::Loader::from_map([("ALLOWED_ORIGINS", "https://stagepass.app")]);
+        let core = crate::config::CoreConfig::load(&mut loader);
+        crate::http::stack(router, &core)
+    }
+
+    async fn send(adapter: LambdaAdapter, event: serde_json::Value) -> serde_json::Value {
+        let request: LambdaRequest = serde_json::from_value(event).expect("a Lambda event");
+        let response = lambda_http::Adapter::from(adapter)
+            .oneshot(LambdaEvent::new(request, Context::default()))
+            .await
+            .expect("response");
+        serde_json::to_value(&response).expect("serialise")
     }
 
     async fn call(path: &str) -> serde_json::Value {
@@ -516,16 +766,8 @@ mod lambda_tests {
             "/api/health",
             axum::routing::get(|| async { axum::Json(serde_json::json!({"status": "ok"})) }),
         );
-        let mut loader =
-            crate::config::Loader::from_map([("ALLOWED_ORIGINS", "https://stagepass.app")]);
-        let core = crate::config::CoreConfig::load(&mut loader);
-        let app = crate::http::stack(router, &core);
-        let adapter = lambda_http::Adapter::from(app);
-        let response = adapter
-            .oneshot(LambdaEvent::new(event(path), Context::default()))
-            .await
-            .expect("response");
-        serde_json::to_value(&response).expect("serialise")
+        let event = event(path, "203.0.113.9", serde_json::json!({}));
+        send(LambdaAdapter::new(stacked(router)), event).await
     }
 
     #[tokio::test]
@@ -546,5 +788,187 @@ mod lambda_tests {
             missing["headers"]["content-type"],
             "application/problem+json"
         );
+    }
+
+    /// A route that schedules slow work after its response, the way the
+    /// outbox kick does (`PlatformHandle::after_response`).
+    fn with_after_response_work(done: Arc<AtomicBool>, takes: Duration) -> axum::Router {
+        axum::Router::new().route(
+            "/api/work",
+            axum::routing::get(move |platform: PlatformHandle| {
+                let done = done.clone();
+                async move {
+                    platform.after_response(async move {
+                        tokio::time::sleep(takes).await;
+                        done.store(true, Ordering::SeqCst);
+                    });
+                    "accepted"
+                }
+            }),
+        )
+    }
+
+    #[tokio::test]
+    async fn after_response_work_has_finished_when_lambda_gets_the_response() {
+        let done = Arc::new(AtomicBool::new(false));
+        let app = stacked(with_after_response_work(
+            done.clone(),
+            Duration::from_millis(200),
+        ));
+        let response = send(
+            LambdaAdapter::new(app),
+            event("/api/work", "203.0.113.9", serde_json::json!({})),
+        )
+        .await;
+        assert_eq!(response["statusCode"], 200, "{response}");
+        // The process may be frozen from here on: the work must be done.
+        assert!(
+            done.load(Ordering::SeqCst),
+            "after-response work still pending"
+        );
+    }
+
+    #[tokio::test]
+    async fn after_response_work_is_bounded_by_its_budget() {
+        let done = Arc::new(AtomicBool::new(false));
+        let app = stacked(with_after_response_work(
+            done.clone(),
+            Duration::from_secs(30),
+        ));
+        let started = Instant::now();
+        let response = send(
+            LambdaAdapter::new(app).with_budget(Duration::from_millis(100)),
+            event("/api/work", "203.0.113.9", serde_json::json!({})),
+        )
+        .await;
+        assert_eq!(response["statusCode"], 200, "{response}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(!done.load(Ordering::SeqCst));
+    }
+
+    const TWO_PER_MINUTE_BY_IP: &[Policy] = &[Policy {
+        name: "public",
+        algorithm: Algorithm::SlidingWindow {
+            limit: 2,
+            window_ms: 60_000,
+        },
+        key: KeyKind::ClientIp,
+        fail: FailMode::Open,
+    }];
+
+    #[tokio::test]
+    async fn per_ip_limits_key_on_the_api_gateway_source_ip_not_x_forwarded_for() {
+        let router = axum::Router::new()
+            .route("/api/public", axum::routing::get(|| async { "hi" }))
+            .layer(crate::ratelimit::layer(
+                Arc::new(RateLimiter::local()),
+                TWO_PER_MINUTE_BY_IP,
+            ));
+        let adapter = LambdaAdapter::new(stacked(router));
+        // One client rotating forged X-Forwarded-For values: API Gateway
+        // appends the real address, but the first entry is the client's.
+        for (i, expected) in [(1, 200), (2, 200), (3, 429), (4, 429)] {
+            let forged = serde_json::json!({"x-forwarded-for": format!("198.51.100.{i}")});
+            let r = send(adapter.clone(), event("/api/public", "203.0.113.9", forged)).await;
+            assert_eq!(r["statusCode"], expected, "request {i}: {r}");
+        }
+        // Another client (another source IP) has its own budget.
+        let other = send(
+            adapter.clone(),
+            event("/api/public", "203.0.113.10", serde_json::json!({})),
+        )
+        .await;
+        assert_eq!(other["statusCode"], 200, "{other}");
+    }
+
+    fn client_ip_of(event: serde_json::Value) -> Option<std::net::IpAddr> {
+        let request = lambda_http::request::from_str(&event.to_string()).expect("an event");
+        let (parts, _) = request.into_parts();
+        crate::ratelimit::client_ip(&parts, crate::ratelimit::ClientIpSource::Auto)
+    }
+
+    #[test]
+    fn client_ip_comes_from_the_request_context_of_each_event_kind() {
+        let spoof = serde_json::json!({"x-forwarded-for": "198.51.100.1"});
+        assert_eq!(
+            client_ip_of(event("/x", "2001:db8::7", spoof.clone())),
+            Some("2001:db8::7".parse().unwrap())
+        );
+        // No source IP in the context: no IP at all, never the header.
+        assert_eq!(client_ip_of(event("/x", "", spoof.clone())), None);
+        let rest = serde_json::json!({
+            "resource": "/x", "path": "/x", "httpMethod": "GET",
+            "headers": {"X-Forwarded-For": "198.51.100.1, 203.0.113.5"},
+            "multiValueHeaders": {"X-Forwarded-For": ["198.51.100.1, 203.0.113.5"]},
+            "queryStringParameters": null, "multiValueQueryStringParameters": null,
+            "pathParameters": null, "stageVariables": null,
+            "requestContext": {
+                "accountId": "123456789012", "resourceId": "r", "stage": "prod",
+                "requestId": "req-2", "httpMethod": "GET", "path": "/prod/x",
+                "resourcePath": "/x", "apiId": "api",
+                "identity": {"sourceIp": "203.0.113.5", "userAgent": "test"}
+            },
+            "body": null, "isBase64Encoded": false
+        });
+        assert_eq!(client_ip_of(rest), Some("203.0.113.5".parse().unwrap()));
+        let alb = serde_json::json!({
+            "requestContext": {"elb": {"targetGroupArn": "arn:aws:elasticloadbalancing:us-east-1:123456789012:targetgroup/t/1"}},
+            "httpMethod": "GET", "path": "/x", "queryStringParameters": {},
+            "headers": {"x-forwarded-for": "198.51.100.1, 203.0.113.6", "host": "alb"},
+            "body": "", "isBase64Encoded": false
+        });
+        assert_eq!(client_ip_of(alb), Some("203.0.113.6".parse().unwrap()));
+    }
+
+    /// The payload `stagepass lambda template` gives each cron schedule,
+    /// once CloudFormation has substituted the secret, reaches the cron
+    /// route through the Lambda adapter and passes (or fails) its check.
+    #[tokio::test]
+    async fn a_schedule_event_carries_the_cron_secret_to_the_route() {
+        let secret: crate::config::Secret = "cron-secret-0123456789".to_owned().into();
+        let router = axum::Router::new().route(
+            "/api/cron/cleanup",
+            axum::routing::get(move |headers: http::HeaderMap| {
+                let secret = secret.clone();
+                async move { crate::cron::authorize(&headers, &secret).map(|()| "ran") }
+            }),
+        );
+        let adapter = LambdaAdapter::new(stacked(router));
+        let template = serde_json::to_string(&super::schedule_event(
+            "/api/cron/cleanup",
+            "Bearer ${CronSecret}",
+        ))
+        .expect("json");
+        for (secret, status) in [
+            ("cron-secret-0123456789", 200),
+            ("wrong-secret-000000000", 401),
+        ] {
+            let input: serde_json::Value =
+                serde_json::from_str(&template.replace("${CronSecret}", secret)).expect("json");
+            let r = send(adapter.clone(), input).await;
+            assert_eq!(r["statusCode"], status, "{r}");
+        }
+    }
+
+    /// The event holds the whole body; the limit every function has on
+    /// Vercel applies here too (413 problem, the handler never runs).
+    #[tokio::test]
+    async fn oversized_bodies_are_refused_as_on_vercel() {
+        let router = axum::Router::new().route(
+            "/api/echo",
+            axum::routing::post(|body: String| async move { body.len().to_string() }),
+        );
+        let adapter = LambdaAdapter::new(stacked(router));
+        for (size, status) in [(1024, 200), (crate::http::MAX_BODY_BYTES + 1, 413)] {
+            let mut e = event("/api/echo", "203.0.113.9", serde_json::json!({}));
+            e["requestContext"]["http"]["method"] = "POST".into();
+            e["body"] = "x".repeat(size).into();
+            let r = send(adapter.clone(), e).await;
+            assert_eq!(r["statusCode"], status, "{size}: {}", r["body"]);
+        }
     }
 }

@@ -6,8 +6,18 @@
 //! event tagged with the request id, the matched route and the user id (never
 //! an e-mail); request headers and bodies are never attached, and messages
 //! pass a scrubber that removes anything shaped like a secret. Events are
-//! flushed after the response is sent (`wait_until` on Vercel), so a frozen
-//! function never loses one and the client never waits for Sentry.
+//! flushed after the response is sent (`wait_until` on Vercel; on Lambda
+//! before the response is returned, since the process freezes), so a frozen
+//! function never loses one and, on Vercel, the client never waits for Sentry.
+//!
+//! Performance: with `SENTRY_TRACES_SAMPLE_RATE` above 0, that share of
+//! requests becomes a transaction (`GET /api/v1/me`, op `http.server`) whose
+//! child spans are the request's SQL statements, `BEGIN` and `COMMIT`
+//! included (op `db.sql.query`, the statement text with its `$n`
+//! placeholders, never bound values). The spans come from sqlx's own
+//! per-statement `sqlx::query` events, turned into Sentry spans by
+//! [`DbSpans`]: no handler or `db` function needs to know. The release is the
+//! deployed commit (`config::release`).
 
 use std::borrow::Cow;
 use std::sync::OnceLock;
@@ -28,11 +38,15 @@ use crate::http::request_id::RequestId;
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 static SENTRY: OnceLock<Option<sentry::ClientInitGuard>> = OnceLock::new();
+/// Whether requests may become performance transactions (a DSN and a
+/// sample rate above 0).
+static TRACES: OnceLock<bool> = OnceLock::new();
 
 /// Sets up logging and Sentry once per process. Safe to call again (tests,
 /// the dev server): later calls do nothing.
 pub fn init(function: &'static str, core: &CoreConfig) {
-    init_tracing(core.app_env.is_production());
+    let traces = *TRACES.get_or_init(|| core.sentry_dsn.is_some() && core.traces_sample_rate > 0.0);
+    init_tracing(core.app_env.is_production(), traces);
     SENTRY.get_or_init(|| {
         let dsn = core.sentry_dsn.as_ref()?;
         let environment = match core.app_env {
@@ -45,6 +59,10 @@ pub fn init(function: &'static str, core: &CoreConfig) {
         options.environment = Some(Cow::Borrowed(environment));
         options.send_default_pii = false;
         options.server_name = Some(Cow::Borrowed(function));
+        if traces {
+            // Validated to 0..=1 by `CoreConfig` (the setter panics otherwise).
+            options = options.traces_sample_rate(core.traces_sample_rate);
+        }
         options.before_send = Some(std::sync::Arc::new(|mut event| {
             scrub_event(&mut event);
             Some(event)
@@ -93,11 +111,21 @@ fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::filter::Targets {
         .unwrap_or_else(|| DEFAULT.parse().unwrap_or_default())
 }
 
-fn init_tracing(json: bool) {
+fn init_tracing(json: bool, db_spans: bool) {
+    use tracing_subscriber::Layer as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
     let rust_log = std::env::var("RUST_LOG").ok();
-    let registry = tracing_subscriber::registry().with(log_filter(rust_log.as_deref()));
+    let filter = log_filter(rust_log.as_deref());
+    // Per-layer filters: the log lines keep `RUST_LOG` (`sqlx=warn`), while
+    // sqlx's per-statement events reach `DbSpans` only when transactions are
+    // on at all (otherwise sqlx does not even build them).
+    let db_spans = db_spans.then(|| {
+        DbSpans.with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+            meta.target() == SQLX_QUERY_TARGET
+        }))
+    });
+    let registry = tracing_subscriber::registry().with(db_spans);
     // `try_init` fails when a subscriber is already set (tests): that is fine.
     let _ = if json {
         registry
@@ -105,7 +133,8 @@ fn init_tracing(json: bool) {
                 tracing_subscriber::fmt::layer()
                     .with_target(false)
                     .json()
-                    .flatten_event(true),
+                    .flatten_event(true)
+                    .with_filter(filter),
             )
             .try_init()
     } else {
@@ -113,10 +142,126 @@ fn init_tracing(json: bool) {
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_target(false)
-                    .compact(),
+                    .compact()
+                    .with_filter(filter),
             )
             .try_init()
     };
+}
+
+/// The target of the event sqlx emits after every statement it executes.
+const SQLX_QUERY_TARGET: &str = "sqlx::query";
+
+/// Turns sqlx's per-statement events into child spans of the request's
+/// Sentry transaction, when the request is sampled. The event comes when
+/// the statement has finished, with its duration: the span is back-dated.
+struct DbSpans;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for DbSpans {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        // The request's hub is the thread's current one while its future is
+        // polled (`bind_hub` in `observe`), and so while sqlx reports.
+        let Some(parent) = sentry::Hub::with_active(|hub| hub.configure_scope(|s| s.get_span()))
+        else {
+            return;
+        };
+        if !sampled(&parent) {
+            return;
+        }
+        let mut fields = QueryFields::default();
+        event.record(&mut fields);
+        let end = std::time::SystemTime::now();
+        let start = end
+            .checked_sub(Duration::from_secs_f64(fields.elapsed_secs.max(0.0)))
+            .unwrap_or(end);
+        let statement = fields.statement.trim();
+        let description = if statement.is_empty() {
+            fields.summary.trim_end_matches(" …")
+        } else {
+            statement
+        };
+        let span = parent.start_child_with_details(
+            "db.sql.query",
+            description,
+            sentry::protocol::SpanId::default(),
+            start,
+        );
+        span.set_data("db.system", "postgresql".into());
+        if let Some(rows) = fields.rows {
+            span.set_data("db.rows", rows.into());
+        }
+        span.finish_with_timestamp(end);
+    }
+}
+
+/// The fields of a `sqlx::query` event we keep (never bound values: sqlx
+/// logs the statement text only).
+#[derive(Default)]
+struct QueryFields {
+    summary: String,
+    statement: String,
+    elapsed_secs: f64,
+    rows: Option<u64>,
+}
+
+impl tracing::field::Visit for QueryFields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        match field.name() {
+            "summary" => self.summary = value.to_owned(),
+            "db.statement" => self.statement = value.to_owned(),
+            _ => {}
+        }
+    }
+
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        if field.name() == "elapsed_secs" {
+            self.elapsed_secs = value;
+        }
+    }
+
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        if matches!(field.name(), "rows_affected" | "rows_returned") {
+            self.rows = Some(self.rows.unwrap_or(0).max(value));
+        }
+    }
+
+    fn record_debug(&mut self, _field: &tracing::field::Field, _value: &dyn std::fmt::Debug) {}
+}
+
+/// Whether finishing `span` sends it to Sentry. `is_sampled` is deprecated
+/// because its `false` is ambiguous (not sampled, or a decision deferred to
+/// a downstream service); its `true` is reliable, and that is all we ask.
+#[allow(deprecated)]
+fn sampled(span: &sentry::TransactionOrSpan) -> bool {
+    span.is_sampled()
+}
+
+/// Runs `work` (acquiring a pooled connection and queueing `BEGIN`, which
+/// sqlx sends together with the first statement and reports no event for)
+/// as a `db.connection` span of the request's transaction, when sampled: a
+/// cold connection (TCP, TLS, authentication) shows up here.
+pub async fn db_span<F: std::future::Future>(name: &str, work: F) -> F::Output {
+    let parent = traces_enabled()
+        .then(|| sentry::Hub::with_active(|hub| hub.configure_scope(|s| s.get_span())))
+        .flatten()
+        .filter(sampled);
+    let Some(parent) = parent else {
+        return work.await;
+    };
+    let span = parent.start_child("db.connection", name);
+    span.set_data("db.system", "postgresql".into());
+    let output = work.await;
+    span.finish();
+    output
+}
+
+/// Whether this process sends performance transactions.
+pub fn traces_enabled() -> bool {
+    sentry_enabled() && TRACES.get().copied().unwrap_or(false)
 }
 
 /// Whether Sentry is configured in this process.
@@ -153,12 +298,28 @@ pub async fn observe(req: Request, next: Next) -> Response {
         scope.set_tag("route", &route);
         scope.set_tag("method", method.as_str());
     });
+    // The matched route, never the raw path: ids stay out of names.
+    let transaction = traces_enabled().then(|| {
+        let name = format!("{method} {route}");
+        let tx = hub.start_transaction(sentry::TransactionContext::new(&name, "http.server"));
+        if sampled(&tx.clone().into()) {
+            hub.configure_scope(|scope| scope.set_span(Some(tx.clone().into())));
+        }
+        tx
+    });
     let response = next
         .run(req)
         .instrument(span.clone())
         .bind_hub(hub.clone())
         .await;
     let status = response.status();
+    let mut flush = false;
+    if let Some(tx) = transaction {
+        flush |= sampled(&tx.clone().into());
+        tx.set_tag("http.status_code", status.as_u16());
+        tx.set_status(span_status(status));
+        tx.finish();
+    }
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     span.in_scope(|| {
         tracing::info!(status = status.as_u16(), elapsed_ms, "served");
@@ -182,13 +343,35 @@ pub async fn observe(req: Request, next: Next) -> Response {
             .unwrap_or_else(|| format!("{} on {route}", status.as_u16()));
         hub.configure_scope(|scope| scope.set_tag("status", status.as_u16()));
         hub.capture_message(&scrub(&message), sentry::Level::Error);
+        flush = true;
+    }
+    if flush {
         flush_after_response(platform);
     }
     response
 }
 
-/// Flushes Sentry without delaying the response: through the platform's
-/// `wait_until` on Vercel; on a plain tokio runtime (local, Lambda) in a
+/// The transaction status Sentry expects for an HTTP status.
+fn span_status(status: http::StatusCode) -> sentry::protocol::SpanStatus {
+    use sentry::protocol::SpanStatus;
+    match status.as_u16() {
+        0..=399 => SpanStatus::Ok,
+        400 | 409 | 412 | 413 | 415 | 422 => SpanStatus::InvalidArgument,
+        401 => SpanStatus::Unauthenticated,
+        403 => SpanStatus::PermissionDenied,
+        404 => SpanStatus::NotFound,
+        429 => SpanStatus::ResourceExhausted,
+        499 => SpanStatus::Cancelled,
+        400..=499 => SpanStatus::FailedPrecondition,
+        501 => SpanStatus::Unimplemented,
+        503 => SpanStatus::Unavailable,
+        504 => SpanStatus::DeadlineExceeded,
+        _ => SpanStatus::InternalError,
+    }
+}
+
+/// Flushes Sentry: on Vercel after the response (`wait_until`), on Lambda
+/// before it is returned (the adapter awaits it, bounded), locally in a
 /// background task.
 fn flush_after_response(platform: Option<crate::serve::Platform>) {
     let flush = async {

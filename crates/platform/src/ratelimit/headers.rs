@@ -107,8 +107,9 @@ pub fn apply_unavailable(headers: &mut HeaderMap, policies: &[Policy]) {
 /// Where the client's IP address comes from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ClientIpSource {
-    /// Vercel's headers when the request came through the Vercel runtime
-    /// (it carries [`crate::serve::Platform`]), else the connection.
+    /// The Lambda event's request context when there is one (`lambda`
+    /// feature), Vercel's headers when the request came through the Vercel
+    /// runtime (a Vercel [`crate::serve::Platform`]), else the connection.
     #[default]
     Auto,
     /// Always Vercel's headers (tests of a Vercel deployment).
@@ -126,14 +127,23 @@ pub enum ClientIpSource {
 /// `X-Forwarded-For`. Anywhere else these headers are whatever the client
 /// sent, so they are ignored and the connection's address is used.
 ///
-/// AWS Lambda behind API Gateway *appends* to `X-Forwarded-For` (the first
-/// entry is the client's claim); there the source IP of the request context
-/// is the one to use, which `lambda_http` exposes; until that is wired,
-/// Lambda requests fall back to the connection (none), so IP policies do
-/// not apply there.
+/// AWS Lambda (the `lambda` feature): API Gateway *appends* to
+/// `X-Forwarded-For` (the first entry is the client's claim), so the source
+/// IP of the event's request context is used instead; see
+/// [`crate::serve::lambda::client_ip`].
 pub fn client_ip(parts: &Parts, source: ClientIpSource) -> Option<IpAddr> {
     let behind_vercel = match source {
-        ClientIpSource::Auto => parts.extensions.get::<crate::serve::Platform>().is_some(),
+        ClientIpSource::Auto => {
+            #[cfg(feature = "lambda")]
+            if let Some(ip) = crate::serve::lambda::client_ip(parts) {
+                // A Lambda event: only its request context counts.
+                return ip;
+            }
+            parts
+                .extensions
+                .get::<crate::serve::Platform>()
+                .is_some_and(crate::serve::Platform::is_vercel)
+        }
         ClientIpSource::Vercel => true,
         ClientIpSource::Connection => false,
     };
