@@ -176,6 +176,6 @@ cargo clippy --bins --features lambda -- -D warnings
 say "tests"
 cargo test --workspace --all-targets
 # The Lambda target: API Gateway events through the same stack.
-cargo test -p stagepass-platform --features lambda --lib serve::lambda_tests
+cargo test -p stagepass-platform --features lambda --lib lambda
 bash scripts/ci/pgbouncer.sh # the functions through a transaction pooler (ADR 0010)
 bash scripts/ci/lambda-template.sh # the Lambda target's SAM template, through cfn-lint
