@@ -60,3 +60,4 @@ say "tests"
 cargo test --workspace --all-targets
 # The Lambda target: API Gateway events through the same stack.
 cargo test -p stagepass-platform --features lambda --lib serve::lambda_tests
+scripts/ci/vercel-build.sh # every function through Vercel's own builder (ADR 0008)
