@@ -28,6 +28,7 @@ if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   say "installing nodejs and npm (apt)"
   apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null
 fi
+command -v curl >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq curl >/dev/null; }
 node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)' ||
   { echo "vercel-build: Node.js >= 20 is required (have $(node --version))" >&2; exit 1; }
 
