@@ -33,10 +33,11 @@ node -e 'process.exit(Number(process.versions.node.split(".")[0]) >= 20 ? 0 : 1)
   { echo "vercel-build: Node.js >= 20 is required (have $(node --version))" >&2; exit 1; }
 
 say "builder (cached in $DIR)"
-# package.json pins vercel 64.0.2 and @vercel/rust 20.0.1 (also as the CLI's
-# own copy, through `overrides`). vercel 64.0.2 also pins `sandbox` 4.4.0,
-# which the registry does not serve; `vercel build` never loads it, so it is
-# overridden to 4.5.0.
+# package.json pins vercel 64.0.2, which pins its builder, @vercel/rust
+# 20.0.0 (same code as 20.0.1). Keep that one: given another version the CLI
+# downloads its own into the project's .vercel/builders on every build.
+# vercel 64.0.2 also pins `sandbox` 4.4.0, which the registry does not serve;
+# `vercel build` never loads it, so it is overridden to 4.5.0.
 STAMP="$(cat scripts/ci/vercel-builder/package.json scripts/ci/vercel-builder/package-lock.json | sha256sum | cut -c1-16)"
 if [ ! -x "$DIR/node_modules/.bin/vercel" ] || [ "$(cat "$DIR/.installed" 2>/dev/null)" != "$STAMP" ]; then
   cp scripts/ci/vercel-builder/package.json scripts/ci/vercel-builder/package-lock.json "$DIR/"
@@ -56,6 +57,10 @@ mkdir -p "$WORK/.vercel"
 git ls-files -z --cached --others --exclude-standard |
   (while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done) |
   tar --null -T - -cf - | tar -xf - -C "$WORK"
+# tar restores the files' times but not the directories' (they are not in the
+# archive): a fresh `migrations/` would look changed to the platform build
+# script's rerun-if-changed and rebuild every crate on every run.
+find "$WORK" -type d -print0 | xargs -0 touch -h -d @946684800
 cp scripts/ci/vercel-project.json "$WORK/.vercel/project.json"
 
 # As on Vercel's build image: with VERCEL_BUILD_IMAGE set, @vercel/rust runs
@@ -86,6 +91,12 @@ if ! (cd "$WORK" && "$DIR/node_modules/.bin/vercel" build --yes >"$DIR/build.log
 fi
 elapsed=$(( $(date +%s) - start ))
 grep -E 'Build Completed' "$DIR/build.log" || true
+# The builder must be the pinned one from the cache, not a download.
+if grep -q 'Installing Builder' "$DIR/build.log"; then
+  grep 'Installing Builder' "$DIR/build.log"
+  echo "vercel-build: the CLI downloaded a builder instead of using its pinned one" >&2
+  exit 1
+fi
 echo "vercel build took ${elapsed}s ($variant)"
 
 say "build output"
