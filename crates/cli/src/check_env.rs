@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use stagepass_platform::config::Loader;
+use stagepass_platform::config::{AppEnv, Loader};
 use stagepass_platform::serve::{Function, Resources, build};
 use stagepass_routes::FUNCTIONS;
 
@@ -34,25 +34,57 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         Some(path) => path.display().to_string(),
         None => "the process environment".to_owned(),
     };
-    let app_env = vars
-        .get("APP_ENV")
-        .map_or("development (APP_ENV unset)", String::as_str);
-    println!(
-        "checking {} function(s) against {source}, APP_ENV={app_env}",
+    let (text, ok) = report(&vars, &functions, &source, opts.production);
+    print!("{text}");
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The whole report, and whether every function is configured.
+fn report(
+    vars: &BTreeMap<String, String>,
+    functions: &[&'static Function],
+    source: &str,
+    production_flag: bool,
+) -> (String, bool) {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    // The environment every function will run as, and why: on a deployment
+    // an unset APP_ENV means production (ADR 0008).
+    let loader = Loader::from_map(vars.clone());
+    let env = match loader.app_env() {
+        AppEnv::Production => "production",
+        AppEnv::Test => "test",
+        AppEnv::Development => "development",
+    };
+    let why = if production_flag {
+        "APP_ENV=production, from --production"
+    } else {
+        loader.app_env_reason()
+    };
+    let _ = writeln!(
+        out,
+        "checking {} function(s) against {source}\nenvironment: {env} ({why})",
         functions.len()
     );
-    let reports: Vec<Report> = functions.iter().map(|f| check(f, &vars)).collect();
+    let reports: Vec<Report> = functions.iter().map(|f| check(f, vars)).collect();
     for r in &reports {
-        print_report(r);
+        print_report(&mut out, r);
     }
     let failed = reports.iter().filter(|r| !r.problems.is_empty()).count();
     if failed == 0 {
-        println!("all {} function(s) OK", reports.len());
-        Ok(ExitCode::SUCCESS)
+        let _ = writeln!(out, "all {} function(s) OK", reports.len());
     } else {
-        println!("{failed} of {} function(s) not configured", reports.len());
-        Ok(ExitCode::FAILURE)
+        let _ = writeln!(
+            out,
+            "{failed} of {} function(s) not configured",
+            reports.len()
+        );
     }
+    (out, failed == 0)
 }
 
 fn environment(opts: &Options) -> Result<BTreeMap<String, String>> {
@@ -94,7 +126,13 @@ fn check(function: &'static Function, vars: &BTreeMap<String, String>) -> Report
     let mut loader = Loader::from_map(vars.clone());
     let built = build(function, &mut loader, &Resources::default()).is_some();
     // Read before `finish`, which returns warnings only when nothing failed.
-    let warnings = loader.warnings().to_vec();
+    // The inferred environment is said once, in the report's header.
+    let warnings = loader
+        .warnings()
+        .iter()
+        .filter(|w| !w.starts_with("running as production"))
+        .cloned()
+        .collect();
     let problems: Vec<String> = match loader.finish() {
         Ok(_) => Vec::new(),
         // Problems name variables and rules only; values never appear.
@@ -112,16 +150,82 @@ fn check(function: &'static Function, vars: &BTreeMap<String, String>) -> Report
     }
 }
 
-fn print_report(r: &Report) {
+fn print_report(out: &mut String, r: &Report) {
+    use std::fmt::Write as _;
     if r.problems.is_empty() {
-        println!("OK    {}", r.name);
+        let _ = writeln!(out, "OK    {}", r.name);
     } else {
-        println!("FAIL  {}", r.name);
+        let _ = writeln!(out, "FAIL  {}", r.name);
         for p in &r.problems {
-            println!("        - {p}");
+            let _ = writeln!(out, "        - {p}");
         }
     }
     for w in &r.warnings {
-        println!("        warning: {w}");
+        let _ = writeln!(out, "        warning: {w}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_health(vars: &[(&str, &str)]) -> (String, bool) {
+        let vars: BTreeMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let health = selected(Some("health")).expect("health");
+        report(&vars, &health, "a test", false)
+    }
+
+    #[tokio::test]
+    async fn says_which_environment_it_inferred_and_why() {
+        let (out, ok) = check_health(&[]);
+        assert!(ok, "{out}");
+        assert!(
+            out.contains("environment: development (APP_ENV is unset and no deployment platform"),
+            "{out}"
+        );
+
+        // A Vercel preview that forgot APP_ENV is checked as production:
+        // health then needs ALLOWED_ORIGINS.
+        let (out, ok) = check_health(&[("VERCEL_ENV", "preview")]);
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains(
+                "environment: production (APP_ENV is unset and VERCEL_ENV=preview is a deployment)"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("ALLOWED_ORIGINS"), "{out}");
+        assert!(!out.contains("warning: running as production"), "{out}");
+
+        let (out, ok) = check_health(&[
+            ("AWS_LAMBDA_FUNCTION_NAME", "stagepass-health"),
+            ("ALLOWED_ORIGINS", "https://stagepass.app"),
+        ]);
+        assert!(ok, "{out}");
+        assert!(
+            out.contains("environment: production (APP_ENV is unset and AWS_LAMBDA_FUNCTION_NAME=stagepass-health is a deployment)"),
+            "{out}"
+        );
+    }
+
+    #[tokio::test]
+    async fn development_on_a_deployment_fails_the_check() {
+        let (out, ok) = check_health(&[
+            ("APP_ENV", "development"),
+            ("VERCEL_ENV", "production"),
+            ("ALLOWED_ORIGINS", "https://stagepass.app"),
+        ]);
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains("environment: production (APP_ENV=development refused"),
+            "{out}"
+        );
+        assert!(
+            out.contains("APP_ENV: is development on a deployment"),
+            "{out}"
+        );
     }
 }

@@ -74,6 +74,7 @@ pub struct Loader {
     /// Every variable asked for, and whether as a secret (the SAM template
     /// lists each function's variables from this).
     asked: std::cell::RefCell<BTreeMap<String, bool>>,
+    app_env_reason: String,
 }
 
 impl Loader {
@@ -99,29 +100,100 @@ impl Loader {
             warnings: Vec::new(),
             app_env: AppEnv::Development,
             asked: Default::default(),
+            app_env_reason: String::new(),
         };
-        loader.app_env = loader.load_app_env();
+        (loader.app_env, loader.app_env_reason) = loader.load_app_env();
         loader
     }
 
-    fn load_app_env(&mut self) -> AppEnv {
-        match self.get("APP_ENV").as_deref() {
-            None | Some("development") => AppEnv::Development,
-            Some("test") => AppEnv::Test,
-            Some("production") => AppEnv::Production,
+    /// The environment and why. Production is the default wherever the
+    /// process runs deployed (ADR 0008): a deployment that forgets `APP_ENV`
+    /// gets the production rules (and their "is not set" list) instead of
+    /// silently running with development's relaxed ones, and an explicit
+    /// `development`/`test` there is refused.
+    fn load_app_env(&mut self) -> (AppEnv, String) {
+        let deployed = self.deployed_platform();
+        let explicit = match self.get("APP_ENV").as_deref() {
+            None => None,
+            Some("development") => Some(AppEnv::Development),
+            Some("test") => Some(AppEnv::Test),
+            Some("production") => Some(AppEnv::Production),
             Some(_) => {
                 self.problem(
                     "APP_ENV",
                     "is not one of development, test, production",
                     "set APP_ENV=production on deployments",
                 );
-                AppEnv::Development
+                // Still checked with the strictest rules where deployed.
+                return match deployed {
+                    Some(platform) => (
+                        AppEnv::Production,
+                        format!("APP_ENV is invalid; {platform} is a deployment"),
+                    ),
+                    None => (AppEnv::Development, "APP_ENV is invalid".to_owned()),
+                };
             }
+        };
+        match (explicit, deployed) {
+            (Some(AppEnv::Production), _) => (AppEnv::Production, "APP_ENV=production".to_owned()),
+            (Some(env), Some(platform)) => {
+                let name = if env == AppEnv::Test {
+                    "test"
+                } else {
+                    "development"
+                };
+                self.problem(
+                    "APP_ENV",
+                    format!(
+                        "is {name} on a deployment ({platform}): in-process rate limits, \
+                         optional Ably/QStash and http URLs would be accepted on a public URL"
+                    ),
+                    "remove APP_ENV (production is the default when deployed) or set APP_ENV=production",
+                );
+                (
+                    AppEnv::Production,
+                    format!("APP_ENV={name} refused: {platform} is a deployment"),
+                )
+            }
+            (Some(AppEnv::Test), None) => (AppEnv::Test, "APP_ENV=test".to_owned()),
+            (Some(_), None) => (AppEnv::Development, "APP_ENV=development".to_owned()),
+            (None, Some(platform)) => {
+                let reason = format!("APP_ENV is unset and {platform} is a deployment");
+                self.warn(format!(
+                    "running as production: {reason}; set APP_ENV=production to say so"
+                ));
+                (AppEnv::Production, reason)
+            }
+            (None, None) => (
+                AppEnv::Development,
+                "APP_ENV is unset and no deployment platform was detected \
+                 (VERCEL_ENV=production|preview, AWS_LAMBDA_FUNCTION_NAME)"
+                    .to_owned(),
+            ),
         }
+    }
+
+    /// The deployment platform this process runs on, as `NAME=value` of the
+    /// variable that says so: Vercel sets `VERCEL_ENV` to `production` or
+    /// `preview` on deployments (`development` under `vercel dev`, which is
+    /// local), AWS Lambda sets `AWS_LAMBDA_FUNCTION_NAME` in every function.
+    fn deployed_platform(&self) -> Option<String> {
+        if let Some(v) = self.get("VERCEL_ENV")
+            && matches!(v.as_str(), "production" | "preview")
+        {
+            return Some(format!("VERCEL_ENV={v}"));
+        }
+        self.get("AWS_LAMBDA_FUNCTION_NAME")
+            .map(|v| format!("AWS_LAMBDA_FUNCTION_NAME={v}"))
     }
 
     pub fn app_env(&self) -> AppEnv {
         self.app_env
+    }
+
+    /// Why [`Loader::app_env`] is what it is (`stagepass check-env` prints it).
+    pub fn app_env_reason(&self) -> &str {
+        &self.app_env_reason
     }
 
     /// A variable's value; an empty value counts as unset.
@@ -935,6 +1007,85 @@ fn base_url(l: &mut Loader, name: &'static str, default: &str) -> Option<url::Ur
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Production is the default wherever the process runs deployed.
+    #[test]
+    fn a_deployment_without_app_env_runs_as_production() {
+        for platform in [
+            ("VERCEL_ENV", "production"),
+            ("VERCEL_ENV", "preview"),
+            ("AWS_LAMBDA_FUNCTION_NAME", "stagepass-v1-me"),
+        ] {
+            let l = Loader::from_map([platform]);
+            assert_eq!(l.app_env(), AppEnv::Production, "{platform:?}");
+            assert!(
+                l.app_env_reason()
+                    .contains(&format!("{}={}", platform.0, platform.1)),
+                "{}",
+                l.app_env_reason()
+            );
+            // Said at every cold start until APP_ENV is set explicitly.
+            let warnings = l.finish().expect("no problem");
+            assert!(
+                warnings
+                    .iter()
+                    .any(|w| w.starts_with("running as production")),
+                "{warnings:?}"
+            );
+        }
+        // And it brings the production rules: the in-process limiter is not
+        // enough, `RATE_LIMITS=off` is refused.
+        let mut l = Loader::from_map([("VERCEL_ENV", "preview"), ("RATE_LIMITS", "off")]);
+        assert!(rate_limits_enabled(&mut l));
+        assert!(UpstashConfig::load(&mut l).is_none());
+        let vars: Vec<_> = l.finish().expect_err("production rules").0;
+        let vars: Vec<_> = vars.iter().map(|p| p.variable).collect();
+        assert!(vars.contains(&"RATE_LIMITS"), "{vars:?}");
+        assert!(vars.contains(&"UPSTASH_REDIS_REST_URL"), "{vars:?}");
+    }
+
+    #[test]
+    fn local_runs_stay_development() {
+        for vars in [
+            vec![],
+            // `vercel dev` on a laptop.
+            vec![("VERCEL_ENV", "development")],
+            vec![("APP_ENV", "development")],
+        ] {
+            let l = Loader::from_map(vars.clone());
+            assert_eq!(l.app_env(), AppEnv::Development, "{vars:?}");
+            assert!(l.finish().expect("ok").is_empty(), "{vars:?}");
+        }
+        let l = Loader::from_map([("APP_ENV", "test")]);
+        assert_eq!(l.app_env(), AppEnv::Test);
+        assert_eq!(l.app_env_reason(), "APP_ENV=test");
+    }
+
+    #[test]
+    fn development_or_test_on_a_deployment_is_refused() {
+        for (app_env, platform) in [
+            ("development", ("VERCEL_ENV", "preview")),
+            ("development", ("VERCEL_ENV", "production")),
+            ("test", ("AWS_LAMBDA_FUNCTION_NAME", "stagepass-v1-me")),
+        ] {
+            let l = Loader::from_map([("APP_ENV", app_env), platform]);
+            // Checked with the production rules so the whole list shows.
+            assert_eq!(l.app_env(), AppEnv::Production);
+            let errors = l.finish().expect_err("refused");
+            assert_eq!(errors.0.len(), 1, "{errors}");
+            assert_eq!(errors.0[0].variable, "APP_ENV");
+            assert!(errors.0[0].problem.contains(platform.0), "{errors}");
+        }
+        // Explicit production on a deployment: no problem, no warning.
+        let l = Loader::from_map([("APP_ENV", "production"), ("VERCEL_ENV", "preview")]);
+        assert_eq!(l.app_env(), AppEnv::Production);
+        assert_eq!(l.app_env_reason(), "APP_ENV=production");
+        assert!(l.finish().expect("ok").is_empty());
+        // A typo is a problem; where deployed it is still checked as production.
+        let l = Loader::from_map([("APP_ENV", "prod"), ("VERCEL_ENV", "production")]);
+        assert_eq!(l.app_env(), AppEnv::Production);
+        assert!(l.finish().is_err());
+    }
 
     #[test]
     fn reports_every_problem_at_once_without_echoing_secrets() {
