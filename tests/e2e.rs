@@ -364,6 +364,7 @@ async fn every_database_function_binary_reaches_postgres() {
         let text = r.text().await.unwrap_or_default();
         assert_eq!(status, 200, "{binary}: {text}");
     }
+}
 
 /// The body of every envelope item kent received of type `transaction`.
 fn transactions(events: &[Value]) -> Vec<&Value> {
