@@ -27,7 +27,7 @@ const DEMO_CREATOR: uuid::Uuid = uuid::uuid!("00000000-0000-4000-8000-0000000dec
 const DEMO_FAN: uuid::Uuid = uuid::uuid!("00000000-0000-4000-8000-0000000dfa01");
 const TOKEN_TTL_SECONDS: i64 = 24 * 3600;
 
-pub async fn run() -> Result<ExitCode> {
+pub async fn run(tokens_file: Option<std::path::PathBuf>) -> Result<ExitCode> {
     let mut signals = Signals::install()?;
     let host = std::env::var("HOST").unwrap_or_else(|_| "127.0.0.1".to_owned());
     let port = std::env::var("PORT").unwrap_or_else(|_| "3000".to_owned());
@@ -55,6 +55,9 @@ pub async fn run() -> Result<ExitCode> {
     deliver_outbox_in_background(&mut env(), &resources);
     let tokens = demo_tokens(&prepared.admin_pool, &vars).await?;
     print_tokens(&base, &tokens);
+    if let Some(path) = &tokens_file {
+        write_tokens_file(path, &base, &tokens)?;
+    }
     prepared.admin_pool.close().await;
 
     serve_local(listener, router, async move { signals.recv().await })
@@ -229,6 +232,7 @@ fn print_banner(
 }
 
 struct DemoToken {
+    id: uuid::Uuid,
     label: &'static str,
     handle: &'static str,
     token: String,
@@ -249,6 +253,7 @@ async fn demo_tokens(admin: &PgPool, vars: &BTreeMap<String, String>) -> Result<
         ensure_demo_user(admin, id, role, handle).await?;
         let email = format!("{handle}@example.test");
         tokens.push(DemoToken {
+            id,
             label,
             handle,
             token: mint_hs256(&secret, &issuer, id, Some(&email), TOKEN_TTL_SECONDS),
@@ -286,6 +291,27 @@ fn print_tokens(base: &str, tokens: &[DemoToken]) {
     }
     println!();
     println!("Ctrl-C stops the server.");
+}
+
+/// `{"base_url": …, "creator": {"id", "handle", "token"}, "fan": {…}}`,
+/// written to a temporary file and renamed, so a script polling for the
+/// file never reads half of it. The listener is bound already: requests made
+/// once the file exists wait for the server at most until it is serving.
+fn write_tokens_file(path: &std::path::Path, base: &str, tokens: &[DemoToken]) -> Result<()> {
+    let mut doc = serde_json::Map::new();
+    doc.insert("base_url".into(), base.into());
+    for t in tokens {
+        doc.insert(
+            t.label.into(),
+            serde_json::json!({ "id": t.id, "handle": t.handle, "token": t.token }),
+        );
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::Value::Object(doc).to_string())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    println!("tokens written to {}", path.display());
+    Ok(())
 }
 
 fn random_alphanumeric(len: usize) -> Result<String> {

@@ -8,6 +8,9 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use http::{HeaderValue, header};
 use serde::Serialize;
+
+mod truth;
+pub use truth::REALTIME;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
@@ -27,24 +30,17 @@ pub const FUNCTION: Function = Function {
     },
 };
 
-/// An RFC 9457 problem document, as every error is sent.
+/// An RFC 9457 problem document, as every error is sent. Only the name is
+/// used by the annotations (`body = Problem`); the schema itself is
+/// [`problem_schema`], which says which members are optional rather than
+/// nullable (absent members are not sent).
 #[derive(Serialize, ToSchema)]
 pub struct Problem {
     #[serde(rename = "type")]
     pub type_: String,
     pub title: String,
     pub status: u16,
-    /// Stable machine-readable code, e.g. `validation_failed`.
     pub code: String,
-    pub detail: Option<String>,
-    pub request_id: Option<String>,
-    pub errors: Option<Vec<FieldErrorDoc>>,
-}
-
-#[derive(Serialize, ToSchema)]
-pub struct FieldErrorDoc {
-    pub field: String,
-    pub message: String,
 }
 
 #[derive(OpenApi)]
@@ -83,7 +79,7 @@ pub struct FieldErrorDoc {
         access_token_hook_doc,
         openapi_doc,
     ),
-    components(schemas(Problem, FieldErrorDoc)),
+    components(schemas(Problem)),
     modifiers(&BearerAuth),
 )]
 pub struct ApiDoc;
@@ -138,8 +134,11 @@ fn access_token_hook_doc() {}
 #[allow(dead_code)]
 fn openapi_doc() {}
 
-static DOCUMENT: LazyLock<String> =
-    LazyLock::new(|| ApiDoc::openapi().to_pretty_json().unwrap_or_default());
+static DOCUMENT: LazyLock<String> = LazyLock::new(|| {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    truth::complete(&mut doc);
+    serde_json::to_string_pretty(&doc).unwrap_or_default()
+});
 
 pub fn document() -> &'static str {
     &DOCUMENT
