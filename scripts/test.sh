@@ -60,3 +60,4 @@ say "tests"
 cargo test --workspace --all-targets
 # The Lambda target: API Gateway events through the same stack.
 cargo test -p stagepass-platform --features lambda --lib serve::lambda_tests
+scripts/ci/openapi.sh  # OpenAPI validation, TypeScript client drift, Schemathesis (ADR 0012)

@@ -564,15 +564,9 @@ fn constrain(schemas: &mut Map<String, Value>) {
                 "description": "1–60 characters once trimmed, no control or invisible format \
                     characters." }),
     );
-    if let Some(me) = schemas.get_mut("MePatch").and_then(Value::as_object_mut) {
-        me.insert(
-            "anyOf".into(),
-            json!([
-                { "required": ["handle"], "properties": { "handle": { "type": "string" } } },
-                { "required": ["display_name"],
-                  "properties": { "display_name": { "type": "string" } } },
-            ]),
-        );
+    // A patch must change something: at least one field given, not null.
+    for schema in ["MePatch", "ClassPatch"] {
+        at_least_one_field(schemas, schema);
     }
 
     // PUT /api/v1/admin/users/{id}/role (admin.rs).
@@ -594,6 +588,25 @@ fn constrain(schemas: &mut Map<String, Value>) {
         "package",
         json!({ "enum": ids }),
     );
+}
+
+/// `anyOf` one non-null property: the validators refuse an empty patch
+/// (`{}` or only nulls) with 400 `body`.
+fn at_least_one_field(schemas: &mut Map<String, Value>, schema: &str) {
+    let Some(target) = schemas.get_mut(schema).and_then(Value::as_object_mut) else {
+        panic!("OpenAPI: {schema} is not in the document");
+    };
+    let fields: Vec<String> = target
+        .get("properties")
+        .and_then(Value::as_object)
+        .map(|p| p.keys().cloned().collect())
+        .unwrap_or_default();
+    let alternatives: Vec<Value> = fields
+        .iter()
+        .map(|f| json!({ "required": [f], "properties": { f: { "not": { "type": "null" } } } }))
+        .collect();
+    target.insert("anyOf".into(), Value::Array(alternatives));
+    target.insert("minProperties".into(), json!(1));
 }
 
 fn object_at<'a>(v: &'a mut Value, key: &str) -> &'a mut Map<String, Value> {
