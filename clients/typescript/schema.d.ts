@@ -605,6 +605,7 @@ export interface components {
             /**
              * Format: date-time
              * @description In the future (refused with 400 otherwise).
+             * @example 2099-06-01T18:00:00Z
              */
             starts_at?: string | null;
             /**
@@ -788,6 +789,7 @@ export interface components {
             /**
              * Format: date-time
              * @description In the future (refused with 400 otherwise).
+             * @example 2099-06-01T18:00:00Z
              */
             starts_at: string;
             /**

@@ -8,6 +8,10 @@
 #
 #   scripts/ci/fuzz.sh                 # CI: FUZZ_SECONDS=90 per token
 #   FUZZ_SECONDS=1800 scripts/ci/fuzz.sh   # the long run
+#   FUZZ_ARGS="--include-path /api/v1/tips" scripts/ci/fuzz.sh  # more options
+#
+# Examples that once failed are kept in $CACHE/fuzz-examples and tried
+# first on the next run (Hypothesis' database).
 #
 # Only 127.0.0.1 is targeted. Installs Schemathesis into
 # $CACHE/openapi-venv (shared with scripts/ci/openapi.sh) once.
@@ -86,8 +90,9 @@ for who in creator fan; do
     "$BASE/api/v1/openapi.json" \
     --header "Authorization: Bearer $(token "$who")" \
     --phases examples,coverage,fuzzing,stateful --checks all \
-    --max-time "$SECONDS_PER_TOKEN" --workers "$WORKERS" \
+    --max-time "$SECONDS_PER_TOKEN" --workers "$WORKERS" ${FUZZ_ARGS:-} \
     --request-timeout 10 --no-color \
+    --generation-database "$CACHE/fuzz-examples" \
     --report ndjson,junit --report-dir "$OUT/$who" \
     >"$OUT/$who.log" 2>&1; then
     status=1

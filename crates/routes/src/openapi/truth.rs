@@ -543,7 +543,8 @@ fn constrain(schemas: &mut Map<String, Value>) {
             schemas,
             schema,
             "starts_at",
-            json!({ "description": "In the future (refused with 400 otherwise)." }),
+            json!({ "description": "In the future (refused with 400 otherwise).",
+                    "examples": ["2099-06-01T18:00:00Z"] }),
         );
     }
 
