@@ -123,14 +123,14 @@ impl Modify for BearerAuth {
 /// Supabase custom access token hook (Standard Webhooks signature).
 #[utoipa::path(post, path = "/api/v1/auth/access-token-hook", tag = "auth",
     request_body(content = serde_json::Value, description = "Supabase hook payload: user_id, claims"),
-    responses((status = 200, description = "the claims with app_role added"),
+    responses((status = 200, description = "the claims with app_role added", body = serde_json::Value),
               (status = 401, description = "bad or stale signature", body = Problem)))]
 #[allow(dead_code)]
 fn access_token_hook_doc() {}
 
 /// This document.
 #[utoipa::path(get, path = "/api/v1/openapi.json", tag = "meta",
-    responses((status = 200, description = "OpenAPI 3.1 document")))]
+    responses((status = 200, description = "OpenAPI 3.1 document", body = serde_json::Value)))]
 #[allow(dead_code)]
 fn openapi_doc() {}
 
