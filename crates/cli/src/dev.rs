@@ -332,3 +332,41 @@ fn random_bytes(len: usize) -> Result<Vec<u8>> {
     getrandom::fill(&mut bytes).context("reading the OS random generator")?;
     Ok(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tokens_file_is_json_with_the_base_url_and_each_demo_user() {
+        let dir = std::env::temp_dir().join(format!("stagepass-tokens-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("tokens.json");
+        let tokens = [
+            DemoToken {
+                id: DEMO_CREATOR,
+                label: "creator",
+                handle: "demo_creator",
+                token: "c.t.s".into(),
+            },
+            DemoToken {
+                id: DEMO_FAN,
+                label: "fan",
+                handle: "demo_fan",
+                token: "f.t.s".into(),
+            },
+        ];
+        write_tokens_file(&path, "http://127.0.0.1:3000", &tokens).expect("written");
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("JSON");
+        assert_eq!(doc["base_url"], "http://127.0.0.1:3000");
+        assert_eq!(doc["creator"]["token"], "c.t.s");
+        assert_eq!(doc["creator"]["id"], DEMO_CREATOR.to_string());
+        assert_eq!(doc["fan"]["handle"], "demo_fan");
+        assert!(
+            !path.with_extension("tmp").exists(),
+            "the temporary file is renamed"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
