@@ -25,6 +25,8 @@ use crate::pgcluster::Cluster;
 /// Fixed ids, so re-running against the same database reuses the demo users.
 const DEMO_CREATOR: uuid::Uuid = uuid::uuid!("00000000-0000-4000-8000-0000000dec01");
 const DEMO_FAN: uuid::Uuid = uuid::uuid!("00000000-0000-4000-8000-0000000dfa01");
+/// An admin, so the admin routes can be tried (and fuzzed) locally too.
+const DEMO_ADMIN: uuid::Uuid = uuid::uuid!("00000000-0000-4000-8000-0000000dad01");
 const TOKEN_TTL_SECONDS: i64 = 24 * 3600;
 
 pub async fn run(tokens_file: Option<std::path::PathBuf>) -> Result<ExitCode> {
@@ -238,7 +240,7 @@ struct DemoToken {
     token: String,
 }
 
-/// Creates (or reuses) a demo creator and a demo fan and mints 24-hour
+/// Creates (or reuses) a demo creator, fan and admin and mints 24-hour
 /// HS256 tokens for them with the dev secret.
 async fn demo_tokens(admin: &PgPool, vars: &BTreeMap<String, String>) -> Result<Vec<DemoToken>> {
     let loader = Loader::from_map(vars.clone());
@@ -249,6 +251,7 @@ async fn demo_tokens(admin: &PgPool, vars: &BTreeMap<String, String>) -> Result<
     for (id, role, handle, label) in [
         (DEMO_CREATOR, "creator", "demo_creator", "creator"),
         (DEMO_FAN, "fan", "demo_fan", "fan"),
+        (DEMO_ADMIN, "admin", "demo_admin", "admin"),
     ] {
         ensure_demo_user(admin, id, role, handle).await?;
         let email = format!("{handle}@example.test");

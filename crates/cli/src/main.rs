@@ -32,7 +32,8 @@ USAGE:
   stagepass dev [--tokens-file PATH]
       Serve every route on one port (HOST, default 127.0.0.1; PORT, default 3000).
       Without DATABASE_URL, starts a throwaway PostgreSQL cluster and removes it on exit.
-      --tokens-file writes the base URL and the demo users' ids and tokens as JSON
+      --tokens-file writes the base URL and the demo users' (creator, fan, admin) ids and
+      tokens as JSON
       once the server accepts requests (for scripts such as scripts/ci/fuzz.sh).
   stagepass migrate
       Run the embedded migrations against DATABASE_ADMIN_URL (or DATABASE_URL).
