@@ -180,3 +180,4 @@ cargo test -p stagepass-platform --features lambda --lib lambda
 bash scripts/ci/pgbouncer.sh # the functions through a transaction pooler (ADR 0010)
 bash scripts/ci/lambda-template.sh # the Lambda target's SAM template, through cfn-lint
 bash scripts/ci/vercel-build.sh # every function through Vercel's own builder (ADR 0008)
+bash scripts/ci/openapi.sh  # OpenAPI validation, TypeScript client drift, Schemathesis (ADR 0012)

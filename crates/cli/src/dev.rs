@@ -30,9 +30,11 @@ const DEMO_FAN: uuid::Uuid = uuid::uuid!("00000000-0000-4000-8000-0000000dfa01")
 const DEMO_GRANT: uuid::Uuid = uuid::uuid!("00000000-0000-4000-8000-0000000d9a01");
 const DEMO_GRANT_TOKENS: i64 = 1_000;
 const DEMO_GRANT_REASON: &str = "stagepass dev: demo tokens to try tips and classes";
+/// An admin, so the admin routes can be tried (and fuzzed) locally too.
+const DEMO_ADMIN: uuid::Uuid = uuid::uuid!("00000000-0000-4000-8000-0000000dad01");
 const TOKEN_TTL_SECONDS: i64 = 24 * 3600;
 
-pub async fn run() -> Result<ExitCode> {
+pub async fn run(tokens_file: Option<std::path::PathBuf>) -> Result<ExitCode> {
     let mut signals = Signals::install()?;
     let host = std::env::var("HOST").unwrap_or_else(|_| "127.0.0.1".to_owned());
     let port = std::env::var("PORT").unwrap_or_else(|_| "3000".to_owned());
@@ -62,6 +64,9 @@ pub async fn run() -> Result<ExitCode> {
     let grant = grant_demo_tokens(&prepared.admin_pool).await?;
     print_tokens(&base, &tokens);
     print_money(&base, &tokens, &grant, &vars);
+    if let Some(path) = &tokens_file {
+        write_tokens_file(path, &base, &tokens)?;
+    }
     prepared.admin_pool.close().await;
 
     serve_local(listener, router, async move { signals.recv().await })
@@ -236,12 +241,13 @@ fn print_banner(
 }
 
 struct DemoToken {
+    id: uuid::Uuid,
     label: &'static str,
     handle: &'static str,
     token: String,
 }
 
-/// Creates (or reuses) a demo creator and a demo fan and mints 24-hour
+/// Creates (or reuses) a demo creator, fan and admin and mints 24-hour
 /// HS256 tokens for them with the dev secret.
 async fn demo_tokens(admin: &PgPool, vars: &BTreeMap<String, String>) -> Result<Vec<DemoToken>> {
     let loader = Loader::from_map(vars.clone());
@@ -252,10 +258,12 @@ async fn demo_tokens(admin: &PgPool, vars: &BTreeMap<String, String>) -> Result<
     for (id, role, handle, label) in [
         (DEMO_CREATOR, "creator", "demo_creator", "creator"),
         (DEMO_FAN, "fan", "demo_fan", "fan"),
+        (DEMO_ADMIN, "admin", "demo_admin", "admin"),
     ] {
         ensure_demo_user(admin, id, role, handle).await?;
         let email = format!("{handle}@example.test");
         tokens.push(DemoToken {
+            id,
             label,
             handle,
             token: mint_hs256(&secret, &issuer, id, Some(&email), TOKEN_TTL_SECONDS),
@@ -368,6 +376,27 @@ async fn grant_demo_tokens(admin: &PgPool) -> Result<String> {
     }
 }
 
+/// `{"base_url": …, "creator": {"id", "handle", "token"}, "fan": {…}}`,
+/// written to a temporary file and renamed, so a script polling for the
+/// file never reads half of it. The listener is bound already: requests made
+/// once the file exists wait for the server at most until it is serving.
+fn write_tokens_file(path: &std::path::Path, base: &str, tokens: &[DemoToken]) -> Result<()> {
+    let mut doc = serde_json::Map::new();
+    doc.insert("base_url".into(), base.into());
+    for t in tokens {
+        doc.insert(
+            t.label.into(),
+            serde_json::json!({ "id": t.id, "handle": t.handle, "token": t.token }),
+        );
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::Value::Object(doc).to_string())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    println!("tokens written to {}", path.display());
+    Ok(())
+}
+
 fn random_alphanumeric(len: usize) -> Result<String> {
     const CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     Ok(random_bytes(len)?
@@ -385,4 +414,42 @@ fn random_bytes(len: usize) -> Result<Vec<u8>> {
     let mut bytes = vec![0u8; len];
     getrandom::fill(&mut bytes).context("reading the OS random generator")?;
     Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tokens_file_is_json_with_the_base_url_and_each_demo_user() {
+        let dir = std::env::temp_dir().join(format!("stagepass-tokens-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("tokens.json");
+        let tokens = [
+            DemoToken {
+                id: DEMO_CREATOR,
+                label: "creator",
+                handle: "demo_creator",
+                token: "c.t.s".into(),
+            },
+            DemoToken {
+                id: DEMO_FAN,
+                label: "fan",
+                handle: "demo_fan",
+                token: "f.t.s".into(),
+            },
+        ];
+        write_tokens_file(&path, "http://127.0.0.1:3000", &tokens).expect("written");
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("JSON");
+        assert_eq!(doc["base_url"], "http://127.0.0.1:3000");
+        assert_eq!(doc["creator"]["token"], "c.t.s");
+        assert_eq!(doc["creator"]["id"], DEMO_CREATOR.to_string());
+        assert_eq!(doc["fan"]["handle"], "demo_fan");
+        assert!(
+            !path.with_extension("tmp").exists(),
+            "the temporary file is renamed"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

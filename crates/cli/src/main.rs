@@ -4,6 +4,7 @@
 //! - `migrate`: the embedded migrations, at deploy time (never on a cold start).
 //! - `users set-role`: bootstraps the first admin and changes roles outside the API.
 //! - `users grant`: promotional tokens by the operator, audited like an admin's grant.
+//! - `openapi`: prints the OpenAPI document every deployment serves at `/api/v1/openapi.json`.
 //! - `check-env`: validates a deployment's environment per function, without printing values.
 //! - `bench cold-start`: cold start, binary size, warm throughput and memory of the release binaries.
 //! - `bench tips`, `bench enroll-race`: money scenarios through release functions, with invariant checks.
@@ -33,9 +34,12 @@ const USAGE: &str = "\
 stagepass — Stagepass operator CLI
 
 USAGE:
-  stagepass dev
+  stagepass dev [--tokens-file PATH]
       Serve every route on one port (HOST, default 127.0.0.1; PORT, default 3000).
       Without DATABASE_URL, starts a throwaway PostgreSQL cluster and removes it on exit.
+      --tokens-file writes the base URL and the demo users' (creator, fan, admin) ids and
+      tokens as JSON
+      once the server accepts requests (for scripts such as scripts/ci/fuzz.sh).
   stagepass migrate
       Run the embedded migrations against DATABASE_ADMIN_URL (or DATABASE_URL).
   stagepass users set-role <user-id> <fan|creator|admin> [--reason TEXT]
@@ -44,6 +48,8 @@ USAGE:
   stagepass users grant <user-id> <tokens> --reason TEXT
       Grant 1-10,000 promotional tokens (journal from the promotions account, audited
       in app.token_grants as operator:$USER). Uses DATABASE_ADMIN_URL (the owner).
+  stagepass openapi
+      Print the OpenAPI 3.1 document (the one served at /api/v1/openapi.json).
   stagepass check-env [--env-file PATH] [--function NAME] [--production]
       Check each function's configuration; exit 1 if any is incomplete.
   stagepass lambda template [--arch arm64|x86_64] [--code-root DIR] [--output FILE]
@@ -96,14 +102,29 @@ fn run(argv: &[String]) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         "dev" => {
-            no_positionals(&parse(rest, &[], &[])?)?;
-            multi_thread()?.block_on(dev::run())
+            let p = parse(rest, &["--tokens-file"], &[])?;
+            no_positionals(&p)?;
+            multi_thread()?.block_on(dev::run(p.value("--tokens-file").map(Into::into)))
         }
         "migrate" => {
             no_positionals(&parse(rest, &[], &[])?)?;
             current_thread()?.block_on(migrate::run())
         }
         "users" => users_command(rest),
+        "openapi" => {
+            no_positionals(&parse(rest, &[], &[])?)?;
+            // The very bytes the function serves, plus a final newline. A
+            // closed pipe (`| head`) is not an error worth a panic.
+            use std::io::Write as _;
+            let mut out = std::io::stdout().lock();
+            match writeln!(out, "{}", stagepass_routes::openapi::document())
+                .and_then(|()| out.flush())
+            {
+                Ok(()) => Ok(ExitCode::SUCCESS),
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+                Err(e) => Err(e.into()),
+            }
+        }
         "check-env" => {
             let p = parse(rest, &["--env-file", "--function"], &["--production"])?;
             no_positionals(&p)?;

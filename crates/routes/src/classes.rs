@@ -317,12 +317,16 @@ pub async fn create_class(
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
     /// Only this creator's classes.
+    #[param(value_type = Option<Uuid>)]
     pub creator: Option<String>,
-    /// `next_cursor` of the previous page.
+    /// `next_cursor` of the previous page (opaque).
+    #[param(max_length = 128)]
     pub cursor: Option<String>,
     /// 1–100, default 20.
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
 }
 

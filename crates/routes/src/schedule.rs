@@ -99,10 +99,14 @@ pub const MAX_EVENTS: i64 = 1000;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ScheduleQuery {
-    /// RFC 3339 instant, inclusive. Required.
+    /// RFC 3339 instant, inclusive. Required (a missing one is reported
+    /// with the other problems, hence `Option` here).
+    #[param(required = true, value_type = DateTime<Utc>)]
     pub from: Option<String>,
-    /// RFC 3339 instant, exclusive; at most 62 days after `from`. Required.
+    /// RFC 3339 instant, exclusive; after `from` and at most 62 days after it.
+    #[param(required = true, value_type = DateTime<Utc>)]
     pub to: Option<String>,
 }
 

@@ -82,10 +82,12 @@ pub const MAX_PAGE: i32 = 100;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct LedgerQuery {
     /// Cursor from the previous page's `next_cursor`.
     pub cursor: Option<i64>,
     /// 1–100, default 50.
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i32>,
 }
 

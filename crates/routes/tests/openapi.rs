@@ -182,3 +182,283 @@ fn every_function_has_an_api_binary() {
         );
     }
 }
+
+// ---------------------------------------------------------------------------
+// The document tells the truth (issue 14): where parameters are, what
+// errors look like, which statuses and headers a route can answer with, and
+// the validators' limits.
+
+fn document() -> Value {
+    serde_json::from_str(stagepass_routes::openapi::document()).expect("the document is JSON")
+}
+
+/// Follows a local `$ref` (`#/components/…`).
+fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
+    match v.get("$ref").and_then(Value::as_str) {
+        Some(r) => doc
+            .pointer(r.trim_start_matches('#'))
+            .unwrap_or_else(|| panic!("dangling $ref {r}")),
+        None => v,
+    }
+}
+
+fn operations(doc: &Value) -> Vec<(String, &'static str, &Value)> {
+    let mut out = Vec::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for method in HTTP_METHODS {
+            if let Some(op) = item.get(method) {
+                out.push((path.clone(), method, op));
+            }
+        }
+    }
+    out
+}
+
+fn param<'a>(op: &'a Value, name: &str) -> &'a Value {
+    op["parameters"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+        .unwrap_or_else(|| panic!("no parameter {name}"))
+}
+
+#[test]
+fn query_parameters_are_optional_query_parameters() {
+    let doc = document();
+    for (path, names) in [
+        ("/api/v1/classes", &["creator", "cursor", "limit"][..]),
+        ("/api/v1/tokens/ledger", &["cursor", "limit"][..]),
+    ] {
+        let op = &doc["paths"][path]["get"];
+        for name in names {
+            let p = param(op, name);
+            assert_eq!(p["in"], "query", "{path} {name}");
+            assert_ne!(p["required"], true, "{path} {name} must be optional");
+        }
+        let limit = &param(op, "limit")["schema"];
+        assert_eq!(limit["minimum"], 1, "{path}");
+        assert_eq!(limit["maximum"], 100, "{path}");
+    }
+    assert_eq!(
+        param(&doc["paths"]["/api/v1/classes"]["get"], "creator")["schema"]["format"],
+        "uuid"
+    );
+    // The schedule's bounds are required by its validator (400 without).
+    let schedule = &doc["paths"]["/api/v1/schedule"]["get"];
+    for name in ["from", "to"] {
+        let p = param(schedule, name);
+        assert_eq!(p["in"], "query");
+        assert_eq!(p["required"], true);
+        assert_eq!(p["schema"]["format"], "date-time");
+    }
+    // Path parameters are exactly the path's template variables.
+    for (path, method, op) in operations(&doc) {
+        for p in op["parameters"].as_array().into_iter().flatten() {
+            if p["in"] == "path" {
+                let name = p["name"].as_str().unwrap_or_default();
+                assert!(
+                    path.contains(&format!("{{{name}}}")),
+                    "{method} {path}: path parameter {name} is not in the path"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_error_is_a_problem_document_and_the_shared_statuses_are_listed() {
+    let doc = document();
+    let limited: BTreeSet<&str> = FUNCTIONS
+        .iter()
+        .filter(|f| !f.limits.policies().is_empty())
+        .flat_map(|f| f.paths.iter().copied())
+        .collect();
+    for (path, method, op) in operations(&doc) {
+        let responses = op["responses"].as_object().expect("responses");
+        for (status, response) in responses {
+            let response = resolve(&doc, response);
+            let code: u16 = status.parse().expect("numeric status");
+            if code >= 400 {
+                let content = response["content"].as_object().expect("error content");
+                assert_eq!(
+                    content.keys().collect::<Vec<_>>(),
+                    ["application/problem+json"],
+                    "{method} {path} {status}"
+                );
+                assert_eq!(
+                    content["application/problem+json"]["schema"]["$ref"],
+                    "#/components/schemas/Problem",
+                    "{method} {path} {status}"
+                );
+            }
+        }
+        let has = |s: &str| responses.contains_key(s);
+        assert!(
+            has("400"),
+            "{method} {path}: 400 (repeated query parameter)"
+        );
+        assert!(has("413"), "{method} {path}: 413 (body limit)");
+        if path.contains('{') {
+            assert!(has("404"), "{method} {path}: 404");
+        }
+        if op["security"].as_array().is_some_and(|s| !s.is_empty()) {
+            let r401 = resolve(&doc, &responses["401"]);
+            let header = resolve(&doc, &r401["headers"]["WWW-Authenticate"]);
+            assert_eq!(header["required"], true, "{method} {path}");
+        }
+        if op["requestBody"]["content"]["application/json"].is_object()
+            && !path.starts_with("/api/webhooks/")
+            && !path.starts_with("/api/jobs/")
+            && path != "/api/v1/auth/access-token-hook"
+        {
+            assert!(has("415"), "{method} {path}: 415");
+        }
+        if limited.contains(path.as_str()) {
+            let r429 = resolve(&doc, &responses["429"]);
+            for h in ["Retry-After", "RateLimit-Policy", "RateLimit"] {
+                assert!(r429["headers"][h].is_object(), "{method} {path}: 429 {h}");
+            }
+            let r503 = resolve(&doc, &responses["503"]);
+            assert!(
+                r503["headers"]["Retry-After"].is_object(),
+                "{method} {path}"
+            );
+            let ok = responses
+                .iter()
+                .find(|(s, _)| s.starts_with('2'))
+                .map(|(_, r)| resolve(&doc, r))
+                .expect("a success");
+            assert!(
+                ok["headers"]["RateLimit-Policy"].is_object(),
+                "{method} {path}"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_problem_schema_describes_every_body_the_server_sends() {
+    use stagepass_platform::http::{ApiError, FieldError};
+    let doc = document();
+    let problem = &doc["components"]["schemas"]["Problem"];
+    let properties = problem["properties"].as_object().expect("properties");
+    let required: Vec<&str> = problem["required"]
+        .as_array()
+        .expect("required")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let errors = [
+        ApiError::Validation(vec![FieldError {
+            field: "amount".into(),
+            message: "must be between 1 and 10000".into(),
+        }]),
+        ApiError::BadRequest("the body is not valid JSON".into()),
+        ApiError::Unauthenticated("invalid_token"),
+        ApiError::Forbidden("creator_required"),
+        ApiError::NotFound,
+        ApiError::Conflict("class_full", "no seat left".into()),
+        ApiError::PayloadTooLarge,
+        ApiError::UnsupportedMediaType,
+        ApiError::Unprocessable("insufficient_funds", "balance 3".into()),
+        ApiError::RateLimited {
+            policy: "money".into(),
+            retry_after_seconds: 42,
+        },
+        ApiError::Unavailable("database_busy", "retry".into()),
+    ];
+    for error in errors {
+        let body = error.body_json();
+        let body = body.as_object().expect("an object");
+        for key in &required {
+            assert!(body.contains_key(*key), "{key} missing from {body:?}");
+        }
+        for (key, value) in body {
+            let schema = properties
+                .get(key)
+                .unwrap_or_else(|| panic!("{key} is sent but not documented"));
+            assert!(!value.is_null(), "{key} is sent as null");
+            let ty = schema["type"].as_str().expect("a single type");
+            let matches = match ty {
+                "string" => value.is_string(),
+                "integer" => value.is_u64() || value.is_i64(),
+                "array" => value.is_array(),
+                other => panic!("unexpected type {other}"),
+            };
+            assert!(matches, "{key}: {value} is not {ty}");
+        }
+    }
+    // The rate-limit members (issue 9) and the per-field errors.
+    assert!(properties.contains_key("policy"));
+    assert!(properties.contains_key("retry_after_seconds"));
+    let field_error = &doc["components"]["schemas"]["FieldError"];
+    assert_eq!(
+        field_error["required"],
+        serde_json::json!(["field", "message"])
+    );
+}
+
+#[test]
+fn the_validators_limits_are_in_the_document() {
+    let doc = document();
+    let schemas = &doc["components"]["schemas"];
+    let tip = &schemas["TipRequest"]["properties"];
+    assert_eq!(tip["amount"]["minimum"], 1);
+    assert_eq!(tip["amount"]["maximum"], 10_000);
+    assert_eq!(tip["message"]["maxLength"], 280);
+    for schema in ["NewClass", "ClassPatch"] {
+        let p = &schemas[schema]["properties"];
+        assert_eq!(p["duration_minutes"]["minimum"], 15, "{schema}");
+        assert_eq!(p["duration_minutes"]["maximum"], 480, "{schema}");
+        assert_eq!(p["capacity"]["minimum"], 1, "{schema}");
+        assert_eq!(p["capacity"]["maximum"], 1000, "{schema}");
+        assert_eq!(p["price_tokens"]["maximum"], 100_000, "{schema}");
+        assert_eq!(p["description"]["maxLength"], 5000, "{schema}");
+        assert!(
+            p["title"]["pattern"]
+                .as_str()
+                .is_some_and(|r| r.contains("{0,118}"))
+        );
+        assert!(p["time_zone"]["pattern"].is_string());
+    }
+    assert!(
+        schemas["MePatch"]["properties"]["handle"]["pattern"]
+            .as_str()
+            .is_some_and(|r| r.contains("[A-Za-z0-9_]{3,30}"))
+    );
+    assert_eq!(
+        schemas["RoleChange"]["properties"]["reason"]["maxLength"],
+        500
+    );
+    let packages: Vec<&str> = stagepass_ledger::packages::PACKAGES
+        .iter()
+        .map(|p| p.id)
+        .collect();
+    assert_eq!(
+        schemas["PurchaseRequest"]["properties"]["package"]["enum"],
+        serde_json::json!(packages)
+    );
+    let key = &param(&doc["paths"]["/api/v1/tips"]["post"], "Idempotency-Key")["schema"];
+    assert_eq!(key["minLength"], 1);
+    assert_eq!(key["maxLength"], 255);
+    assert_eq!(key["pattern"], "^[!-~]+$");
+}
+
+#[test]
+fn the_realtime_messages_have_published_schemas() {
+    let doc = document();
+    for (component, name, file) in stagepass_routes::openapi::REALTIME {
+        let published: Value = serde_json::from_str(file).expect("schema file is JSON");
+        assert_eq!(
+            published["$schema"], "https://json-schema.org/draft/2020-12/schema",
+            "{name}"
+        );
+        let in_doc = &doc["components"]["schemas"][component];
+        assert_eq!(in_doc["properties"], published["properties"], "{name}");
+        assert!(
+            in_doc["required"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|f| f == "seq")),
+            "{name}"
+        );
+    }
+}

@@ -69,14 +69,161 @@ fn published(requests: &[RecordedRequest]) -> Vec<Published> {
                 .strip_suffix("/messages")?
                 .to_owned();
             let body = r.json();
-            Some(Published {
+            let message = Published {
                 channel,
                 name: body["name"].as_str()?.to_owned(),
                 id: body["id"].as_str()?.to_owned(),
                 data: body["data"].clone(),
-            })
+            };
+            // Every message the code really sends matches its published
+            // schema (docs/realtime/*.schema.json, ADR 0012).
+            assert_matches_published_schema(&message);
+            Some(message)
         })
         .collect()
+}
+
+/// Checks `message.data` against `docs/realtime/{name}.schema.json`. The
+/// schemas use a small part of JSON Schema (type, required, properties,
+/// additionalProperties: false, const, format uuid/date-time, minimum,
+/// maximum, minLength, maxLength), all of which is checked here; anything
+/// else in a schema fails the check rather than being ignored.
+fn assert_matches_published_schema(message: &Published) {
+    let (_, _, file) = stagepass_routes::openapi::REALTIME
+        .iter()
+        .find(|(_, name, _)| *name == message.name)
+        .unwrap_or_else(|| panic!("{} has no published schema", message.name));
+    let schema: Value = serde_json::from_str(file).expect("schema JSON");
+    let errors = schema_errors(&schema, &message.data, "data");
+    assert!(
+        errors.is_empty(),
+        "{} does not match its schema: {errors:?}\n{}",
+        message.name,
+        message.data
+    );
+}
+
+fn schema_errors(schema: &Value, value: &Value, at: &str) -> Vec<String> {
+    let mut errors = Vec::new();
+    let known = [
+        "$schema",
+        "$id",
+        "title",
+        "description",
+        "type",
+        "required",
+        "properties",
+        "additionalProperties",
+        "const",
+        "format",
+        "minimum",
+        "maximum",
+        "minLength",
+        "maxLength",
+    ];
+    for key in schema.as_object().expect("schema object").keys() {
+        assert!(
+            known.contains(&key.as_str()),
+            "unsupported keyword {key} at {at}"
+        );
+    }
+    if let Some(types) = schema.get("type") {
+        let types: Vec<&str> = match types {
+            Value::String(t) => vec![t.as_str()],
+            Value::Array(ts) => ts.iter().filter_map(Value::as_str).collect(),
+            _ => panic!("bad type at {at}"),
+        };
+        let ok = types.iter().any(|t| match *t {
+            "object" => value.is_object(),
+            "string" => value.is_string(),
+            "integer" => value.is_i64() || value.is_u64(),
+            "null" => value.is_null(),
+            other => panic!("unsupported type {other} at {at}"),
+        });
+        if !ok {
+            errors.push(format!("{at}: {value} is not {types:?}"));
+            return errors;
+        }
+    }
+    if let Some(c) = schema.get("const")
+        && c != value
+    {
+        errors.push(format!("{at}: {value} is not {c}"));
+    }
+    if let (Some(format), Some(s)) = (schema["format"].as_str(), value.as_str()) {
+        let ok = match format {
+            "uuid" => Uuid::parse_str(s).is_ok() && s.len() == 36,
+            "date-time" => DateTime::parse_from_rfc3339(s).is_ok(),
+            other => panic!("unsupported format {other} at {at}"),
+        };
+        if !ok {
+            errors.push(format!("{at}: {s:?} is not a {format}"));
+        }
+    }
+    if let Some(n) = value.as_i64() {
+        if schema["minimum"].as_i64().is_some_and(|m| n < m) {
+            errors.push(format!("{at}: {n} < minimum"));
+        }
+        if schema["maximum"].as_i64().is_some_and(|m| n > m) {
+            errors.push(format!("{at}: {n} > maximum"));
+        }
+    }
+    if let Some(s) = value.as_str() {
+        let chars = s.chars().count() as u64;
+        if schema["minLength"].as_u64().is_some_and(|m| chars < m) {
+            errors.push(format!("{at}: shorter than minLength"));
+        }
+        if schema["maxLength"].as_u64().is_some_and(|m| chars > m) {
+            errors.push(format!("{at}: longer than maxLength"));
+        }
+    }
+    if let Some(object) = value.as_object() {
+        for field in schema["required"].as_array().into_iter().flatten() {
+            let field = field.as_str().expect("field name");
+            if !object.contains_key(field) {
+                errors.push(format!("{at}.{field}: required, missing"));
+            }
+        }
+        let properties = schema["properties"].as_object();
+        for (key, v) in object {
+            match properties.and_then(|p| p.get(key)) {
+                Some(s) => errors.extend(schema_errors(s, v, &format!("{at}.{key}"))),
+                None if schema["additionalProperties"] == false => {
+                    errors.push(format!("{at}.{key}: not in the schema"));
+                }
+                None => {}
+            }
+        }
+    }
+    errors
+}
+
+#[test]
+fn the_schema_check_refuses_what_the_schemas_refuse() {
+    let tip = |data: Value| Published {
+        channel: "user:x".into(),
+        name: "tip.received".into(),
+        id: "tip:x".into(),
+        data,
+    };
+    let good = json!({"tip_id": Uuid::nil(), "from": Uuid::nil(), "amount": 9,
+                      "message": null, "seq": 3});
+    assert_matches_published_schema(&tip(good.clone()));
+    for (field, bad) in [
+        ("amount", json!("9")),
+        ("from", json!("not-a-uuid")),
+        ("seq", json!(0)),
+        ("extra", json!(1)),
+    ] {
+        let mut data = good.clone();
+        data[field] = bad;
+        let schema: Value = serde_json::from_str(stagepass_routes::openapi::REALTIME[0].2).unwrap();
+        assert!(!schema_errors(&schema, &data, "data").is_empty(), "{field}");
+    }
+    let mut data = good;
+    data.as_object_mut().unwrap().remove("tip_id");
+    let schema: Value = serde_json::from_str(stagepass_routes::openapi::REALTIME[0].2).unwrap();
+    assert!(!schema_errors(&schema, &data, "data").is_empty());
 }
 
 fn named<'a>(messages: &'a [Published], name: &str, channel: &str) -> Vec<&'a Published> {
@@ -437,6 +584,20 @@ async fn reminders_are_scheduled_once_per_start_and_a_stale_one_does_nothing() {
         named(&published(&cancelled), "class.cancelled", &class_channel).len(),
         1
     );
+    // Every kind but tip.received (a_tip_tells_the_creator…) went out here,
+    // and `published` checked each against its schema.
+    let names: std::collections::BTreeSet<String> = published(&realtime.requests())
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    for name in [
+        "balance.updated",
+        "class.updated",
+        "class.reminder",
+        "class.cancelled",
+    ] {
+        assert!(names.contains(name), "{name} not seen: {names:?}");
+    }
     assert_ledger_clean(&app).await;
 }
 

@@ -152,6 +152,11 @@ async fn no_token_is_401_missing_token() {
     let app = TestApp::new().await;
     let r = app.get("/api/v1/me").send().await;
     r.assert_problem(StatusCode::UNAUTHORIZED, "missing_token");
+    // RFC 6750 §3.1: no token presented, so no error code, only the scheme.
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some(r#"Bearer realm="stagepass""#)
+    );
     assert_eq!(app.total_role_changes().await, 0);
 }
 
@@ -170,6 +175,12 @@ async fn garbage_token_is_401_invalid_token() {
             .send()
             .await;
         r.assert_problem(StatusCode::UNAUTHORIZED, "invalid_token");
+        // RFC 6750 §3.1: a token was presented and refused.
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some(r#"Bearer realm="stagepass", error="invalid_token""#),
+            "{value}"
+        );
     }
 }
 

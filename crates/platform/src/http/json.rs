@@ -55,12 +55,91 @@ pub fn parse_text<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 }
 
 /// Parses a JSON document into `T`, naming the failing field on error.
+///
+/// A whole number written with a fraction or exponent (`377.0`, `3.77e2`) is
+/// the integer it denotes: JSON has one number type, and the OpenAPI
+/// document's `"type": "integer"` (JSON Schema) admits `377.0`, while serde
+/// refuses it for an integer field. Such a body is parsed again with those
+/// numbers spelled as integers, only after the first parse failed, so the
+/// usual path costs nothing and every other refusal (duplicate keys, unknown
+/// fields, real fractions) stays as it was.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    match parse_exact(bytes) {
+        Err(e) => match integers_spelled_plainly(bytes) {
+            Some(rewritten) => parse_exact(&rewritten),
+            None => Err(e),
+        },
+        ok => ok,
+    }
+}
+
+fn parse_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| field_error(e, bytes))?;
     de.end()
         .map_err(|_| ApiError::BadRequest("trailing characters after the JSON body".into()))?;
     Ok(value)
+}
+
+/// Largest magnitude a JSON number can have and still be read back exactly
+/// as an `f64` (2^53): beyond it `1e300` is not a meaningful integer.
+const EXACT_FLOAT: f64 = 9_007_199_254_740_992.0;
+
+/// `bytes` with every number token outside strings that is a whole number
+/// written with `.` or an exponent rewritten as a plain integer; `None` when
+/// there is none (or the body is not UTF-8).
+fn integers_spelled_plainly(bytes: &[u8]) -> Option<Vec<u8>> {
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut out = String::with_capacity(text.len());
+    let mut changed = false;
+    let mut chars = text.char_indices().peekable();
+    let mut in_string = false;
+    while let Some((i, c)) = chars.next() {
+        if in_string {
+            out.push(c);
+            match c {
+                '\\' => {
+                    if let Some((_, escaped)) = chars.next() {
+                        out.push(escaped);
+                    }
+                }
+                '"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        if c == '-' || c.is_ascii_digit() {
+            let mut end = i + c.len_utf8();
+            while let Some(&(j, d)) = chars.peek() {
+                if d.is_ascii_digit() || matches!(d, '.' | 'e' | 'E' | '+' | '-') {
+                    end = j + d.len_utf8();
+                    chars.next();
+                } else {
+                    break;
+                }
+            }
+            let token = &text[i..end];
+            let whole = token
+                .contains(['.', 'e', 'E'])
+                .then(|| token.parse::<f64>().ok())
+                .flatten()
+                .filter(|v| v.fract() == 0.0 && v.abs() <= EXACT_FLOAT);
+            match whole {
+                Some(v) => {
+                    // Exact: |v| <= 2^53, so the cast neither rounds nor saturates.
+                    out.push_str(&(v as i64).to_string());
+                    changed = true;
+                }
+                None => out.push_str(token),
+            }
+            continue;
+        }
+        if c == '"' {
+            in_string = true;
+        }
+        out.push(c);
+    }
+    changed.then(|| out.into_bytes())
 }
 
 fn field_error(e: serde_path_to_error::Error<serde_json::Error>, bytes: &[u8]) -> ApiError {
@@ -144,6 +223,32 @@ mod tests {
             Err(ApiError::Validation(errors)) => errors[0].field.clone(),
             other => panic!("expected validation error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn whole_numbers_written_as_floats_are_integers() {
+        let b: Body = parse(br#"{"handle":"a.0 1e2","amount":377.0}"#).expect("377.0 is 377");
+        assert_eq!(b.amount, 377);
+        assert_eq!(b.handle, "a.0 1e2", "strings are untouched");
+        let b: Body = parse(br#"{"handle":"\"1.0","amount":3.77e2}"#).expect("3.77e2 is 377");
+        assert_eq!((b.handle.as_str(), b.amount), ("\"1.0", 377));
+        // A real fraction, a negative or huge number for a u32 stay refused
+        // and name the field; so do duplicate keys.
+        assert_eq!(field_of(parse(br#"{"handle":"a","amount":1.5}"#)), "amount");
+        assert_eq!(
+            field_of(parse(br#"{"handle":"a","amount":-1.0}"#)),
+            "amount"
+        );
+        assert_eq!(
+            field_of(parse(br#"{"handle":"a","amount":1e300}"#)),
+            "amount"
+        );
+        assert!(parse::<Body>(br#"{"handle":"a","amount":1.0,"amount":2}"#).is_err());
+        assert_eq!(
+            integers_spelled_plainly(br#"{"a":[1,2.5,-0.0,"7.0"]}"#).as_deref(),
+            Some(&br#"{"a":[1,2.5,0,"7.0"]}"#[..])
+        );
+        assert_eq!(integers_spelled_plainly(br#"{"a":1}"#), None);
     }
 
     #[test]

@@ -227,6 +227,11 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if let ApiError::Unauthenticated(code) = &self {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, challenge(code));
+        }
         if let ApiError::Unavailable("rate_limiter_unavailable", _) = &self {
             response.headers_mut().insert(
                 header::RETRY_AFTER,
@@ -247,6 +252,25 @@ impl IntoResponse for ApiError {
         });
         response
     }
+}
+
+/// The `WWW-Authenticate` challenge of a 401 with `code` (RFC 9110 §11.6.1:
+/// a 401 must carry one). Access tokens and the cron secret are bearer
+/// tokens (RFC 6750): no `error` when none was presented, so a client knows
+/// to sign in rather than to refresh; `invalid_token` when one was presented
+/// but refused (the cron secret's code does not tell an absent one from a
+/// wrong one, so it always names the error). Signed callers (QStash, the Supabase hook) get a challenge
+/// naming the signature header they must send.
+pub fn challenge(code: &str) -> HeaderValue {
+    HeaderValue::from_static(match code {
+        "missing_token" => r#"Bearer realm="stagepass""#,
+        "invalid_token" | "invalid_cron_secret" => {
+            r#"Bearer realm="stagepass", error="invalid_token""#
+        }
+        "invalid_qstash_signature" => r#"Upstash-Signature realm="stagepass""#,
+        "invalid_signature" | "stale_signature" => r#"Webhook-Signature realm="stagepass""#,
+        _ => r#"Bearer realm="stagepass""#,
+    })
 }
 
 tokio::task_local! {

@@ -353,6 +353,17 @@ impl TestResponse {
             Some(request_id),
             "problem request_id must equal the Request-Id header"
         );
+        if status == StatusCode::UNAUTHORIZED {
+            // RFC 9110 §11.6.1: every 401 carries a challenge.
+            let challenge = self
+                .header("www-authenticate")
+                .unwrap_or_else(|| panic!("401 {code} without WWW-Authenticate"));
+            assert!(
+                challenge.ends_with(r#"realm="stagepass""#)
+                    || challenge.contains(r#"realm="stagepass", error="#),
+                "WWW-Authenticate {challenge:?}"
+            );
+        }
         body
     }
 
