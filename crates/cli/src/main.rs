@@ -8,6 +8,7 @@
 //! - `check-env`: validates a deployment's environment per function, without printing values.
 //! - `bench cold-start`: cold start, binary size, warm throughput and memory of the release binaries.
 //! - `bench tips`, `bench enroll-race`: money scenarios through release functions, with invariant checks.
+//! - `bench crash`: SIGKILL during money requests, retried with the same keys: 0 lost, 0 doubled.
 //!
 //! Arguments are parsed by hand ([`args`]) to keep the build small.
 
@@ -70,6 +71,14 @@ USAGE:
       to the last answer, p50/p99, then the invariants (S active enrolments,
       escrow = S x price, each enrolled fan charged once, refused fans charged
       nothing, ledger audit clean). Exit 1 on any violation.
+  stagepass bench crash [--json] [--kills N] [--seconds S] [--seed X] [--bin-dir DIR]
+      Crash safety: SIGKILLs v1_tips, v1_classes_enrollments or webhooks_stripe at
+      random moments during batches of money requests (N kills, default 1000, within
+      S seconds, default 600; seeded, the seed is printed), restarts it, retries each
+      request with the same Idempotency-Key / event id until definitive, then checks
+      a fresh database against the model: one journal per applied request, wallet
+      balances, ledger audit, outbox. Binaries from --bin-dir (default
+      $CARGO_TARGET_DIR/debug). Exit 1 on any lost or doubled effect.
   stagepass bench cold-start [--json] [--runs N] [--bin-dir DIR]
                              [--sslmode MODE] [--database-url URL]
       Cold start, binary size, warm throughput and peak memory of the release
@@ -185,6 +194,7 @@ fn bench_command(rest: &[String]) -> Result<ExitCode> {
     match rest.first().map(String::as_str) {
         Some("tips") => return bench_tips(&rest[1..]),
         Some("enroll-race") => return bench_enroll_race(&rest[1..]),
+        Some("crash") => return bench_crash(&rest[1..]),
         _ => {}
     }
     let p = parse(
@@ -304,6 +314,44 @@ fn bench_enroll_race(rest: &[String]) -> Result<ExitCode> {
     // One thread, like the other benchmarks: the load generator takes at
     // most one core from the function and Postgres.
     current_thread()?.block_on(bench::enroll_race::run(opts))
+}
+
+/// `stagepass bench crash`: SIGKILL during money requests, retries with the
+/// same keys, then 0 lost and 0 doubled effects (see `bench/crash.rs`).
+fn bench_crash(rest: &[String]) -> Result<ExitCode> {
+    let p = parse(
+        rest,
+        &["--kills", "--seconds", "--seed", "--bin-dir"],
+        &["--json"],
+    )?;
+    no_positionals(&p)?;
+    let number = |name: &str, default: u64, max: u64| -> Result<u64> {
+        match p.value(name) {
+            None => Ok(default),
+            Some(v) => match v.parse::<u64>() {
+                Ok(n) if (1..=max).contains(&n) => Ok(n),
+                _ => fail(format!("{name} must be an integer from 1 to {max}")),
+            },
+        }
+    };
+    let seed = match p.value("--seed") {
+        None => None,
+        Some(v) => match v.parse::<u64>() {
+            Ok(n) => Some(n),
+            Err(_) => return fail("--seed must be an unsigned 64-bit integer"),
+        },
+    };
+    let opts = bench::crash::CrashOptions {
+        json: p.switch("--json"),
+        kills: usize::try_from(number("--kills", 1000, 100_000)?).unwrap_or(1000),
+        seconds: number("--seconds", 600, 3600)?,
+        seed,
+        bin_dir: p
+            .value("--bin-dir")
+            .map(Into::into)
+            .unwrap_or_else(bench::crash::default_bin_dir),
+    };
+    current_thread()?.block_on(bench::crash::run(opts))
 }
 
 /// Parses options; `--help` anywhere prints the usage.
