@@ -500,7 +500,7 @@ impl World<'_> {
             Kind::Enrollment => {
                 let n = self.enrolments;
                 self.enrolments += 1;
-                if n % self.fans.len() == 0 {
+                if n.is_multiple_of(self.fans.len()) {
                     let creator = self.creators[self.classes.len() % self.creators.len()];
                     self.classes.push(create_class(self.db, creator).await?);
                 }
