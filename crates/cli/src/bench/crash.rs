@@ -89,9 +89,15 @@ enum Kind {
     Tip,
     Enrollment,
     Webhook,
+    Cancellation,
 }
 
-const KINDS: [Kind; 3] = [Kind::Tip, Kind::Enrollment, Kind::Webhook];
+const KINDS: [Kind; 4] = [
+    Kind::Tip,
+    Kind::Enrollment,
+    Kind::Webhook,
+    Kind::Cancellation,
+];
 
 impl Kind {
     fn function(self) -> &'static str {
@@ -99,6 +105,7 @@ impl Kind {
             Kind::Tip => "v1_tips",
             Kind::Enrollment => "v1_classes_enrollments",
             Kind::Webhook => "webhooks_stripe",
+            Kind::Cancellation => "v1_classes_cancel",
         }
     }
 }
@@ -119,6 +126,11 @@ pub enum Op {
     Purchase {
         fan: Uuid,
         payment_intent: String,
+    },
+    /// The creator cancels a class whose enrolments are over: every
+    /// enrolled fan refunded from escrow.
+    Cancellation {
+        class: Uuid,
     },
 }
 
@@ -168,6 +180,8 @@ struct Counts {
     applied: usize,
     refused: usize,
     restarts_ms_total: u128,
+    /// Requests under kill, by kind.
+    by_kind: BTreeMap<Kind, usize>,
 }
 
 /// A money function that can be killed and restarted.
@@ -254,6 +268,13 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
                 "/api/webhooks/stripe",
                 http::request("POST", "/api/webhooks/stripe", None, &[]),
             ),
+            Kind::Cancellation => {
+                let p = format!("/api/v1/classes/{}/cancel", Uuid::nil());
+                (
+                    "/api/v1/classes/{id}/cancel",
+                    http::request("POST", &p, None, &[]),
+                )
+            }
         };
         let mut f = Function {
             target: Target {
@@ -274,10 +295,12 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
         fans: &fans,
         creators: &creators,
         classes: Vec::new(),
+        cancelled: 0,
         enrolments: 0,
         purchases: 0,
         tokens: fans
             .iter()
+            .chain(&creators)
             .map(|f| {
                 (
                     *f,
@@ -297,7 +320,17 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
     let mut windows: BTreeMap<Kind, Duration> = BTreeMap::new();
     for kind in KINDS {
         let mut samples = Vec::new();
-        for _ in 0..5 {
+        // Enrolments fill two classes and start a third, so two full ones
+        // are there to time cancellations on (KINDS lists enrolments first).
+        let n = if kind == Kind::Enrollment {
+            2 * FANS + 1
+        } else {
+            5
+        };
+        for _ in 0..n {
+            if kind == Kind::Cancellation && !world.can_cancel() {
+                break;
+            }
             let mut r = world.request(kind, &mut rng).await?;
             let addr = functions[&kind].addr().ok_or("not running")?;
             let started = Instant::now();
@@ -321,10 +354,16 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
     let started = Instant::now();
     let cap = Duration::from_secs(opts.seconds);
     while counts.kills < opts.kills && started.elapsed() < cap {
-        let kind = KINDS[usize::try_from(rng.below(3)).unwrap_or(0)];
+        let mut kind = KINDS[usize::try_from(rng.below(KINDS.len() as u64)).unwrap_or(0)];
+        if kind == Kind::Cancellation && !world.can_cancel() {
+            kind = Kind::Tip;
+        }
         let size = 1 + usize::try_from(rng.below(MAX_BATCH as u64)).unwrap_or(0);
         let mut batch = Vec::with_capacity(size);
         for _ in 0..size {
+            if kind == Kind::Cancellation && !world.can_cancel() {
+                break; // a smaller batch: no other full class yet
+            }
             batch.push(world.request(kind, &mut rng).await?);
         }
         let function = functions.get_mut(&kind).ok_or("no function")?;
@@ -359,6 +398,7 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
         counts.restarts_ms_total += restart.elapsed().as_millis();
         for (r, first) in batch.iter_mut().zip(first) {
             counts.requests += 1;
+            *counts.by_kind.entry(r.kind).or_default() += 1;
             let answered = first.as_ref().and_then(|a| decide(r.kind, &r.op, a));
             if answered.is_none() {
                 counts.interrupted += 1;
@@ -417,6 +457,7 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
         "committed_unanswered": counts.committed_unanswered,
         "replayed": counts.replayed,
         "retries": counts.retries,
+        "requests_by_kind": counts.by_kind,
         "applied": counts.applied,
         "refused": counts.refused,
         "mean_restart_ms": counts.restarts_ms_total / (counts.kills.max(1) as u128),
@@ -443,6 +484,15 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
             duration.as_secs_f64(),
             violations.len()
         );
+        println!(
+            "  requests under kill by kind: {}",
+            counts
+                .by_kind
+                .iter()
+                .map(|(k, n)| format!("{} {n}", k.function()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         for v in &violations {
             println!("  VIOLATION {}: {}", v.check, v.detail);
         }
@@ -459,17 +509,26 @@ struct World<'a> {
     db: &'a TestDb,
     fans: &'a [Uuid],
     creators: &'a [Uuid],
-    classes: Vec<Uuid>,
+    /// Classes and their creators, in order; all but the last are full
+    /// (every fan tried to enrol once).
+    classes: Vec<(Uuid, Uuid)>,
+    /// Classes cancelled (or being cancelled), from the first.
+    cancelled: usize,
     enrolments: usize,
     purchases: usize,
     tokens: BTreeMap<Uuid, String>,
 }
 
 impl World<'_> {
+    /// A full class is left to cancel.
+    fn can_cancel(&self) -> bool {
+        self.cancelled + 1 < self.classes.len()
+    }
+
     /// A fresh request of `kind` (a new key; enrolments fill one class per
     /// fan round, each fan once per class).
     async fn request(&mut self, kind: Kind, rng: &mut Rng) -> Result<Request> {
-        let key = Uuid::new_v4().to_string();
+        let mut key = Uuid::new_v4().to_string();
         let pick = |rng: &mut Rng, of: &[Uuid]| {
             of[usize::try_from(rng.below(of.len() as u64)).unwrap_or(0)]
         };
@@ -502,9 +561,10 @@ impl World<'_> {
                 self.enrolments += 1;
                 if n.is_multiple_of(self.fans.len()) {
                     let creator = self.creators[self.classes.len() % self.creators.len()];
-                    self.classes.push(create_class(self.db, creator).await?);
+                    self.classes
+                        .push((create_class(self.db, creator).await?, creator));
                 }
-                let class = *self.classes.last().ok_or("no class")?;
+                let (class, _) = *self.classes.last().ok_or("no class")?;
                 let fan = self.fans[n % self.fans.len()];
                 let bytes = post(
                     &format!("/api/v1/classes/{class}/enrollments"),
@@ -518,7 +578,7 @@ impl World<'_> {
             }
             Kind::Webhook => {
                 self.purchases += 1;
-                let key = format!("evt_crash_{}", Uuid::new_v4().simple());
+                key = format!("evt_crash_{}", Uuid::new_v4().simple());
                 let fan = pick(rng, self.fans);
                 let payment_intent = format!("pi_crash_{}", Uuid::new_v4().simple());
                 sqlx::query(
@@ -565,6 +625,25 @@ impl World<'_> {
                     },
                     bytes,
                 )
+            }
+            Kind::Cancellation => {
+                if !self.can_cancel() {
+                    return fail("no class to cancel");
+                }
+                let (class, creator) = self.classes[self.cancelled];
+                self.cancelled += 1;
+                key = format!("class:{class}");
+                let bytes = post(
+                    &format!("/api/v1/classes/{class}/cancel"),
+                    &[(
+                        "Authorization",
+                        &format!("Bearer {}", self.tokens[&creator]),
+                    )],
+                    b"",
+                );
+                // No Idempotency-Key: the class's state is the key (a
+                // repeat finds it cancelled).
+                (Op::Cancellation { class }, bytes)
             }
         };
         Ok(Request {
@@ -651,22 +730,37 @@ fn decide(kind: Kind, op: &Op, attempt: &Attempt) -> Option<Decision> {
                     .unwrap_or_default()
                     .to_owned(),
                 (_, Op::Purchase { payment_intent, .. }) => payment_intent.clone(),
+                (_, Op::Cancellation { class }) => class.to_string(),
                 _ => String::new(),
             };
             Some(Decision::Applied { reference })
         }
         409 if body["code"] == "idempotency_in_progress" => None,
+        // A cancellation sent again after it committed: the class is no
+        // longer open. Same end as the 200 (the model then checks the
+        // refunds really happened once).
+        409 if kind == Kind::Cancellation && body["code"] == "class_not_open" => {
+            let Op::Cancellation { class } = op else {
+                return None;
+            };
+            Some(Decision::Applied {
+                reference: class.to_string(),
+            })
+        }
         status @ 400..=499 => Some(Decision::Refused { status }),
         _ => None,
     }
 }
 
-/// How many of these keys (idempotency keys or event ids) already have
+/// How many of these keys (idempotency keys, event ids, `class:<id>` of a
+/// cancellation) already have
 /// their effect recorded: the transaction committed before the kill.
 async fn committed(db: &TestDb, keys: &[String]) -> Result<usize> {
     let n: i64 = sqlx::query_scalar(
         "select (select count(*) from app.idempotency_keys where key = any($1)) \
-              + (select count(*) from app.stripe_events where id = any($1))",
+              + (select count(*) from app.stripe_events where id = any($1)) \
+              + (select count(*) from app.classes where status = 'cancelled' \
+                   and 'class:' || id::text = any($1))",
     )
     .bind(keys)
     .fetch_one(&db.admin_pool)
@@ -714,8 +808,11 @@ pub struct Model {
     pub journals: BTreeMap<&'static str, i64>,
     /// Active enrolments there must be.
     pub enrolments: i64,
-    /// (class, fan) of each applied enrolment: exactly one active row each.
-    pub enrolled: Vec<(Uuid, Uuid)>,
+    /// (class, fan, enrolment id) of each applied enrolment: exactly one
+    /// active row each, unless its class was cancelled.
+    pub enrolled: Vec<(Uuid, Uuid, String)>,
+    /// Classes cancelled.
+    pub cancelled: Vec<Uuid>,
 }
 
 impl Model {
@@ -726,7 +823,27 @@ impl Model {
                 m.apply(&r.op, reference);
             }
         }
+        m.refund_cancelled();
         m
+    }
+
+    /// Each enrolment of a cancelled class refunded exactly once: one
+    /// `class_refund` journal (reference: the enrolment), the price back in
+    /// the fan's wallet, no longer active.
+    pub fn refund_cancelled(&mut self) {
+        let (refunded, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.enrolled)
+            .into_iter()
+            .partition(|(class, _, _)| self.cancelled.contains(class));
+        self.enrolled = kept;
+        for (_, fan, enrolment) in refunded {
+            self.enrolments -= 1;
+            *self.wallets.entry(fan).or_default() += PRICE;
+            *self.journals.entry("class_refund").or_default() += 1;
+            self.applied
+                .entry("class_refund")
+                .or_default()
+                .push(enrolment);
+        }
     }
 
     /// After [`money::seed`]: each fan funded by one purchase journal.
@@ -741,6 +858,7 @@ impl Model {
         m.journals.insert("purchase", fans.len() as i64);
         m.journals.insert("tip", 0);
         m.journals.insert("class_enrollment", 0);
+        m.journals.insert("class_refund", 0);
         m
     }
 
@@ -754,8 +872,14 @@ impl Model {
             } => ("tip", vec![(*fan, -amount), (*creator, *amount)]),
             Op::Enrollment { fan, class } => {
                 self.enrolments += 1;
-                self.enrolled.push((*class, *fan));
+                self.enrolled.push((*class, *fan, reference.to_owned()));
                 ("class_enrollment", vec![(*fan, -PRICE)])
+            }
+            Op::Cancellation { class } => {
+                // Its refunds are counted by `refund_cancelled`, once every
+                // enrolment is known.
+                self.cancelled.push(*class);
+                return;
             }
             Op::Purchase { fan, .. } => ("purchase", vec![(*fan, PURCHASE_TOKENS)]),
         };
@@ -850,7 +974,8 @@ pub async fn check(conn: &mut sqlx::PgConnection, m: &Model) -> Result<Vec<Viola
             detail: format!("{active}, the model says {}", m.enrolments),
         });
     }
-    let (classes, fans): (Vec<Uuid>, Vec<Uuid>) = m.enrolled.iter().copied().unzip();
+    let (classes, fans): (Vec<Uuid>, Vec<Uuid>) =
+        m.enrolled.iter().map(|(c, f, _)| (*c, *f)).unzip();
     let not_once: i64 = sqlx::query_scalar(
         "select count(*) from unnest($1::uuid[], $2::uuid[]) p(class, fan) \
          where (select count(*) from app.enrollments e where e.class_id = p.class \
@@ -865,6 +990,17 @@ pub async fn check(conn: &mut sqlx::PgConnection, m: &Model) -> Result<Vec<Viola
         out.push(Violation {
             check: "enrolment not exactly once",
             detail: format!("{not_once} applied enrolments without exactly one active row"),
+        });
+    }
+    let cancelled: i64 =
+        sqlx::query_scalar("select count(*) from app.classes where status = 'cancelled'")
+            .fetch_one(&mut *conn)
+            .await
+            .context("cancelled classes")?;
+    if cancelled != m.cancelled.len() as i64 {
+        out.push(Violation {
+            check: "cancelled classes",
+            detail: format!("{cancelled}, the model says {}", m.cancelled.len()),
         });
     }
     let (tips_without_one, orphan_messages, stale_wallets): (i64, i64, i64) =
@@ -1012,6 +1148,40 @@ mod tests {
         let found = names(&v);
         assert!(found.contains(&"lost effect"), "{v:?}");
         assert!(found.contains(&"wallet balance"), "{v:?}");
+    }
+
+    #[tokio::test]
+    async fn a_cancellation_without_its_refund_is_a_lost_effect() {
+        let mut f = Fixture::new().await;
+        let class = create_class(&f.db, f.creator).await.expect("class");
+        let enrolment = Uuid::new_v4();
+        let mut tx = f.db.admin_pool.begin().await.expect("begin");
+        sqlx::query("select set_config('request.jwt.claims', $1, true)")
+            .bind(json!({"sub": f.fan}).to_string())
+            .execute(&mut *tx)
+            .await
+            .expect("claims");
+        sqlx::query("select * from app.enroll($1, $2)")
+            .bind(class)
+            .bind(enrolment)
+            .execute(&mut *tx)
+            .await
+            .expect("enrol");
+        tx.commit().await.expect("commit");
+        f.model.apply(
+            &Op::Enrollment { fan: f.fan, class },
+            &enrolment.to_string(),
+        );
+        assert_eq!(f.check().await, vec![]);
+        // Answered as cancelled, but the class never was: no refund.
+        f.model
+            .apply(&Op::Cancellation { class }, &class.to_string());
+        f.model.refund_cancelled();
+        let v = f.check().await;
+        let found = names(&v);
+        assert!(found.contains(&"lost effect"), "{v:?}");
+        assert!(found.contains(&"cancelled classes"), "{v:?}");
+        assert!(found.contains(&"active enrolments"), "{v:?}");
     }
 
     #[tokio::test]
