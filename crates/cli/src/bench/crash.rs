@@ -46,11 +46,16 @@ pub struct CrashOptions {
 
 /// The stand-in webhook signing secret (the function's environment).
 const WEBHOOK_SECRET: &str = "whsec_bench_crash_0123456789";
+/// The stand-in cron secret.
+const CRON_SECRET: &str = "bench-crash-cron-secret-0123456789";
 /// Class price in tokens, and the tokens (and cents) of one purchase.
 const PRICE: i64 = 7;
 const PURCHASE_TOKENS: i64 = 500;
 const PURCHASE_CENTS: i64 = 499;
 const FANS: usize = 16;
+/// Enrolments per class (consecutive fans) before the next class: small, so
+/// full classes are there to cancel and settle often.
+const CLASS_SIZE: usize = 4;
 const CREATORS: usize = 3;
 /// Requests of one batch, killed together.
 const MAX_BATCH: usize = 4;
@@ -90,13 +95,15 @@ enum Kind {
     Enrollment,
     Webhook,
     Cancellation,
+    Settlement,
 }
 
-const KINDS: [Kind; 4] = [
+const KINDS: [Kind; 5] = [
     Kind::Tip,
     Kind::Enrollment,
     Kind::Webhook,
     Kind::Cancellation,
+    Kind::Settlement,
 ];
 
 impl Kind {
@@ -106,6 +113,7 @@ impl Kind {
             Kind::Enrollment => "v1_classes_enrollments",
             Kind::Webhook => "webhooks_stripe",
             Kind::Cancellation => "v1_classes_cancel",
+            Kind::Settlement => "cron_settle_classes",
         }
     }
 }
@@ -131,6 +139,12 @@ pub enum Op {
     /// enrolled fan refunded from escrow.
     Cancellation {
         class: Uuid,
+    },
+    /// A full class, moved into the past, then the settlement cron (with
+    /// the cron secret): the escrow paid to the creator.
+    Settlement {
+        class: Uuid,
+        creator: Uuid,
     },
 }
 
@@ -252,6 +266,7 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
         }
         let mut env = money::function_env(db.app_url());
         env.push(("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()));
+        env.push(("CRON_SECRET", CRON_SECRET.to_owned()));
         let (path, request) = match kind {
             Kind::Tip => (
                 "/api/v1/tips",
@@ -267,6 +282,10 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
             Kind::Webhook => (
                 "/api/webhooks/stripe",
                 http::request("POST", "/api/webhooks/stripe", None, &[]),
+            ),
+            Kind::Settlement => (
+                "/api/cron/settle-classes",
+                http::get_request("/api/cron/settle-classes", None),
             ),
             Kind::Cancellation => {
                 let p = format!("/api/v1/classes/{}/cancel", Uuid::nil());
@@ -322,13 +341,13 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
         let mut samples = Vec::new();
         // Enrolments fill two classes and start a third, so two full ones
         // are there to time cancellations on (KINDS lists enrolments first).
-        let n = if kind == Kind::Enrollment {
-            2 * FANS + 1
-        } else {
-            5
+        let n = match kind {
+            Kind::Enrollment => 2 * CLASS_SIZE + 1,
+            Kind::Cancellation | Kind::Settlement => 1,
+            Kind::Tip | Kind::Webhook => 5,
         };
         for _ in 0..n {
-            if kind == Kind::Cancellation && !world.can_cancel() {
+            if matches!(kind, Kind::Cancellation | Kind::Settlement) && !world.can_cancel() {
                 break;
             }
             let mut r = world.request(kind, &mut rng).await?;
@@ -346,7 +365,8 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
             requests.push(r);
         }
         samples.sort();
-        windows.insert(kind, samples[samples.len() / 2] * 2);
+        let median = samples.get(samples.len() / 2).copied();
+        windows.insert(kind, median.unwrap_or(Duration::from_millis(20)) * 2);
     }
 
     let mut counts = Counts::default();
@@ -355,13 +375,13 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
     let cap = Duration::from_secs(opts.seconds);
     while counts.kills < opts.kills && started.elapsed() < cap {
         let mut kind = KINDS[usize::try_from(rng.below(KINDS.len() as u64)).unwrap_or(0)];
-        if kind == Kind::Cancellation && !world.can_cancel() {
-            kind = Kind::Tip;
+        if matches!(kind, Kind::Cancellation | Kind::Settlement) && !world.can_cancel() {
+            kind = Kind::Enrollment; // fills the next class
         }
         let size = 1 + usize::try_from(rng.below(MAX_BATCH as u64)).unwrap_or(0);
         let mut batch = Vec::with_capacity(size);
         for _ in 0..size {
-            if kind == Kind::Cancellation && !world.can_cancel() {
+            if matches!(kind, Kind::Cancellation | Kind::Settlement) && !world.can_cancel() {
                 break; // a smaller batch: no other full class yet
             }
             batch.push(world.request(kind, &mut rng).await?);
@@ -559,7 +579,7 @@ impl World<'_> {
             Kind::Enrollment => {
                 let n = self.enrolments;
                 self.enrolments += 1;
-                if n.is_multiple_of(self.fans.len()) {
+                if n.is_multiple_of(CLASS_SIZE) {
                     let creator = self.creators[self.classes.len() % self.creators.len()];
                     self.classes
                         .push((create_class(self.db, creator).await?, creator));
@@ -625,6 +645,30 @@ impl World<'_> {
                     },
                     bytes,
                 )
+            }
+            Kind::Settlement => {
+                if !self.can_cancel() {
+                    return fail("no class to settle");
+                }
+                let (class, creator) = self.classes[self.cancelled];
+                self.cancelled += 1;
+                key = format!("settled:{class}");
+                // Ended an hour ago: the next cron run settles it (and any
+                // other ended class of the batch).
+                sqlx::query(
+                    "update app.classes set starts_at = now() - interval '2 hours' where id = $1",
+                )
+                .bind(class)
+                .execute(&self.db.admin_pool)
+                .await
+                .context("end the class")?;
+                let bytes = format!(
+                    "GET /api/cron/settle-classes HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+                     Connection: close\r\nAuthorization: Bearer {CRON_SECRET}\r\n\r\n"
+                )
+                .into_bytes();
+                // No key either: a settled class is never picked again.
+                (Op::Settlement { class, creator }, bytes)
             }
             Kind::Cancellation => {
                 if !self.can_cancel() {
@@ -730,7 +774,7 @@ fn decide(kind: Kind, op: &Op, attempt: &Attempt) -> Option<Decision> {
                     .unwrap_or_default()
                     .to_owned(),
                 (_, Op::Purchase { payment_intent, .. }) => payment_intent.clone(),
-                (_, Op::Cancellation { class }) => class.to_string(),
+                (_, Op::Cancellation { class } | Op::Settlement { class, .. }) => class.to_string(),
                 _ => String::new(),
             };
             Some(Decision::Applied { reference })
@@ -760,7 +804,9 @@ async fn committed(db: &TestDb, keys: &[String]) -> Result<usize> {
         "select (select count(*) from app.idempotency_keys where key = any($1)) \
               + (select count(*) from app.stripe_events where id = any($1)) \
               + (select count(*) from app.classes where status = 'cancelled' \
-                   and 'class:' || id::text = any($1))",
+                   and 'class:' || id::text = any($1)) \
+              + (select count(*) from app.classes where status = 'settled' \
+                   and 'settled:' || id::text = any($1))",
     )
     .bind(keys)
     .fetch_one(&db.admin_pool)
@@ -813,6 +859,8 @@ pub struct Model {
     pub enrolled: Vec<(Uuid, Uuid, String)>,
     /// Classes cancelled.
     pub cancelled: Vec<Uuid>,
+    /// Classes settled, with their creators.
+    pub settled: Vec<(Uuid, Uuid)>,
 }
 
 impl Model {
@@ -824,7 +872,27 @@ impl Model {
             }
         }
         m.refund_cancelled();
+        m.pay_settled();
         m
+    }
+
+    /// Each settled class pays its active enrolments' prices to its creator
+    /// once (the fee is 0 on a fresh database): one `class_settlement`
+    /// journal (reference: the class) if anything was held.
+    pub fn pay_settled(&mut self) {
+        for (class, creator) in self.settled.clone() {
+            let held = self.enrolled.iter().filter(|(c, _, _)| *c == class).count() as i64;
+            self.enrolled.retain(|(c, _, _)| *c != class);
+            self.enrolments -= held;
+            if held > 0 {
+                *self.wallets.entry(creator).or_default() += held * PRICE;
+                *self.journals.entry("class_settlement").or_default() += 1;
+                self.applied
+                    .entry("class_settlement")
+                    .or_default()
+                    .push(class.to_string());
+            }
+        }
     }
 
     /// Each enrolment of a cancelled class refunded exactly once: one
@@ -859,6 +927,7 @@ impl Model {
         m.journals.insert("tip", 0);
         m.journals.insert("class_enrollment", 0);
         m.journals.insert("class_refund", 0);
+        m.journals.insert("class_settlement", 0);
         m
     }
 
@@ -879,6 +948,11 @@ impl Model {
                 // Its refunds are counted by `refund_cancelled`, once every
                 // enrolment is known.
                 self.cancelled.push(*class);
+                return;
+            }
+            Op::Settlement { class, creator } => {
+                // Paid by `pay_settled`, once every enrolment is known.
+                self.settled.push((*class, *creator));
                 return;
             }
             Op::Purchase { fan, .. } => ("purchase", vec![(*fan, PURCHASE_TOKENS)]),
@@ -997,6 +1071,17 @@ pub async fn check(conn: &mut sqlx::PgConnection, m: &Model) -> Result<Vec<Viola
             .fetch_one(&mut *conn)
             .await
             .context("cancelled classes")?;
+    let settled: i64 =
+        sqlx::query_scalar("select count(*) from app.classes where status = 'settled'")
+            .fetch_one(&mut *conn)
+            .await
+            .context("settled classes")?;
+    if settled != m.settled.len() as i64 {
+        out.push(Violation {
+            check: "settled classes",
+            detail: format!("{settled}, the model says {}", m.settled.len()),
+        });
+    }
     if cancelled != m.cancelled.len() as i64 {
         out.push(Violation {
             check: "cancelled classes",
