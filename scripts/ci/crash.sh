@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Crash safety (issue 14): `stagepass bench crash` SIGKILLs the money
 # functions (debug binaries, as `cargo test --workspace --all-targets` left
-# them) during tips, enrolments, Stripe webhooks, class cancellations and
+# them) during tips, enrolments, withdrawals, Stripe webhooks, class cancellations and
 # the settlement cron, retries each request with the same key (or event id),
 # and fails on any lost or doubled effect (ledger audit,
 # outbox, journals per request, wallet balances). About a minute.
@@ -21,7 +21,8 @@ BIN="$TARGET/debug"
 # missing when run alone.
 cargo build -q -p stagepass-cli --bin stagepass
 cargo build -q -p stagepass-functions --bin v1_tips --bin v1_classes_enrollments \
-  --bin webhooks_stripe --bin v1_classes_cancel --bin cron_settle_classes
+  --bin webhooks_stripe --bin v1_classes_cancel --bin cron_settle_classes \
+  --bin v1_classes_enrollments_me
 
 # 100 kills, capped at 90 s of killing (the check comes after it).
 "$BIN/stagepass" bench crash --kills "${CRASH_KILLS:-100}" --seconds 90 --bin-dir "$BIN" "$@"

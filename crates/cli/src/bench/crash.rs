@@ -96,14 +96,16 @@ enum Kind {
     Webhook,
     Cancellation,
     Settlement,
+    Withdrawal,
 }
 
-const KINDS: [Kind; 5] = [
+const KINDS: [Kind; 6] = [
     Kind::Tip,
     Kind::Enrollment,
     Kind::Webhook,
     Kind::Cancellation,
     Kind::Settlement,
+    Kind::Withdrawal,
 ];
 
 impl Kind {
@@ -114,6 +116,7 @@ impl Kind {
             Kind::Webhook => "webhooks_stripe",
             Kind::Cancellation => "v1_classes_cancel",
             Kind::Settlement => "cron_settle_classes",
+            Kind::Withdrawal => "v1_classes_enrollments_me",
         }
     }
 }
@@ -134,6 +137,11 @@ pub enum Op {
     Purchase {
         fan: Uuid,
         payment_intent: String,
+    },
+    /// A fan leaves a class (before the cut-off) with a full refund.
+    Withdrawal {
+        fan: Uuid,
+        class: Uuid,
     },
     /// The creator cancels a class whose enrolments are over: every
     /// enrolled fan refunded from escrow.
@@ -283,6 +291,13 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
                 "/api/webhooks/stripe",
                 http::request("POST", "/api/webhooks/stripe", None, &[]),
             ),
+            Kind::Withdrawal => {
+                let p = format!("/api/v1/classes/{}/enrollments/me", Uuid::nil());
+                (
+                    "/api/v1/classes/{id}/enrollments/me",
+                    http::request("DELETE", &p, None, &[]),
+                )
+            }
             Kind::Settlement => (
                 "/api/cron/settle-classes",
                 http::get_request("/api/cron/settle-classes", None),
@@ -315,6 +330,7 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
         creators: &creators,
         classes: Vec::new(),
         cancelled: 0,
+        withdrawable: Vec::new(),
         enrolments: 0,
         purchases: 0,
         tokens: fans
@@ -343,11 +359,11 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
         // are there to time cancellations on (KINDS lists enrolments first).
         let n = match kind {
             Kind::Enrollment => 2 * CLASS_SIZE + 1,
-            Kind::Cancellation | Kind::Settlement => 1,
+            Kind::Cancellation | Kind::Settlement | Kind::Withdrawal => 1,
             Kind::Tip | Kind::Webhook => 5,
         };
         for _ in 0..n {
-            if matches!(kind, Kind::Cancellation | Kind::Settlement) && !world.can_cancel() {
+            if !world.possible(kind) {
                 break;
             }
             let mut r = world.request(kind, &mut rng).await?;
@@ -362,6 +378,7 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
                     kind.function()
                 ));
             }
+            world.enrolled(&r);
             requests.push(r);
         }
         samples.sort();
@@ -375,13 +392,13 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
     let cap = Duration::from_secs(opts.seconds);
     while counts.kills < opts.kills && started.elapsed() < cap {
         let mut kind = KINDS[usize::try_from(rng.below(KINDS.len() as u64)).unwrap_or(0)];
-        if matches!(kind, Kind::Cancellation | Kind::Settlement) && !world.can_cancel() {
+        if !world.possible(kind) {
             kind = Kind::Enrollment; // fills the next class
         }
         let size = 1 + usize::try_from(rng.below(MAX_BATCH as u64)).unwrap_or(0);
         let mut batch = Vec::with_capacity(size);
         for _ in 0..size {
-            if matches!(kind, Kind::Cancellation | Kind::Settlement) && !world.can_cancel() {
+            if !world.possible(kind) {
                 break; // a smaller batch: no other full class yet
             }
             batch.push(world.request(kind, &mut rng).await?);
@@ -444,6 +461,9 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
                 _ => {}
             }
             r.decision = decision.ok();
+        }
+        for r in &batch {
+            world.enrolled(r);
         }
         requests.append(&mut batch);
     }
@@ -532,8 +552,10 @@ struct World<'a> {
     /// Classes and their creators, in order; all but the last are full
     /// (every fan tried to enrol once).
     classes: Vec<(Uuid, Uuid)>,
-    /// Classes cancelled (or being cancelled), from the first.
+    /// Classes cancelled or settled (or being), from the first.
     cancelled: usize,
+    /// Applied enrolments (class, fan) not withdrawn yet.
+    withdrawable: Vec<(Uuid, Uuid)>,
     enrolments: usize,
     purchases: usize,
     tokens: BTreeMap<Uuid, String>,
@@ -543,6 +565,44 @@ impl World<'_> {
     /// A full class is left to cancel.
     fn can_cancel(&self) -> bool {
         self.cancelled + 1 < self.classes.len()
+    }
+
+    /// A request of `kind` can be made now.
+    fn possible(&self, kind: Kind) -> bool {
+        match kind {
+            Kind::Cancellation | Kind::Settlement => self.can_cancel(),
+            Kind::Withdrawal => {
+                let closed = &self.classes[..self.cancelled];
+                self.withdrawable
+                    .iter()
+                    .any(|(c, _)| !closed.iter().any(|(k, _)| k == c))
+            }
+            Kind::Tip | Kind::Enrollment | Kind::Webhook => true,
+        }
+    }
+
+    /// Remembers an applied enrolment as one a fan may withdraw from.
+    fn enrolled(&mut self, r: &Request) {
+        if let (Op::Enrollment { fan, class }, Some(Decision::Applied { .. })) =
+            (&r.op, &r.decision)
+        {
+            self.withdrawable.push((*class, *fan));
+        }
+    }
+
+    /// An enrolment whose class is still open (neither cancelled nor
+    /// settled), taken out of the list.
+    fn take_withdrawable(&mut self, rng: &mut Rng) -> Option<(Uuid, Uuid)> {
+        let closed: Vec<Uuid> = self.classes[..self.cancelled]
+            .iter()
+            .map(|(c, _)| *c)
+            .collect();
+        self.withdrawable.retain(|(c, _)| !closed.contains(c));
+        if self.withdrawable.is_empty() {
+            return None;
+        }
+        let i = usize::try_from(rng.below(self.withdrawable.len() as u64)).unwrap_or(0);
+        Some(self.withdrawable.swap_remove(i))
     }
 
     /// A fresh request of `kind` (a new key; enrolments fill one class per
@@ -645,6 +705,21 @@ impl World<'_> {
                     },
                     bytes,
                 )
+            }
+            Kind::Withdrawal => {
+                let Some((class, fan)) = self.take_withdrawable(rng) else {
+                    return fail("no enrolment to withdraw");
+                };
+                key = format!("withdrawn:{class}:{fan}");
+                let bytes = format!(
+                    "DELETE /api/v1/classes/{class}/enrollments/me HTTP/1.1\r\n\
+                     Host: 127.0.0.1\r\nConnection: close\r\n\
+                     Authorization: Bearer {}\r\n\r\n",
+                    self.tokens[&fan]
+                )
+                .into_bytes();
+                // No key: a repeat finds no enrolment (409 not_enrolled).
+                (Op::Withdrawal { fan, class }, bytes)
             }
             Kind::Settlement => {
                 if !self.can_cancel() {
@@ -766,6 +841,7 @@ fn decide(kind: Kind, op: &Op, attempt: &Attempt) -> Option<Decision> {
     };
     let body: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
     match response.status {
+        200..=299 if kind == Kind::Withdrawal => Some(withdrawn(op)),
         200..=299 => {
             let reference = match (kind, op) {
                 (Kind::Tip, _) => body["tip_id"].as_str().unwrap_or_default().to_owned(),
@@ -783,6 +859,8 @@ fn decide(kind: Kind, op: &Op, attempt: &Attempt) -> Option<Decision> {
         // A cancellation sent again after it committed: the class is no
         // longer open. Same end as the 200 (the model then checks the
         // refunds really happened once).
+        // The same for a withdrawal that committed: no enrolment is left.
+        409 if kind == Kind::Withdrawal && body["code"] == "not_enrolled" => Some(withdrawn(op)),
         409 if kind == Kind::Cancellation && body["code"] == "class_not_open" => {
             let Op::Cancellation { class } = op else {
                 return None;
@@ -806,13 +884,23 @@ async fn committed(db: &TestDb, keys: &[String]) -> Result<usize> {
               + (select count(*) from app.classes where status = 'cancelled' \
                    and 'class:' || id::text = any($1)) \
               + (select count(*) from app.classes where status = 'settled' \
-                   and 'settled:' || id::text = any($1))",
+                   and 'settled:' || id::text = any($1)) \
+              + (select count(*) from app.enrollments where status = 'withdrawn' \
+                   and 'withdrawn:' || class_id::text || ':' || user_id::text = any($1))",
     )
     .bind(keys)
     .fetch_one(&db.admin_pool)
     .await
     .context("committed before the kill")?;
     Ok(usize::try_from(n).unwrap_or(0))
+}
+
+fn withdrawn(op: &Op) -> Decision {
+    let reference = match op {
+        Op::Withdrawal { fan, class } => format!("{class}:{fan}"),
+        _ => String::new(),
+    };
+    Decision::Applied { reference }
 }
 
 /// Sends `r` until its answer is definitive: the decision (or the last
@@ -948,6 +1036,26 @@ impl Model {
                 // Its refunds are counted by `refund_cancelled`, once every
                 // enrolment is known.
                 self.cancelled.push(*class);
+                return;
+            }
+            Op::Withdrawal { fan, class } => {
+                // The fan's enrolment there, refunded: one class_refund
+                // journal whose reference is the enrolment.
+                let Some(i) = self
+                    .enrolled
+                    .iter()
+                    .position(|(c, f, _)| c == class && f == fan)
+                else {
+                    return;
+                };
+                let (_, _, enrolment) = self.enrolled.swap_remove(i);
+                self.enrolments -= 1;
+                *self.wallets.entry(*fan).or_default() += PRICE;
+                *self.journals.entry("class_refund").or_default() += 1;
+                self.applied
+                    .entry("class_refund")
+                    .or_default()
+                    .push(enrolment);
                 return;
             }
             Op::Settlement { class, creator } => {
