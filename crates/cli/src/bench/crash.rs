@@ -1296,6 +1296,35 @@ mod tests {
             tx.commit().await.expect("commit");
         }
 
+        /// A class of the creator, the fan enrolled through `app.enroll`,
+        /// modelled; the state is clean.
+        async fn enrolled_class(&mut self) -> Uuid {
+            let class = create_class(&self.db, self.creator).await.expect("class");
+            let enrolment = Uuid::new_v4();
+            let mut tx = self.db.admin_pool.begin().await.expect("begin");
+            sqlx::query("select set_config('request.jwt.claims', $1, true)")
+                .bind(json!({"sub": self.fan}).to_string())
+                .execute(&mut *tx)
+                .await
+                .expect("claims");
+            sqlx::query("select * from app.enroll($1, $2)")
+                .bind(class)
+                .bind(enrolment)
+                .execute(&mut *tx)
+                .await
+                .expect("enrol");
+            tx.commit().await.expect("commit");
+            self.model.apply(
+                &Op::Enrollment {
+                    fan: self.fan,
+                    class,
+                },
+                &enrolment.to_string(),
+            );
+            assert_eq!(self.check().await, vec![]);
+            class
+        }
+
         async fn check(&self) -> Vec<Violation> {
             let mut conn = self.db.admin_pool.acquire().await.expect("conn");
             check(&mut conn, &self.model).await.expect("check")
@@ -1346,26 +1375,7 @@ mod tests {
     #[tokio::test]
     async fn a_cancellation_without_its_refund_is_a_lost_effect() {
         let mut f = Fixture::new().await;
-        let class = create_class(&f.db, f.creator).await.expect("class");
-        let enrolment = Uuid::new_v4();
-        let mut tx = f.db.admin_pool.begin().await.expect("begin");
-        sqlx::query("select set_config('request.jwt.claims', $1, true)")
-            .bind(json!({"sub": f.fan}).to_string())
-            .execute(&mut *tx)
-            .await
-            .expect("claims");
-        sqlx::query("select * from app.enroll($1, $2)")
-            .bind(class)
-            .bind(enrolment)
-            .execute(&mut *tx)
-            .await
-            .expect("enrol");
-        tx.commit().await.expect("commit");
-        f.model.apply(
-            &Op::Enrollment { fan: f.fan, class },
-            &enrolment.to_string(),
-        );
-        assert_eq!(f.check().await, vec![]);
+        let class = f.enrolled_class().await;
         // Answered as cancelled, but the class never was: no refund.
         f.model
             .apply(&Op::Cancellation { class }, &class.to_string());
@@ -1374,6 +1384,21 @@ mod tests {
         let found = names(&v);
         assert!(found.contains(&"lost effect"), "{v:?}");
         assert!(found.contains(&"cancelled classes"), "{v:?}");
+        assert!(found.contains(&"active enrolments"), "{v:?}");
+    }
+
+    #[tokio::test]
+    async fn a_withdrawal_answered_but_not_done_is_a_lost_effect() {
+        let mut f = Fixture::new().await;
+        let class = f.enrolled_class().await;
+        f.model.apply(
+            &Op::Withdrawal { fan: f.fan, class },
+            &format!("{class}:{}", f.fan),
+        );
+        let v = f.check().await;
+        let found = names(&v);
+        assert!(found.contains(&"lost effect"), "{v:?}");
+        assert!(found.contains(&"wallet balance"), "{v:?}");
         assert!(found.contains(&"active enrolments"), "{v:?}");
     }
 
