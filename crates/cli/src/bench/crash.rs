@@ -204,6 +204,12 @@ struct Counts {
     restarts_ms_total: u128,
     /// Requests under kill, by kind.
     by_kind: BTreeMap<Kind, usize>,
+    /// Retries answered 409 `idempotency_in_progress`: the killed
+    /// process's transaction still held the key.
+    in_progress: usize,
+    /// Transactions Postgres rolled back in the database during the kill
+    /// loop (`pg_stat_database.xact_rollback`): mostly the killed ones.
+    rolled_back: i64,
 }
 
 /// A money function that can be killed and restarted.
@@ -388,6 +394,7 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
 
     let mut counts = Counts::default();
     let mut violations = Vec::new();
+    let rollbacks_before = rollbacks(&db).await?;
     let started = Instant::now();
     let cap = Duration::from_secs(opts.seconds);
     while counts.kills < opts.kills && started.elapsed() < cap {
@@ -444,8 +451,9 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
             }
             // Sent again in every case: an interrupted request until it is
             // definitive, an answered one to see the replay agree.
-            let (decision, retries) = retry(addr, r).await;
+            let (decision, retries, in_progress) = retry(addr, r).await;
             counts.retries += retries;
+            counts.in_progress += in_progress;
             match (&answered, &decision) {
                 (_, Err(last)) => violations.push(Violation {
                     check: "undecided",
@@ -478,6 +486,9 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
             None => {}
         }
     }
+    // Give the statistics collector a moment after the last session ended.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    counts.rolled_back = rollbacks(&db).await? - rollbacks_before;
     let model = Model::of(&fans, &creators, &requests);
     {
         let mut conn = db.admin_pool.acquire().await.context("check connection")?;
@@ -497,6 +508,8 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
         "committed_unanswered": counts.committed_unanswered,
         "replayed": counts.replayed,
         "retries": counts.retries,
+        "retries_answered_in_progress": counts.in_progress,
+        "transactions_rolled_back": counts.rolled_back,
         "requests_by_kind": counts.by_kind,
         "applied": counts.applied,
         "refused": counts.refused,
@@ -523,6 +536,10 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
             doc["mean_restart_ms"],
             duration.as_secs_f64(),
             violations.len()
+        );
+        println!(
+            "  retries answered 409 idempotency_in_progress: {}; transactions rolled back by Postgres: {}",
+            counts.in_progress, counts.rolled_back
         );
         println!(
             "  requests under kill by kind: {}",
@@ -905,15 +922,23 @@ fn withdrawn(op: &Op) -> Decision {
 
 /// Sends `r` until its answer is definitive: the decision (or the last
 /// failure) and the sends.
-async fn retry(addr: SocketAddr, r: &Request) -> (std::result::Result<Decision, String>, usize) {
+async fn retry(
+    addr: SocketAddr,
+    r: &Request,
+) -> (std::result::Result<Decision, String>, usize, usize) {
     let started = Instant::now();
-    let mut sends = 0;
+    let (mut sends, mut in_progress) = (0, 0);
     let mut last = String::new();
     while started.elapsed() < DECIDE_TIMEOUT {
         sends += 1;
         let a = attempt(addr, &r.bytes).await;
         if let Some(d) = decide(r.kind, &r.op, &a) {
-            return (Ok(d), sends);
+            return (Ok(d), sends, in_progress);
+        }
+        if let Attempt::Answer(response) = &a {
+            if response.status == 409 {
+                in_progress += 1;
+            }
         }
         last = match a {
             Attempt::Answer(response) => format!(
@@ -927,7 +952,17 @@ async fn retry(addr: SocketAddr, r: &Request) -> (std::result::Result<Decision, 
         // until Postgres notices the dead connection.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    (Err(last), sends)
+    (Err(last), sends, in_progress)
+}
+
+/// `xact_rollback` of the database (the statistics are flushed when a
+/// session ends, so read after the functions stopped).
+async fn rollbacks(db: &TestDb) -> Result<i64> {
+    sqlx::query_scalar("select xact_rollback from pg_stat_database where datname = $1")
+        .bind(&db.name)
+        .fetch_one(&db.admin_pool)
+        .await
+        .context("pg_stat_database")
 }
 
 /// What the database must hold, from the definitive answers.
