@@ -935,10 +935,8 @@ async fn retry(
         if let Some(d) = decide(r.kind, &r.op, &a) {
             return (Ok(d), sends, in_progress);
         }
-        if let Attempt::Answer(response) = &a {
-            if response.status == 409 {
-                in_progress += 1;
-            }
+        if matches!(&a, Attempt::Answer(response) if response.status == 409) {
+            in_progress += 1;
         }
         last = match a {
             Attempt::Answer(response) => format!(
