@@ -72,8 +72,9 @@ USAGE:
       escrow = S x price, each enrolled fan charged once, refused fans charged
       nothing, ledger audit clean). Exit 1 on any violation.
   stagepass bench crash [--json] [--kills N] [--seconds S] [--seed X] [--bin-dir DIR]
-      Crash safety: SIGKILLs v1_tips, v1_classes_enrollments or webhooks_stripe at
-      random moments during batches of money requests (N kills, default 1000, within
+      Crash safety: SIGKILLs a money function (tips, enrolments, withdrawals,
+      Stripe webhooks, class cancellation, the settlement cron) at random
+      moments during batches of its requests (N kills, default 1000, within
       S seconds, default 600; seeded, the seed is printed), restarts it, retries each
       request with the same Idempotency-Key / event id until definitive, then checks
       a fresh database against the model: one journal per applied request, wallet

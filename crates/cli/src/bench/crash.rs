@@ -1,14 +1,18 @@
 //! `stagepass bench crash`: crash safety, measured (issue 14).
 //!
 //! The money functions (`v1_tips`, `v1_classes_enrollments`,
-//! `webhooks_stripe`) run as real processes against a fresh migrated
+//! `v1_classes_enrollments_me`, `webhooks_stripe`, `v1_classes_cancel`,
+//! `cron_settle_classes`) run as real processes against a fresh migrated
 //! database. Each round sends a small batch of money requests to one of
-//! them — tips, class enrolments, signed `payment_intent.succeeded` events —
-//! and `SIGKILL`s the process at a random moment (seeded RNG; the delay is
+//! them — tips, class enrolments, withdrawals, signed
+//! `payment_intent.succeeded` events, cancellations of full classes, the
+//! settlement cron for classes moved into the past — and `SIGKILL`s the
+//! process at a random moment (seeded RNG; the delay is
 //! drawn from zero to twice the request's measured latency, so kills land
 //! before, during and after the transaction). The function is restarted and
 //! every request of the batch is sent again with the same `Idempotency-Key`
-//! (or the same event id) until it gets a definitive answer: 2xx applied, or
+//! (or the same event id; withdrawals, cancellations and settlement carry
+//! none, the state is their key) until it gets a definitive answer: 2xx applied, or
 //! a 4xx refusal; 409 `idempotency_in_progress`, 5xx and broken connections
 //! are retried.
 //!
