@@ -135,6 +135,22 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/admin/users/{id}/grants": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post: operations["create_grant"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/admin/users/{id}/role": {
         parameters: {
             query?: never;
@@ -483,13 +499,21 @@ export interface components {
             drifted_accounts: string[];
             /** Format: int64 */
             journals_checked: number;
-            /** @description Wallets, escrows or payout clearing below zero, debt above zero. */
+            /**
+             * @description Wallets, escrows or payout clearing below zero, debt or promotions
+             *     above zero.
+             */
             sign_violations: string[];
             /**
              * Format: int64
              * @description The sum of every balance (must be 0).
              */
             total_balance: number;
+            /**
+             * @description Promotional journals without their `app.token_grants` audit row, or
+             *     whose amount differs from it (every grant is audited).
+             */
+            unaudited_grants: string[];
             /** @description Journals whose entries do not sum to zero. */
             unbalanced_journals: string[];
         };
@@ -615,7 +639,7 @@ export interface components {
              * @example UTC
              */
             time_zone?: string | null;
-            /** @description 1–120 characters once trimmed; no control characters but tab and line breaks, no invisible format characters. */
+            /** @description 1–120 characters once trimmed, on one line: no control characters (tab and line breaks only at the trimmed edges), no invisible format characters but U+200D, no U+2028/9, no noncharacters. */
             title?: string | null;
         } | {
             capacity: unknown;
@@ -711,6 +735,34 @@ export interface components {
             field: string;
             message: string;
         };
+        /** @description The outcome of a grant. */
+        Grant: {
+            /** Format: int64 */
+            amount: number;
+            /**
+             * Format: int64
+             * @description The recipient's wallet balance after the grant.
+             */
+            balance: number;
+            /** Format: uuid */
+            grant_id: string;
+            /** Format: uuid */
+            journal_id: string;
+            /**
+             * Format: uuid
+             * @description Who received the tokens.
+             */
+            user_id: string;
+        };
+        GrantRequest: {
+            /**
+             * Format: int64
+             * @description 1–10,000 tokens.
+             */
+            amount: number;
+            /** @description Why (kept in the audit trail): 1–500 characters, not only spaces, no control characters (tab and line breaks included), no invisible format characters. */
+            reason: string;
+        };
         Health: {
             status: string;
             version: string;
@@ -799,7 +851,7 @@ export interface components {
              * @example UTC
              */
             time_zone: string;
-            /** @description 1–120 characters once trimmed; no control characters but tab and line breaks, no invisible format characters. */
+            /** @description 1–120 characters once trimmed, on one line: no control characters (tab and line breaks only at the trimmed edges), no invisible format characters but U+200D, no U+2028/9, no noncharacters. */
             title: string;
         };
         Package: {
@@ -925,13 +977,18 @@ export interface components {
         };
         /**
          * ClassUpdated
-         * @description The `data` of the Ably message named `class.updated` on channel `class:{class id}`: the creator edited a scheduled class (its `sequence` moved). Ably message id `class.updated:{class id}:{sequence}`.
+         * @description The `data` of the Ably message named `class.updated` on channel `class:{class id}`: the creator edited a scheduled class (its `sequence` moved). Ably message id `class.updated:{class id}:{sequence}`. When the change moved the start or the duration of a class with enrolments, `refund_window_until` says until when every fan enrolled at that moment may withdraw with a full refund (ADR 0013).
          */
         RealtimeClassUpdated: {
             /** Format: uuid */
             class_id: string;
             /** Format: date-time */
             ends_at: string;
+            /**
+             * Format: date-time
+             * @description Present only when this change moved the start or the duration of a class with enrolments: the fans enrolled at that moment may withdraw with a full refund until then (the earlier of 24 h after the change and the new start), whatever the normal cut-off says.
+             */
+            refund_window_until?: string;
             /** @description The outbox row's id: orders the messages of one channel. Ignore a message whose seq is lower than the last one seen (delivery is at least once and two deliverers may overlap). */
             seq: number;
             /** @description The class's revision; also the iCalendar SEQUENCE. */
@@ -1061,7 +1118,7 @@ export interface components {
         };
     };
     responses: {
-        /** @description `validation_failed` (each refused field is named in `errors`: a path id that is not a UUID, a query parameter given twice or out of range, a body field of the wrong type, length or value, an unknown field) or `bad_request` (a body that is not JSON, a missing required header). */
+        /** @description `validation_failed` (each refused field is named in `errors`: a path id that is not a UUID, a query parameter given twice or out of range, a body field of the wrong type, length or value, an unknown field, a string or query value holding a refused character: NUL and other controls but tab and line breaks, invisible format characters but U+200D, U+2028/9, noncharacters) or `bad_request` (a body that is not JSON, a missing required header, a body sent with GET, HEAD or DELETE or to a POST route that takes none, where only an empty body or `{}` is accepted). */
         BadRequest: {
             headers: {
                 [name: string]: unknown;
@@ -1427,6 +1484,87 @@ export interface operations {
             503: components["responses"]["ServiceUnavailable"];
         };
     };
+    create_grant: {
+        parameters: {
+            query?: never;
+            header: {
+                /** @description 1–255 visible ASCII characters */
+                "Idempotency-Key": string;
+            };
+            path: {
+                /** @description the user receiving the tokens */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["GrantRequest"];
+            };
+        };
+        responses: {
+            201: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Grant"];
+                };
+            };
+            /** @description validation_failed (amount, reason, id), missing Idempotency-Key */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            401: components["responses"]["Unauthorized"];
+            /** @description admin_required: the caller is not an admin in the database */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description no such user */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description the same key is in flight */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            415: components["responses"]["UnsupportedMediaType"];
+            /** @description self_grant, idempotency_key_reused */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
     set_role: {
         parameters: {
             query?: never;
@@ -1705,7 +1843,7 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
-            /** @description class_not_open, price_locked */
+            /** @description class_not_open, price_locked, reschedule_too_soon (a class with paid enrolments cannot move to start within the 24 h cut-off) */
             409: {
                 headers: {
                     [name: string]: unknown;
@@ -2230,7 +2368,10 @@ export interface operations {
     ledger: {
         parameters: {
             query?: {
-                /** @description Cursor from the previous page's `next_cursor`. */
+                /**
+                 * @description Cursor from the previous page's `next_cursor` (entry ids are
+                 *     positive; 0 and below are refused with 400).
+                 */
                 cursor?: number;
                 /** @description 1–100, default 50. */
                 limit?: number;
@@ -2385,9 +2526,11 @@ export interface operations {
                     "application/json": components["schemas"]["Received"];
                 };
             };
-            /** @description bad or stale signature */
-            400: {
+            400: components["responses"]["BadRequest"];
+            /** @description missing, bad or stale signature (`invalid_signature`) */
+            401: {
                 headers: {
+                    "WWW-Authenticate": components["headers"]["WWW-Authenticate"];
                     [name: string]: unknown;
                 };
                 content: {
@@ -2395,7 +2538,18 @@ export interface operations {
                 };
             };
             413: components["responses"]["PayloadTooLarge"];
-            429: components["responses"]["TooManyRequests"];
+            /** @description too many bad signatures from this client IP (`unsigned`), or Stripe's own budget spent */
+            429: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    "Retry-After": components["headers"]["Retry-After"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             /** @description the effect failed; Stripe retries */
             500: {
                 headers: {

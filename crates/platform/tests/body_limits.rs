@@ -29,7 +29,7 @@ fn app() -> Router {
         .route("/get", get(|| async { "ok" }).delete(|| async { "gone" }))
         .route(
             "/nobody",
-            post(|| async { "done" }).layer(from_fn(guard::no_body)),
+            post(|| async { "done" }).route_layer(from_fn(guard::no_body)),
         );
     let core = CoreConfig::load(&mut Loader::from_map(Vec::<(String, String)>::new()));
     stack(router, &core)
@@ -101,6 +101,25 @@ async fn one_limit_for_raw_body_routes_answered_as_a_problem() {
     ] {
         let a = oneshot(post_raw(len, declared)).await;
         assert_problem(&a, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    }
+}
+
+/// A body on a method the route does not have is a 405 (the method is the
+/// first thing wrong), not a 400 for the body; on a declared bodyless
+/// method it is the 400 of `routes_that_take_no_body_refuse_one`.
+#[tokio::test]
+async fn an_undeclared_method_with_a_body_is_405() {
+    for (method, uri) in [("GET", "/raw"), ("DELETE", "/nobody"), ("POST", "/get")] {
+        let a = oneshot(
+            Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("content-type", "application/json")
+                .body(Body::from(r#"{"a": 1}"#))
+                .unwrap(),
+        )
+        .await;
+        assert_problem(&a, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
     }
 }
 

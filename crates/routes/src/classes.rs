@@ -69,7 +69,7 @@ pub const ENROLLMENTS: Function = Function {
             Router::new()
                 .route(
                     "/api/v1/classes/{id}/enrollments",
-                    post(enroll).layer(from_fn(guard::no_body)),
+                    post(enroll).route_layer(from_fn(guard::no_body)),
                 )
                 .with_state(api),
         )
@@ -100,7 +100,7 @@ pub const CANCEL: Function = Function {
             Router::new()
                 .route(
                     "/api/v1/classes/{id}/cancel",
-                    post(cancel_class).layer(from_fn(guard::no_body)),
+                    post(cancel_class).route_layer(from_fn(guard::no_body)),
                 )
                 .with_state(api),
         )
@@ -428,7 +428,7 @@ pub async fn get_class(
               (status = 400, body = crate::openapi::Problem),
               (status = 403, description = "not_class_owner", body = crate::openapi::Problem),
               (status = 404, body = crate::openapi::Problem),
-              (status = 409, description = "class_not_open, price_locked", body = crate::openapi::Problem)))]
+              (status = 409, description = "class_not_open, price_locked, reschedule_too_soon (a class with paid enrolments cannot move to start within the 24 h cut-off)", body = crate::openapi::Problem)))]
 pub async fn patch_class(
     State(api): State<UserApi>,
     user: AuthUser,

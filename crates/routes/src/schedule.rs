@@ -72,7 +72,7 @@ pub const FEED_TOKEN: Function = Function {
             Router::new()
                 .route(
                     "/api/v1/schedule/feed-token",
-                    post(rotate_feed_token).layer(from_fn(guard::no_body)),
+                    post(rotate_feed_token).route_layer(from_fn(guard::no_body)),
                 )
                 .with_state(FeedTokenState {
                     api: api?,

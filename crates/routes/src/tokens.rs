@@ -84,7 +84,9 @@ pub const MAX_PAGE: i32 = 100;
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct LedgerQuery {
-    /// Cursor from the previous page's `next_cursor`.
+    /// Cursor from the previous page's `next_cursor` (entry ids are
+    /// positive; 0 and below are refused with 400).
+    #[param(minimum = 1)]
     pub cursor: Option<i64>,
     /// 1–100, default 50.
     #[param(minimum = 1, maximum = 100)]

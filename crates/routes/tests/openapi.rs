@@ -437,6 +437,35 @@ fn the_validators_limits_are_in_the_document() {
         schemas["PurchaseRequest"]["properties"]["package"]["enum"],
         serde_json::json!(packages)
     );
+    // The admin grant (ADR 0011): 1–10,000 tokens, a reason of 1–500
+    // characters without any control character.
+    let grant = &schemas["GrantRequest"]["properties"];
+    assert_eq!(grant["amount"]["minimum"], 1);
+    assert_eq!(grant["amount"]["maximum"], 10_000);
+    assert_eq!(grant["reason"]["maxLength"], 500);
+    assert!(
+        grant["reason"]["pattern"]
+            .as_str()
+            .is_some_and(|r| r.contains(r"\u0000-\u001F\u007F-\u009F"))
+    );
+    // Text rules (ADR 0013): titles and display names are single-line (no
+    // tab or line break inside), the bidi overrides are refused everywhere,
+    // the zero width joiner of emoji sequences is not.
+    for title in [
+        &schemas["NewClass"]["properties"]["title"]["pattern"],
+        &schemas["MePatch"]["properties"]["display_name"]["pattern"],
+    ] {
+        let title = title.as_str().expect("pattern");
+        assert!(title.contains(r"[^\u0000-\u001F\u007F-\u009F"), "{title}");
+        assert!(title.contains(r"\u2028-\u202E"), "{title}");
+        assert!(!title.contains(r"\u200D"), "{title}");
+    }
+    // Query values: a free-form one gets the character rule, the ledger's
+    // cursor is a positive entry id.
+    let classes = &doc["paths"]["/api/v1/classes"]["get"];
+    assert!(param(classes, "cursor")["schema"]["pattern"].is_string());
+    let ledger = &doc["paths"]["/api/v1/tokens/ledger"]["get"];
+    assert_eq!(param(ledger, "cursor")["schema"]["minimum"], 1);
     let key = &param(&doc["paths"]["/api/v1/tips"]["post"], "Idempotency-Key")["schema"];
     assert_eq!(key["minLength"], 1);
     assert_eq!(key["maxLength"], 255);
@@ -461,4 +490,35 @@ fn the_realtime_messages_have_published_schemas() {
             "{name}"
         );
     }
+}
+
+/// Behaviour the merged branches changed (ADR 0011, 0013), as documented.
+#[test]
+fn the_signature_and_reschedule_answers_are_documented() {
+    let doc = document();
+    // The Stripe webhook checks the signature first: 401 `invalid_signature`
+    // for a bad one (400 before ADR 0011), 429 for a flood of them.
+    let webhook = &doc["paths"]["/api/webhooks/stripe"]["post"]["responses"];
+    for status in ["401", "429"] {
+        assert!(webhook[status].is_object(), "webhook {status}");
+    }
+    assert!(
+        resolve(&doc, &webhook["401"])["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("invalid_signature"))
+    );
+    // A paid class cannot be moved inside the cut-off.
+    let patch = &doc["paths"]["/api/v1/classes/{id}"]["patch"]["responses"]["409"];
+    assert!(
+        patch["description"]
+            .as_str()
+            .is_some_and(|d| d.contains("reschedule_too_soon")),
+        "{patch}"
+    );
+    // Enrolments say until when the fan may withdraw; the audit counts
+    // unaudited grants.
+    let schemas = &doc["components"]["schemas"];
+    assert!(schemas["Class"]["properties"]["withdraw_until"].is_object());
+    assert!(schemas["AuditReport"]["properties"]["unaudited_grants"].is_object());
+    assert!(schemas["RealtimeClassUpdated"]["properties"]["refund_window_until"].is_object());
 }

@@ -542,6 +542,17 @@ async fn reminders_are_scheduled_once_per_start_and_a_stale_one_does_nothing() {
             .map(|s| s.parse::<DateTime<Utc>>().ok()),
         Some(Some(new_start))
     );
+    // The class has enrolments: the message names the refund window the
+    // move opened (ADR 0013), and the published schema allows it (checked
+    // for every message by `published`).
+    assert!(
+        updated[0].data["refund_window_until"]
+            .as_str()
+            .and_then(|s| s.parse::<DateTime<Utc>>().ok())
+            .is_some(),
+        "{}",
+        updated[0].data
+    );
 
     // The stale message (old start) does nothing; the fresh one notifies.
     let r = reminder_call(&app, &stale_body, QSTASH_CURRENT_KEY, &reminder_url()).await;

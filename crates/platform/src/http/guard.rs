@@ -105,7 +105,14 @@ fn query_text(query: &str) -> Result<(), ApiError> {
 /// content "has no generally defined semantics") are refused with a 400
 /// when they carry a body, rather than reading and ignoring it; routes that
 /// take no body on POST say so with [`no_body`].
-pub async fn body_rules(req: Request, next: Next) -> Response {
+///
+/// A body sent with a method the route does not have (GET on a POST route)
+/// is answered like any undeclared method, 405 with `Allow` (or 404 for an
+/// unknown path): the method is what is wrong. `routes` is the router
+/// itself, asked with a `TRACE` probe (which no route has, so no handler
+/// runs) for the path's `Allow` list; this happens only for the rare
+/// refused request.
+pub async fn body_rules(routes: axum::Router, req: Request, next: Next) -> Response {
     use http_body_util::BodyExt as _;
 
     let declared = req
@@ -118,7 +125,7 @@ pub async fn body_rules(req: Request, next: Next) -> Response {
         http::Method::GET | http::Method::HEAD | http::Method::DELETE
     );
     if bodyless_method && declared.is_some_and(|n| n > 0) {
-        return body_not_allowed();
+        return body_not_allowed_on(routes, req.method().clone(), req.uri().clone()).await;
     }
     if declared.is_some_and(|n| n > super::MAX_BODY_BYTES as u64) {
         return ApiError::PayloadTooLarge.into_response();
@@ -138,10 +145,47 @@ pub async fn body_rules(req: Request, next: Next) -> Response {
         }
     };
     if bodyless_method && !bytes.is_empty() {
-        return body_not_allowed();
+        return body_not_allowed_on(routes, parts.method, parts.uri).await;
     }
     next.run(Request::from_parts(parts, axum::body::Body::from(bytes)))
         .await
+}
+
+/// 400 for a body on a bodyless method the route has; the router's own
+/// 404 or 405 when it has no such path or method.
+async fn body_not_allowed_on(
+    routes: axum::Router,
+    method: http::Method,
+    uri: http::Uri,
+) -> Response {
+    use tower::ServiceExt as _;
+    let probe = Request::builder()
+        .method(http::Method::TRACE)
+        .uri(uri)
+        .body(axum::body::Body::empty());
+    let Ok(probe) = probe else {
+        return body_not_allowed();
+    };
+    let Ok(answer) = routes.oneshot(probe).await;
+    let method = method.as_str();
+    let allowed = |allow: &str| {
+        allow.split(',').map(str::trim).any(|m| {
+            m.eq_ignore_ascii_case(method) || (method == "HEAD" && m.eq_ignore_ascii_case("GET"))
+        })
+    };
+    match answer.status() {
+        http::StatusCode::NOT_FOUND => answer,
+        http::StatusCode::METHOD_NOT_ALLOWED
+            if !answer
+                .headers()
+                .get(http::header::ALLOW)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(allowed) =>
+        {
+            answer
+        }
+        _ => body_not_allowed(),
+    }
 }
 
 fn body_not_allowed() -> Response {
@@ -151,7 +195,9 @@ fn body_not_allowed() -> Response {
 /// For a POST route that takes nothing (cancel a class, rotate the feed
 /// token, enrol): a body is refused instead of ignored. An empty JSON object
 /// is tolerated, since many clients always send one. Runs after
-/// [`body_rules`], so the body is already buffered (≤ the limit).
+/// [`body_rules`], so the body is already buffered (≤ the limit). Apply it
+/// with `MethodRouter::route_layer`, so that another method (a GET with a
+/// body) still gets its 405 rather than this 400.
 pub async fn no_body(req: Request, next: Next) -> Response {
     use http_body_util::BodyExt as _;
     let (parts, body) = req.into_parts();

@@ -31,9 +31,14 @@ pub const MAX_BODY_BYTES: usize = 256 * 1024;
 /// rules → route.
 pub fn stack(router: Router, core: &CoreConfig) -> Router {
     let cors = cors::Cors::from_config(core);
+    let router = router.fallback(|| async { ApiError::NotFound });
+    // The body rules ask the router which methods a path has (see
+    // `guard::body_rules`).
+    let routes = router.clone();
     router
-        .fallback(|| async { ApiError::NotFound })
-        .layer(from_fn(guard::body_rules))
+        .layer(from_fn(move |req, next| {
+            guard::body_rules(routes.clone(), req, next)
+        }))
         .layer(from_fn(guard::request_rules))
         .layer(from_fn(move |req, next| {
             cors::apply(cors.clone(), req, next)

@@ -20,6 +20,8 @@
 //! handlers' constants. A route added later (in the existing annotation
 //! style) gets all of this without doing anything.
 
+use std::sync::LazyLock;
+
 use serde_json::{Map, Value, json};
 use stagepass_platform::serve::Limits;
 
@@ -177,8 +179,12 @@ fn shared_responses() -> Vec<(&'static str, Value)> {
             json!({
                 "description": "`validation_failed` (each refused field is named in `errors`: \
                     a path id that is not a UUID, a query parameter given twice or out of range, \
-                    a body field of the wrong type, length or value, an unknown field) or \
-                    `bad_request` (a body that is not JSON, a missing required header).",
+                    a body field of the wrong type, length or value, an unknown field, a \
+                    string or query value holding a refused character: NUL and other controls \
+                    but tab and line breaks, invisible format characters but U+200D, U+2028/9, \
+                    noncharacters) or `bad_request` (a body that is not JSON, a missing \
+                    required header, a body sent with GET, HEAD or DELETE or to a POST route \
+                    that takes none, where only an empty body or `{}` is accepted).",
                 "content": problem_content(),
             }),
         ),
@@ -318,6 +324,16 @@ fn operation(path: &str, op: &mut Map<String, Value>, limits: Option<Limits>) {
 
     if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {
         for p in params {
+            // Query values get the body's character rules, single-line
+            // (`guard::request_rules`, ADR 0013): a free-form string (a
+            // cursor) says so; uuids, dates and numbers are narrower anyway.
+            if p["in"] == "query"
+                && p["schema"]["type"] == "string"
+                && p["schema"].get("format").is_none()
+                && p["schema"].get("pattern").is_none()
+            {
+                p["schema"]["pattern"] = json!(plain_text(""));
+            }
             if p["in"] == "header" && p["name"] == "Idempotency-Key" {
                 p["schema"] = json!({
                     "type": "string",
@@ -394,27 +410,85 @@ fn field_error_schema() -> Value {
     })
 }
 
-/// Characters the validators refuse in every text field: C0/C1 controls
-/// (NUL included: PostgreSQL cannot store it) and the invisible format
-/// characters that spoof text direction or hide content (bidi overrides and
-/// isolates, zero-width characters, the BOM). Each field then allows some
-/// of the line-break controls back.
-const FORMAT_CHARS: &str =
-    r"\u00AD\u061C\u200B-\u200F\u202A-\u202E\u2060-\u2064\u2066-\u206F\uFEFF";
+/// Characters refused in every text field besides the controls
+/// (`stagepass_platform::http::text`, ADR 0013): the format characters
+/// (General Category Cf: bidi overrides and isolates, zero-width spaces and
+/// marks, the BOM, tag characters, …) except U+200D ZERO WIDTH JOINER, which
+/// emoji sequences need; the line and paragraph separators U+2028/9; the
+/// Unicode noncharacters. Astral code points are written as the characters
+/// themselves: `\u{…}` is not understood by every regex dialect that reads
+/// the document (Python's, Schemathesis'), a literal character is, and
+/// ECMA-262 with the `u` flag (JSON Schema 2020-12's recommendation) reads
+/// it as one code point. A test checks this list against `text::is_forbidden`.
+const FORMAT_RANGES: &[(u32, u32)] = &[
+    (0x00AD, 0x00AD),
+    (0x0600, 0x0605),
+    (0x061C, 0x061C),
+    (0x06DD, 0x06DD),
+    (0x070F, 0x070F),
+    (0x0890, 0x0891),
+    (0x08E2, 0x08E2),
+    (0x180E, 0x180E),
+    (0x200B, 0x200C),
+    (0x200E, 0x200F),
+    (0x2028, 0x202E),
+    (0x2060, 0x2064),
+    (0x2066, 0x206F),
+    (0xFDD0, 0xFDEF),
+    (0xFEFF, 0xFEFF),
+    (0xFFF9, 0xFFFB),
+    (0xFFFE, 0xFFFF),
+    (0x110BD, 0x110BD),
+    (0x110CD, 0x110CD),
+    (0x13430, 0x1343F),
+    (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A),
+    (0xE0001, 0xE0001),
+    (0xE0020, 0xE007F),
+];
+
+static FORMAT_CHARS: LazyLock<String> = LazyLock::new(|| {
+    let one = |c: u32| {
+        if c <= 0xFFFF {
+            format!("\\u{c:04X}")
+        } else {
+            char::from_u32(c).map(String::from).unwrap_or_default()
+        }
+    };
+    FORMAT_RANGES
+        .iter()
+        .copied()
+        // The noncharacters U+nFFFE and U+nFFFF of the astral planes.
+        .chain((1..=0x10).map(|plane| ((plane << 16) | 0xFFFE, (plane << 16) | 0xFFFF)))
+        .map(|(lo, hi)| {
+            if lo == hi {
+                one(lo)
+            } else {
+                format!("{}-{}", one(lo), one(hi))
+            }
+        })
+        .collect()
+});
 /// What `str::trim` removes (Unicode White_Space, controls included: the
 /// validators trim before they look for controls). Written out because
 /// `\s` means different things in ECMAScript, Python and Rust.
 const TRIMMED_SPACE: &str =
     r" \u0009-\u000D\u0085\u00A0\u1680\u2000-\u200A\u2028\u2029\u202F\u205F\u3000";
+/// The part of [`TRIMMED_SPACE`] a body may carry at all: every string is
+/// checked *before* a validator trims it, so the refused controls
+/// (U+000B, U+000C, U+0085) and separators (U+2028/9) are refused even at
+/// the edges.
+const ALLOWED_SPACE: &str = r" \u0009\u000A\u000D\u00A0\u1680\u2000-\u200A\u202F\u205F\u3000";
 
 /// A text field trimmed by its validator, then `min..=max` characters long
 /// (`min` 0 or 1) with no controls but `allowed_controls` and no format
 /// characters.
 fn trimmed_text(min: u32, max: u32, allowed_controls: &str) -> String {
     let refused = refused_controls(allowed_controls);
-    let space = format!("[{TRIMMED_SPACE}]");
-    let edge = format!("[^{TRIMMED_SPACE}{refused}{FORMAT_CHARS}]");
-    let inner = format!("[^{refused}{FORMAT_CHARS}]");
+    let space = format!("[{ALLOWED_SPACE}]");
+    let format_chars = &*FORMAT_CHARS;
+    let edge = format!("[^{TRIMMED_SPACE}{refused}{format_chars}]");
+    let inner = format!("[^{refused}{format_chars}]");
     let text = format!("{edge}(?:{inner}{{0,{}}}{edge})?", max - 2);
     if min == 0 {
         format!("^{space}*(?:{text})?{space}*$")
@@ -423,10 +497,18 @@ fn trimmed_text(min: u32, max: u32, allowed_controls: &str) -> String {
     }
 }
 
+/// An untrimmed text field that must hold something other than white
+/// space (`!value.trim().is_empty()`), with no controls but `allowed`.
+fn not_blank_text(allowed_controls: &str) -> String {
+    let refused = refused_controls(allowed_controls);
+    let any = format!("[^{refused}{}]", *FORMAT_CHARS);
+    format!("^{any}*[^{TRIMMED_SPACE}{refused}{}]{any}*$", *FORMAT_CHARS)
+}
+
 /// An untrimmed text field whose controls other than `allowed` are refused.
 fn plain_text(allowed_controls: &str) -> String {
     let refused = refused_controls(allowed_controls);
-    format!("^[^{refused}{FORMAT_CHARS}]*$")
+    format!("^[^{refused}{}]*$", *FORMAT_CHARS)
 }
 
 /// The C0 and C1 controls (`char::is_control`) except the code points
@@ -501,9 +583,10 @@ fn constrain(schemas: &mut Map<String, Value>) {
             schemas,
             schema,
             "title",
-            json!({ "pattern": trimmed_text(1, 120, LINE_BREAKS_AND_TAB),
-                    "description": "1–120 characters once trimmed; no control characters but \
-                        tab and line breaks, no invisible format characters." }),
+            json!({ "pattern": trimmed_text(1, 120, ""),
+                    "description": "1–120 characters once trimmed, on one line: no control \
+                        characters (tab and line breaks only at the trimmed edges), no invisible \
+                        format characters but U+200D, no U+2028/9, no noncharacters." }),
         );
         set(
             schemas,
@@ -553,7 +636,7 @@ fn constrain(schemas: &mut Map<String, Value>) {
         schemas,
         "MePatch",
         "handle",
-        json!({ "pattern": format!("^[{TRIMMED_SPACE}]*[A-Za-z0-9_]{{3,30}}[{TRIMMED_SPACE}]*$"),
+        json!({ "pattern": format!("^[{ALLOWED_SPACE}]*[A-Za-z0-9_]{{3,30}}[{ALLOWED_SPACE}]*$"),
                 "description": "3–30 characters of a-z, 0-9 and _ (case-insensitive; stored \
                     lower-case)." }),
     );
@@ -576,6 +659,27 @@ fn constrain(schemas: &mut Map<String, Value>) {
         "RoleChange",
         "reason",
         json!({ "maxLength": 500, "pattern": plain_text(LINE_BREAKS_AND_TAB) }),
+    );
+
+    // POST /api/v1/admin/users/{id}/grants (grants.rs, ledger::grants):
+    // 1–10,000 tokens; a reason of at most 500 characters, not blank, with
+    // no control character at all (tab and line breaks included).
+    set(
+        schemas,
+        "GrantRequest",
+        "amount",
+        json!({ "minimum": stagepass_ledger::grants::MIN_GRANT,
+                "maximum": stagepass_ledger::grants::MAX_GRANT }),
+    );
+    set(
+        schemas,
+        "GrantRequest",
+        "reason",
+        json!({ "maxLength": stagepass_ledger::grants::MAX_REASON_CHARS,
+                "pattern": not_blank_text(""),
+                "description": "Why (kept in the audit trail): 1–500 characters, not only \
+                    spaces, no control characters (tab and line breaks included), no invisible \
+                    format characters." }),
     );
 
     // POST /api/v1/tokens/purchases: one of the packages.
@@ -631,6 +735,27 @@ fn object_at_map<'a>(m: &'a mut Map<String, Value>, key: &str) -> &'a mut Map<St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The document's character classes refuse exactly what the server's
+    /// text rule refuses, over every Unicode scalar value: the controls
+    /// from `refused_controls`, the rest from `FORMAT_RANGES`.
+    #[test]
+    fn the_documented_characters_are_the_refused_ones() {
+        use stagepass_platform::http::text::is_forbidden;
+        let listed = |c: u32| {
+            FORMAT_RANGES.iter().any(|&(lo, hi)| (lo..=hi).contains(&c))
+                || (c > 0xFFFF && c & 0xFFFE == 0xFFFE)
+        };
+        for c in (0..=0x10FFFFu32).filter_map(char::from_u32) {
+            let documented =
+                (c.is_control() && !matches!(c, '\t' | '\n' | '\r')) || listed(u32::from(c));
+            assert_eq!(documented, is_forbidden(c), "U+{:04X}", u32::from(c));
+        }
+        // Astral code points are literal characters, BMP ones escapes.
+        assert!(FORMAT_CHARS.contains('\u{E0020}'));
+        assert!(FORMAT_CHARS.contains(r"\u2028-\u202E"));
+        assert!(!FORMAT_CHARS.contains(r"\u200D"));
+    }
 
     #[test]
     fn refused_controls_lists_ranges_without_the_allowed_ones() {
