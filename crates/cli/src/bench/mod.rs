@@ -16,6 +16,7 @@ mod http;
 mod load;
 mod money;
 mod report;
+pub mod soak;
 pub mod tips;
 
 use std::net::{SocketAddr, TcpStream};
