@@ -324,6 +324,7 @@ async fn postgres_restarted_under_load_gives_503s_then_recovers_with_nothing_hal
             _ => panic!("only 201 or 503 may be answered during the outage: {o:?}"),
         }
     }
+    eprintln!("{unavailable} answered 503 during the restart");
     assert!(
         unavailable > 0,
         "the restart should have cut some requests (else this test tests nothing)"
