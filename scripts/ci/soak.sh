@@ -12,13 +12,18 @@ cd "$(dirname "$0")/../.."
 
 # initdb/pg_ctl for the throwaway cluster (CI runs as root).
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null; then
+  apt-get update -qq || true
   apt-get install -y postgresql
 fi
 
-# A no-op when `cargo test` built it already; cargo names where it is (the
-# target directory may be set by a wrapper or CARGO_TARGET_DIR).
-BIN=$(cargo build -q -p stagepass-cli --bin stagepass --message-format=json |
-  sed -n 's/.*"executable":"\([^"]*\/stagepass\)".*/\1/p' | tail -1)
+# The binary `cargo test --workspace --all-targets` built (crates/cli/tests
+# needs it); else cargo builds it and names where it is (the target directory
+# may be set by a wrapper rather than CARGO_TARGET_DIR).
+BIN="${CARGO_TARGET_DIR:-target}/debug/stagepass"
+if [ ! -x "$BIN" ]; then
+  BIN=$(cargo build -q -p stagepass-cli --bin stagepass --message-format=json |
+    sed -n 's/.*"executable":"\([^"]*\/stagepass\)".*/\1/p' | tail -1)
+fi
 if [ ! -x "$BIN" ]; then
   echo "soak: could not find the stagepass binary" >&2
   exit 1
