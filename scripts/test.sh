@@ -182,3 +182,4 @@ bash scripts/ci/lambda-template.sh # the Lambda target's SAM template, through c
 bash scripts/ci/vercel-build.sh # every function through Vercel's own builder (ADR 0008)
 bash scripts/ci/openapi.sh  # OpenAPI validation, TypeScript client drift, Schemathesis (ADR 0012)
 bash scripts/ci/crash.sh    # kill -9 during money requests, 100 kills: 0 lost, 0 doubled (issue 14)
+bash scripts/ci/soak.sh    # 60 s soak through stagepass dev: 0 5xx, memory flat (issue 14)

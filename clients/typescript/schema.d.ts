@@ -1145,7 +1145,7 @@ export interface components {
                 "application/problem+json": components["schemas"]["Problem"];
             };
         };
-        /** @description A dependency is unavailable; retry after `Retry-After` when given: `rate_limiter_unavailable` (money routes fail closed), `database_busy`, `auth_unavailable` (signing keys cannot be loaded), `not_configured`. */
+        /** @description A dependency is unavailable; retry after `Retry-After` when given: `rate_limiter_unavailable` (money routes fail closed), `database_busy`, `database_unavailable` (the connection was lost: retry), `auth_unavailable` (signing keys cannot be loaded), `not_configured`. */
         ServiceUnavailable: {
             headers: {
                 "RateLimit-Policy": components["headers"]["RateLimit-Policy"];

@@ -104,6 +104,19 @@ impl Function {
             .expect("output")
     }
 
+    /// The function's process id.
+    pub fn pid(&self) -> u32 {
+        self._child.id().expect("the function is running")
+    }
+
+    /// Whether the process is alive (not exited, not a zombie).
+    pub fn is_running(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/status", self.pid())).is_ok_and(|s| {
+            !s.lines()
+                .any(|l| l.starts_with("State:") && l.contains('Z'))
+        })
+    }
+
     pub fn client(&self) -> &reqwest::Client {
         &self.client
     }

@@ -80,6 +80,14 @@ USAGE:
       a fresh database against the model: one journal per applied request, wallet
       balances, ledger audit, outbox. Binaries from --bin-dir (default
       $CARGO_TARGET_DIR/debug). Exit 1 on any lost or doubled effect.
+  stagepass bench soak [--json] [--minutes N] [--rate R]
+      Mixed traffic over every route family (reads, tips, classes, enrolments,
+      withdrawals, schedule, realtime tokens, Stripe webhooks, the audit cron)
+      through `stagepass dev` on a throwaway cluster, at R req/s (default 80 %
+      of the capacity measured for 10 s first), for N minutes (default 10):
+      statuses, p50/p99 per minute, the server's VmRSS at start and end, the
+      ledger audit. Exit 1 on any 5xx, an unclean audit or memory growth
+      beyond 16 MiB + 25 % (docs/RELIABILITY.md, Soak).
   stagepass bench cold-start [--json] [--runs N] [--bin-dir DIR]
                              [--sslmode MODE] [--database-url URL]
       Cold start, binary size, warm throughput and peak memory of the release
@@ -196,6 +204,7 @@ fn bench_command(rest: &[String]) -> Result<ExitCode> {
         Some("tips") => return bench_tips(&rest[1..]),
         Some("enroll-race") => return bench_enroll_race(&rest[1..]),
         Some("crash") => return bench_crash(&rest[1..]),
+        Some("soak") => return bench_soak(&rest[1..]),
         _ => {}
     }
     let p = parse(
@@ -231,6 +240,34 @@ fn bench_command(rest: &[String]) -> Result<ExitCode> {
     // One thread: the function under test is single-threaded too, so on a
     // 2-core machine the load generator and the server get one core each.
     current_thread()?.block_on(bench::run(opts))
+}
+
+/// `stagepass bench soak`: mixed traffic through `stagepass dev` (see
+/// `bench/soak.rs`).
+fn bench_soak(rest: &[String]) -> Result<ExitCode> {
+    let p = parse(rest, &["--minutes", "--rate"], &["--json"])?;
+    no_positionals(&p)?;
+    let minutes = match p.value("--minutes") {
+        None => 10,
+        Some(v) => match v.parse::<u64>() {
+            Ok(n) if (1..=600).contains(&n) => n,
+            _ => return fail("--minutes must be an integer from 1 to 600"),
+        },
+    };
+    let rate = match p.value("--rate") {
+        None => None,
+        Some(v) => match v.parse::<f64>() {
+            Ok(r) if (1.0..=20_000.0).contains(&r) => Some(r),
+            _ => return fail("--rate must be a number of requests per second from 1 to 20000"),
+        },
+    };
+    let opts = bench::soak::SoakOptions {
+        seconds: minutes * 60,
+        rate,
+        json: p.switch("--json"),
+    };
+    // The load generator on two threads: one would fall behind the rate.
+    multi_thread()?.block_on(bench::soak::run(opts))
 }
 
 /// `stagepass bench tips`: hot-creator and pairs scenarios with a pgbench

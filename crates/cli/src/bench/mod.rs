@@ -17,6 +17,7 @@ mod http;
 mod load;
 mod money;
 mod report;
+pub mod soak;
 pub mod tips;
 
 use std::net::{SocketAddr, TcpStream};

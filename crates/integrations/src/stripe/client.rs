@@ -23,6 +23,12 @@ pub const STRIPE_API_VERSION: &str = "2025-03-31.basil";
 
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_ATTEMPTS: u32 = 2;
+/// Every attempt of one call together: a stalled Stripe must leave the
+/// function (Vercel `maxDuration` 15 s) time to answer 503 itself, where
+/// two full attempts (2 × 10 s) would have it killed mid-request.
+const DEFAULT_BUDGET: Duration = Duration::from_secs(12);
+/// A retry with less of the budget left than this is not tried.
+const MIN_ATTEMPT: Duration = Duration::from_secs(1);
 const DEFAULT_RETRY_BACKOFF: Duration = Duration::from_millis(250);
 /// Never wait longer than this between attempts, whatever `Retry-After` says:
 /// a serverless function has a few seconds, not minutes.
@@ -222,12 +228,18 @@ impl StripeClient {
         }
         let retry_safe = call.method == Method::GET || call.idempotency_key.is_some();
         let attempts = if retry_safe { self.max_attempts } else { 1 };
+        let deadline = std::time::Instant::now() + DEFAULT_BUDGET.max(self.timeout);
+        let left = || deadline.saturating_duration_since(std::time::Instant::now());
         let mut attempt = 1;
         loop {
-            match self.send_once(&call, &url).await {
+            match self.send_once(&call, &url, self.timeout.min(left())).await {
                 Err(e) if attempt < attempts && e.is_retryable() => {
+                    let wait = self.retry_wait(&e, attempt);
+                    if left() < wait + MIN_ATTEMPT {
+                        return Err(e);
+                    }
                     tracing::warn!(error = %e, attempt, path = url.path(), "retrying Stripe call");
-                    tokio::time::sleep(self.retry_wait(&e, attempt)).await;
+                    tokio::time::sleep(wait).await;
                     attempt += 1;
                 }
                 result => return result,
@@ -239,13 +251,14 @@ impl StripeClient {
         &self,
         call: &Call<'_>,
         url: &Url,
+        timeout: Duration,
     ) -> Result<T, StripeError> {
         let mut request = self
             .http
             .request(call.method.clone(), url.clone())
             .bearer_auth(self.secret_key.expose_secret())
             .header("Stripe-Version", STRIPE_API_VERSION)
-            .timeout(self.timeout);
+            .timeout(timeout);
         if let Some(key) = call.idempotency_key {
             request = request.header("Idempotency-Key", key);
         }

@@ -289,8 +289,33 @@ impl From<sqlx::Error> for ApiError {
                 "database_busy",
                 "the database is busy; retry shortly".into(),
             ),
+            _ if is_connection_loss(&e) => ApiError::Unavailable(
+                "database_unavailable",
+                "the database is unavailable; retry shortly".into(),
+            ),
             _ => ApiError::internal(e),
         }
+    }
+}
+
+/// Whether `e` means the database could not be reached or dropped the
+/// connection (a restart, a failover, a network cut) rather than that the
+/// request itself was wrong. Such a request did not commit (a transaction
+/// whose connection dies is rolled back by the server), so the client may
+/// safely retry it: 503, not 500 (docs/RELIABILITY.md, "Outages").
+pub fn is_connection_loss(e: &sqlx::Error) -> bool {
+    match e {
+        // Connection refused/reset, broken pipe, EOF mid-response.
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08xxx connection exception; 57P01 admin_shutdown (the server
+            // is stopping: `pg_ctl stop -m fast`), 57P02 crash_shutdown,
+            // 57P03 cannot_connect_now (starting up or shutting down);
+            // 53300 too_many_connections.
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+        }),
+        _ => false,
     }
 }
 

@@ -234,7 +234,7 @@ fn shared_responses() -> Vec<(&'static str, Value)> {
             json!({
                 "description": "A dependency is unavailable; retry after `Retry-After` when \
                     given: `rate_limiter_unavailable` (money routes fail closed), \
-                    `database_busy`, `auth_unavailable` (signing keys cannot be loaded), \
+                    `database_busy`, `database_unavailable` (the connection was lost: retry), `auth_unavailable` (signing keys cannot be loaded), \
                     `not_configured`.",
                 "headers": {
                     "Retry-After": header_ref("Retry-After"),

@@ -1,0 +1,630 @@
+//! `stagepass bench soak`: mixed traffic over every route family through
+//! `stagepass dev` (the in-process router of every function), at ~80 % of
+//! the capacity measured first (or `--rate`), for N minutes.
+//!
+//! Set-up: a throwaway PostgreSQL cluster, migrated; `stagepass dev` (this
+//! same executable) as a child process against it, with rate limits off
+//! (the limiter would answer most of a soak from two users with 429s, which
+//! measures the limiter, not the routes), Stripe webhooks signed with a
+//! known secret, and Ably at a local stand-in that answers 201. Purchases
+//! are not sent (they need Stripe itself; `bench tips` and the e2e tests
+//! cover them with localstripe).
+//!
+//! Reported: requests, status counts, 5xx, p50/p99 per minute, the dev
+//! server's resident memory (`VmRSS`) after warm-up and at the end, and the
+//! ledger audit. Exit status 1 on any 5xx or transport error, an unclean
+//! audit, or memory growth beyond [`rss_bound_kib`].
+//!
+//! Only 127.0.0.1 is contacted; every phase is bounded in time, and the
+//! child and the cluster are stopped on every exit path (drop guards).
+
+use std::collections::BTreeMap;
+use std::process::{ExitCode, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use stagepass_platform::auth::testing::mint_hs256;
+
+use crate::error::{Context as _, Result, fail};
+use crate::pgcluster::Cluster;
+
+pub struct SoakOptions {
+    pub seconds: u64,
+    /// Requests per second; measured (80 % of capacity) when `None`.
+    pub rate: Option<f64>,
+    pub json: bool,
+}
+
+const JWT_SECRET: &str = "soak-only-supabase-jwt-secret-0123456789abcdef";
+const WEBHOOK_SECRET: &str = "whsec_soak_only_webhook_secret";
+const CRON_SECRET: &str = "soak-only-cron-secret-0123456789";
+const FANS: usize = 16;
+const CREATORS: usize = 2;
+/// Concurrent connections of the capacity probe, and the most requests in
+/// flight while soaking (beyond it a tick is counted as `behind`).
+const PROBE_CONNECTIONS: usize = 8;
+const MAX_IN_FLIGHT: u64 = 256;
+const PROBE: Duration = Duration::from_secs(10);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Resident memory may grow by this much over a soak before it fails:
+/// 16 MiB plus 25 % of the warmed-up size. Allocator arenas, the pool's
+/// connections and caches settle during the first minute; a leak of a few
+/// hundred bytes per request (≈ 100,000 requests in a 10-minute soak)
+/// exceeds it.
+pub fn rss_bound_kib(start_kib: u64) -> u64 {
+    start_kib + 16 * 1024 + start_kib / 4
+}
+
+/// Kills the dev server on every exit path.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Users {
+    fans: Vec<(uuid::Uuid, String)>,
+    creators: Vec<(uuid::Uuid, String)>,
+}
+
+/// The shared state of the traffic mix.
+struct Mix {
+    client: reqwest::Client,
+    base: String,
+    users: Users,
+    classes: Mutex<Vec<String>>,
+    counter: AtomicU64,
+}
+
+/// One answered (or failed) request.
+struct Sample {
+    family: &'static str,
+    at: Instant,
+    status: u16,
+    latency: Duration,
+}
+
+pub async fn run(opts: SoakOptions) -> Result<ExitCode> {
+    let say = |s: &str| {
+        if !opts.json {
+            eprintln!("{s}");
+        }
+    };
+    say("starting a throwaway PostgreSQL cluster…");
+    let cluster = Cluster::start()?;
+    let admin = crate::migrate::connect(&cluster.admin_url()).await?;
+    crate::migrate::apply(&admin).await?;
+
+    let ably = ably_stand_in().await?;
+    let port = super::free_port()?;
+    let base = format!("http://127.0.0.1:{port}");
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let log = cluster.dir().join("dev.log");
+    let log_file = std::fs::File::create(&log).context("creating dev.log")?;
+    let child = std::process::Command::new(exe)
+        .arg("dev")
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("RUST_LOG", "warn")
+        .env("PORT", port.to_string())
+        .env("DATABASE_URL", cluster.app_url())
+        .env("DATABASE_ADMIN_URL", cluster.admin_url())
+        .env("SUPABASE_URL", &base)
+        .env("SUPABASE_JWT_SECRET", JWT_SECRET)
+        .env("RATE_LIMITS", "off")
+        .env("CRON_SECRET", CRON_SECRET)
+        .env("STRIPE_SECRET_KEY", "sk_test_soak_only")
+        .env("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET)
+        // Nothing listens here: purchases are not part of the mix.
+        .env("STRIPE_API_BASE", "http://127.0.0.1:9")
+        .env("ABLY_API_KEY", "soak.key:soak-ably-secret")
+        .env("ABLY_API_BASE", &ably)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone().context("dev.log")?)
+        .stderr(log_file)
+        .spawn()
+        .context("starting `stagepass dev`")?;
+    let mut child = ChildGuard(child);
+    let pid = child.0.id();
+    let client = reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .pool_max_idle_per_host(usize::try_from(MAX_IN_FLIGHT).unwrap_or(256))
+        .build()
+        .context("HTTP client")?;
+    wait_healthy(&client, &base, &mut child)
+        .await
+        .map_err(|e| {
+            let tail = std::fs::read_to_string(&log).unwrap_or_default();
+            format!("{e}\n--- dev.log ---\n{tail}")
+        })?;
+    let rss_started = rss_kib(pid)?;
+
+    let users = fixtures(&client, &base, &admin).await?;
+    let mix = Arc::new(Mix {
+        client,
+        base,
+        users,
+        classes: Mutex::new(Vec::new()),
+        counter: AtomicU64::new(0),
+    });
+
+    // Warm-up and capacity: a closed loop of PROBE_CONNECTIONS clients.
+    say("measuring capacity (10 s)…");
+    let probe = closed_loop(&mix, PROBE).await;
+    let capacity = probe.len() as f64 / PROBE.as_secs_f64();
+    let probe_5xx = probe
+        .iter()
+        .filter(|s| s.status >= 500 || s.status == 0)
+        .count();
+    let rate = opts.rate.unwrap_or((capacity * 0.8).max(1.0));
+    let rss_start = rss_kib(pid)?;
+    say(&format!(
+        "capacity {capacity:.0} req/s; soaking at {rate:.0} req/s for {} s…",
+        opts.seconds
+    ));
+
+    let (samples, behind) = open_loop(&mix, rate, Duration::from_secs(opts.seconds)).await;
+    let rss_end = rss_kib(pid)?;
+    drop(child);
+
+    let mut conn = admin.acquire().await.context("admin connection")?;
+    let audit = stagepass_ledger::audit::audit(&mut conn)
+        .await
+        .map_err(|e| format!("ledger audit: {e}"))?;
+    drop(conn);
+    admin.close().await;
+
+    let report = Report::new(
+        &samples,
+        capacity,
+        rate,
+        opts.seconds,
+        behind,
+        probe_5xx,
+        (rss_started, rss_start, rss_end),
+        audit.is_clean(),
+    );
+    if opts.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report.json).unwrap_or_default()
+        );
+    } else {
+        println!("{}", report.text);
+    }
+    drop(cluster);
+    if report.failures.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for f in &report.failures {
+            eprintln!("soak FAILED: {f}");
+        }
+        Ok(ExitCode::FAILURE)
+    }
+}
+
+/// A local Ably REST stand-in: every publish is accepted.
+async fn ably_stand_in() -> Result<String> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .context("binding the Ably stand-in")?;
+    let addr = listener.local_addr()?;
+    let app = axum::Router::new().fallback(|| async {
+        (
+            http::StatusCode::CREATED,
+            [(http::header::CONTENT_TYPE, "application/json")],
+            "{}",
+        )
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(format!("http://{addr}"))
+}
+
+async fn wait_healthy(client: &reqwest::Client, base: &str, child: &mut ChildGuard) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = client.get(format!("{base}/api/health/ready")).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.0.try_wait() {
+            return fail(format!("`stagepass dev` exited: {status}"));
+        }
+        if Instant::now() > deadline {
+            return fail("`stagepass dev` did not become ready in 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `VmRSS` of a process, in KiB.
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .context("reading /proc/<pid>/status")?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or_else(|| "no VmRSS in /proc/<pid>/status".into())
+}
+
+/// Creators and fans: each exists after its first request; the creators
+/// get their role and the fans tokens (a purchase journal, as a Stripe
+/// webhook would post).
+async fn fixtures(client: &reqwest::Client, base: &str, admin: &sqlx::PgPool) -> Result<Users> {
+    let issuer = format!("{base}/auth/v1");
+    let make = |n: usize| -> Vec<(uuid::Uuid, String)> {
+        (0..n)
+            .map(|_| {
+                let id = uuid::Uuid::new_v4();
+                let token = mint_hs256(JWT_SECRET, &issuer, id, None, 24 * 3600);
+                (id, token)
+            })
+            .collect()
+    };
+    let users = Users {
+        fans: make(FANS),
+        creators: make(CREATORS),
+    };
+    for (_, token) in users.fans.iter().chain(&users.creators) {
+        let r = client
+            .get(format!("{base}/api/v1/me"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .context("GET /api/v1/me")?;
+        if !r.status().is_success() {
+            return fail(format!("GET /api/v1/me answered {}", r.status()));
+        }
+    }
+    for (id, _) in &users.creators {
+        sqlx::query("select app.operator_set_role($1, 'creator', 'soak', null)")
+            .bind(id)
+            .execute(admin)
+            .await
+            .context("making a creator")?;
+    }
+    for (id, _) in &users.fans {
+        sqlx::query(
+            "select ledger.post('purchase', $2, \
+               array[ledger.singleton('stripe_clearing'), ledger.account_of('wallet', $1)], \
+               array[-1000000, 1000000]::bigint[], null)",
+        )
+        .bind(id)
+        .bind(format!("soak-fund-{id}"))
+        .execute(admin)
+        .await
+        .context("funding a fan")?;
+    }
+    Ok(users)
+}
+
+/// Sends the `n`-th request of the mix; 0 is a transport failure.
+async fn one(mix: &Mix) -> Sample {
+    let n = mix.counter.fetch_add(1, Ordering::Relaxed);
+    let r = rand_u64();
+    let fan = &mix.users.fans[(r % FANS as u64) as usize];
+    let creator = &mix.users.creators[((r >> 8) % CREATORS as u64) as usize];
+    let class = {
+        let classes = mix.classes.lock().unwrap_or_else(|e| e.into_inner());
+        (!classes.is_empty()).then(|| classes[((r >> 16) % classes.len() as u64) as usize].clone())
+    };
+    let url = |p: &str| format!("{}{p}", mix.base);
+    let c = &mix.client;
+    let key = format!("soak-{n}-{r:x}");
+    // 40 slots: ~55 % reads, 15 % tips, classes, enrolments, withdrawals,
+    // schedule, realtime tokens, webhooks; the audit cron rarely.
+    let request = match n % 40 {
+        0..=2 => c.get(url("/api/health")),
+        3..=5 => c.get(url("/api/v1/me")).bearer_auth(&fan.1),
+        6..=8 => c.get(url("/api/v1/tokens/balance")).bearer_auth(&fan.1),
+        9..=10 => c.get(url("/api/v1/tokens/ledger")).bearer_auth(&fan.1),
+        11 => c.get(url("/api/v1/tokens/packages")),
+        12..=14 => c.get(url("/api/v1/classes")).bearer_auth(&fan.1),
+        15..=16 => {
+            let now = chrono::Utc::now();
+            let at = |t: chrono::DateTime<chrono::Utc>| {
+                t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            };
+            // Z-form instants: nothing to percent-encode.
+            c.get(url(&format!(
+                "/api/v1/schedule?from={}&to={}",
+                at(now),
+                at(now + chrono::Duration::days(7))
+            )))
+            .bearer_auth(&fan.1)
+        }
+        17 => c.get(url("/api/v1/openapi.json")),
+        18..=23 => c
+            .post(url("/api/v1/tips"))
+            .bearer_auth(&fan.1)
+            .header("idempotency-key", &key)
+            .json(&json!({"recipient_id": creator.0, "amount": 1, "message": "soak"})),
+        24 => {
+            let starts = chrono::Utc::now()
+                + chrono::Duration::days(3)
+                + chrono::Duration::minutes((r % 10_000) as i64);
+            c.post(url("/api/v1/classes")).bearer_auth(&creator.1).json(
+                &json!({"title": "Soak class", "starts_at": starts.to_rfc3339(),
+                    "time_zone": "Europe/Berlin", "duration_minutes": 60,
+                    "capacity": 100, "price_tokens": 1}),
+            )
+        }
+        25..=27 => match &class {
+            Some(id) => c
+                .post(url(&format!("/api/v1/classes/{id}/enrollments")))
+                .bearer_auth(&fan.1)
+                .header("idempotency-key", &key)
+                .json(&json!({})),
+            None => c.get(url("/api/v1/classes")).bearer_auth(&fan.1),
+        },
+        28 => match &class {
+            Some(id) => c
+                .delete(url(&format!("/api/v1/classes/{id}/enrollments/me")))
+                .bearer_auth(&fan.1),
+            None => c.get(url("/api/health")),
+        },
+        29..=30 => match &class {
+            Some(id) => c
+                .get(url(&format!("/api/v1/classes/{id}")))
+                .bearer_auth(&fan.1),
+            None => c.get(url("/api/health")),
+        },
+        31..=32 => c.post(url("/api/v1/realtime/token")).bearer_auth(&fan.1),
+        33..=35 => {
+            let payload = json!({
+                "id": format!("evt_soak_{n}_{r:x}"), "object": "event",
+                "type": "customer.created", "created": chrono::Utc::now().timestamp(),
+                "livemode": false, "api_version": stagepass_integrations::stripe::STRIPE_API_VERSION,
+                "data": {"object": {"id": format!("cus_soak_{n}"), "object": "customer"}}
+            })
+            .to_string();
+            let signature = stagepass_integrations::stripe::webhook::sign(
+                payload.as_bytes(),
+                WEBHOOK_SECRET,
+                chrono::Utc::now().timestamp(),
+            )
+            .unwrap_or_default();
+            c.post(url("/api/webhooks/stripe"))
+                .header("stripe-signature", signature)
+                .header("content-type", "application/json")
+                .body(payload)
+        }
+        36 if n % 400 == 36 => c
+            .get(url("/api/cron/ledger-audit"))
+            .bearer_auth(CRON_SECRET),
+        36 => c.get(url("/api/health/ready")),
+        37..=38 => c.get(url("/api/v1/me")).bearer_auth(&creator.1),
+        _ => c.get(url("/api/v1/tokens/balance")).bearer_auth(&creator.1),
+    };
+    let started = Instant::now();
+    let (status, body) = match request.send().await {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.text().await.ok())
+        }
+        Err(_) => (0, None),
+    };
+    if n % 40 == 24
+        && status == 201
+        && let Some(id) = body
+            .as_deref()
+            .and_then(|b| serde_json::from_str::<Value>(b).ok())
+            .and_then(|v| v["id"].as_str().map(str::to_owned))
+    {
+        let mut classes = mix.classes.lock().unwrap_or_else(|e| e.into_inner());
+        classes.push(id);
+        // Recent classes only: enrolments spread, no class fills up.
+        if classes.len() > 50 {
+            classes.remove(0);
+        }
+    }
+    Sample {
+        family: family(n % 40),
+        at: Instant::now(),
+        status,
+        latency: started.elapsed(),
+    }
+}
+
+/// The route family of slot `slot` of the mix (for the report).
+fn family(slot: u64) -> &'static str {
+    match slot {
+        0..=2 | 36 => "health",
+        3..=5 | 37..=38 => "me",
+        6..=11 | 39 => "tokens",
+        12..=14 | 29..=30 => "classes",
+        15..=16 => "schedule",
+        17 => "openapi",
+        18..=23 => "tips",
+        24 => "class create",
+        25..=28 => "enrolments",
+        31..=32 => "realtime",
+        _ => "webhooks",
+    }
+}
+
+fn rand_u64() -> u64 {
+    let (hi, lo) = uuid::Uuid::new_v4().as_u64_pair();
+    hi ^ lo
+}
+
+async fn closed_loop(mix: &Arc<Mix>, length: Duration) -> Vec<Sample> {
+    let deadline = Instant::now() + length;
+    let mut tasks = Vec::new();
+    for _ in 0..PROBE_CONNECTIONS {
+        let mix = mix.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            while Instant::now() < deadline {
+                samples.push(one(&mix).await);
+            }
+            samples
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    all
+}
+
+/// Requests at a fixed rate (a new one every 1/rate s whatever the
+/// answers: latency cannot slow the load down), at most MAX_IN_FLIGHT at
+/// once; the ticks skipped for that are returned as `behind`.
+async fn open_loop(mix: &Arc<Mix>, rate: f64, length: Duration) -> (Vec<Sample>, u64) {
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let in_flight = Arc::new(AtomicU64::new(0));
+    let mut behind = 0;
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let deadline = Instant::now() + length;
+    while Instant::now() < deadline {
+        tick.tick().await;
+        if in_flight.load(Ordering::Relaxed) >= MAX_IN_FLIGHT {
+            behind += 1;
+            continue;
+        }
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        let (mix, samples, in_flight) = (mix.clone(), samples.clone(), in_flight.clone());
+        tokio::spawn(async move {
+            let s = one(&mix).await;
+            samples.lock().unwrap_or_else(|e| e.into_inner()).push(s);
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+    // Let the last requests finish (each is bounded by REQUEST_TIMEOUT).
+    let drain = Instant::now() + REQUEST_TIMEOUT + Duration::from_secs(1);
+    while in_flight.load(Ordering::Relaxed) > 0 && Instant::now() < drain {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let samples = std::mem::take(&mut *samples.lock().unwrap_or_else(|e| e.into_inner()));
+    (samples, behind)
+}
+
+struct Report {
+    text: String,
+    json: Value,
+    failures: Vec<String>,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+    sorted[i].as_secs_f64() * 1000.0
+}
+
+impl Report {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        samples: &[Sample],
+        capacity: f64,
+        rate: f64,
+        seconds: u64,
+        behind: u64,
+        probe_5xx: usize,
+        (rss_started, rss_start, rss_end): (u64, u64, u64),
+        audit_clean: bool,
+    ) -> Report {
+        let first = samples.iter().map(|s| s.at).min();
+        let mut statuses: BTreeMap<u16, u64> = BTreeMap::new();
+        let mut families: BTreeMap<&str, BTreeMap<u16, u64>> = BTreeMap::new();
+        let last_minute = seconds.div_ceil(60).saturating_sub(1);
+        let mut minutes: BTreeMap<u64, Vec<Duration>> = BTreeMap::new();
+        for s in samples {
+            *statuses.entry(s.status).or_default() += 1;
+            *families
+                .entry(s.family)
+                .or_default()
+                .entry(s.status)
+                .or_default() += 1;
+            // Answers to the last ticks, arriving after the end, count in
+            // the last minute.
+            let minute = first
+                .map_or(0, |f| s.at.duration_since(f).as_secs() / 60)
+                .min(last_minute);
+            minutes.entry(minute).or_default().push(s.latency);
+        }
+        let server_errors: u64 = statuses.range(500..).map(|(_, n)| n).sum();
+        let transport = statuses.get(&0).copied().unwrap_or(0);
+        let per_minute: Vec<Value> = minutes
+            .iter_mut()
+            .map(|(m, l)| {
+                l.sort();
+                json!({"minute": m + 1, "requests": l.len(),
+                       "p50_ms": (percentile(l, 0.50) * 10.0).round() / 10.0,
+                       "p99_ms": (percentile(l, 0.99) * 10.0).round() / 10.0})
+            })
+            .collect();
+        let bound = rss_bound_kib(rss_start);
+        let mut failures = Vec::new();
+        if server_errors + probe_5xx as u64 > 0 {
+            failures.push(format!(
+                "{} responses were 5xx",
+                server_errors + probe_5xx as u64
+            ));
+        }
+        if transport > 0 {
+            failures.push(format!("{transport} requests got no answer"));
+        }
+        if rss_end > bound {
+            failures.push(format!(
+                "resident memory grew from {rss_start} KiB to {rss_end} KiB (bound {bound} KiB)"
+            ));
+        }
+        if !audit_clean {
+            failures.push("the ledger audit is not clean".to_owned());
+        }
+        let json = json!({
+            "seconds": seconds, "capacity_rps": capacity.round(), "rate_rps": rate.round(),
+            "requests": samples.len(), "behind": behind,
+            "statuses": statuses.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            "by_family": families.iter().map(|(f, st)| (f.to_string(), json!(st.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>()))).collect::<serde_json::Map<_, _>>(),
+            "server_errors": server_errors, "transport_errors": transport,
+            "per_minute": per_minute,
+            "rss_kib": {"after_start": rss_started, "start": rss_start, "end": rss_end, "bound": bound},
+            "ledger_audit_clean": audit_clean,
+            "failures": failures,
+        });
+        let mut text = format!(
+            "soak: {} requests in {seconds} s at {rate:.0} req/s (80 % of {capacity:.0} measured \
+             unless --rate); {behind} ticks behind\nstatuses: {}\n5xx: {server_errors}; \
+             no answer: {transport}\n",
+            samples.len(),
+            statuses
+                .iter()
+                .map(|(k, v)| format!("{k}×{v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        for (f, st) in &families {
+            let st: Vec<String> = st.iter().map(|(k, v)| format!("{k}×{v}")).collect();
+            text.push_str(&format!("  {f}: {}\n", st.join(" ")));
+        }
+        for m in &per_minute {
+            text.push_str(&format!(
+                "minute {}: {} requests, p50 {} ms, p99 {} ms\n",
+                m["minute"], m["requests"], m["p50_ms"], m["p99_ms"]
+            ));
+        }
+        text.push_str(&format!(
+            "resident memory (VmRSS of stagepass dev): {rss_started} KiB at start, {rss_start} KiB \
+             after warm-up, {rss_end} KiB at the end (bound {bound} KiB)\nledger audit: {}",
+            if audit_clean { "clean" } else { "NOT CLEAN" }
+        ));
+        Report {
+            text,
+            json,
+            failures,
+        }
+    }
+}
