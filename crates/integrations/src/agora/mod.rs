@@ -186,9 +186,13 @@ pub struct RtcTokenRequest<'a> {
 
 impl<'a> RtcTokenRequest<'a> {
     /// A call party's token: publisher, staying (and publishing) for the
-    /// funded time plus `grace` (at most [`MAX_GRACE`]). Re-issued after
-    /// each successful top-up of the call's escrow, so a client that stops
-    /// paying is dropped by Agora itself when its join privilege runs out.
+    /// funded time plus `grace` (at most [`MAX_GRACE`]), never more than
+    /// [`MAX_EXPIRES_IN`] (funding beyond that is covered by a later
+    /// re-issue; shorter is always safe). Re-issued after each successful
+    /// top-up of the call's escrow, so a client that stops paying is dropped
+    /// by Agora itself when its join privilege runs out.
+    ///
+    /// `funded_for` is `funded_until − now`, both from the database's clock.
     pub fn for_call(
         channel: &'a str,
         uid: u32,
@@ -200,7 +204,7 @@ impl<'a> RtcTokenRequest<'a> {
                 secs: grace.as_secs(),
             });
         }
-        let stay = funded_for.saturating_add(grace);
+        let stay = funded_for.saturating_add(grace).min(MAX_EXPIRES_IN);
         Ok(RtcTokenRequest {
             channel,
             uid,

@@ -337,12 +337,18 @@ fn a_call_party_stays_for_the_funded_time_plus_grace() {
         ),
         Err(AgoraError::Grace { secs: 181 })
     );
-    // Funded for longer than 2 h: refused when issued, not silently capped.
-    let long = RtcTokenRequest::for_call("call_1", 9, MAX_EXPIRES_IN, Duration::from_secs(1))
+    // Funded for longer than 2 h: capped at 2 h (a later top-up re-issues).
+    let long = RtcTokenRequest::for_call("call_1", 9, Duration::from_secs(3 * 3600), MAX_GRACE)
         .expect("request");
+    assert_eq!(long.join_expires_in, MAX_EXPIRES_IN);
+    let t = decode(&rtc_token(&credentials(), &long, Utc::now()).expect("token")).expect("decodes");
+    assert_eq!(t.expire, 7200);
+    // Nothing funded: the grace alone; no grace either: refused when issued.
+    let none =
+        RtcTokenRequest::for_call("call_1", 9, Duration::ZERO, Duration::ZERO).expect("request");
     assert!(matches!(
-        rtc_token(&credentials(), &long, Utc::now()),
-        Err(AgoraError::Expiry { secs: 7201, .. })
+        rtc_token(&credentials(), &none, Utc::now()),
+        Err(AgoraError::Expiry { secs: 0, .. })
     ));
 }
 
