@@ -6,6 +6,8 @@
 //!   signed callbacks.
 //! - [`ably`]: client tokens with server-decided capabilities, and REST
 //!   publishing.
+//! - [`agora`]: Agora RTC tokens (AccessToken2, "007") built and signed
+//!   locally, and a decoder that verifies them (ADR 0017).
 //! - `testing` (feature `testing`): a `localstripe` process per test, a
 //!   webhook recorder, and a recording fake for Ably and QStash.
 
@@ -17,6 +19,7 @@
 )]
 
 pub mod ably;
+pub mod agora;
 pub mod qstash;
 pub mod stripe;
 #[cfg(feature = "testing")]

@@ -868,32 +868,121 @@ impl StripeWebhookConfig {
     }
 }
 
-/// Agora RTC token signing.
+/// Agora RTC token signing (`stagepass_integrations::agora`, ADR 0017).
+/// Loaded only by the functions that issue call tokens.
 #[derive(Debug, Clone)]
 pub struct AgoraConfig {
+    /// `AGORA_APP_ID`: public (every token carries it in clear).
     pub app_id: String,
+    /// `AGORA_APP_CERTIFICATE`: signs the tokens. `Debug` prints
+    /// `[REDACTED]`; no problem message echoes it.
     pub app_certificate: Secret,
 }
 
 impl AgoraConfig {
     pub fn load(l: &mut Loader) -> Option<AgoraConfig> {
-        let hex32 = |v: &str| {
+        // Agora's builders refuse anything else; the exact characters are
+        // kept (the certificate's bytes are what is signed, case included).
+        fn hex32(v: &str) -> Result<(), &'static str> {
             if v.len() == 32 && v.bytes().all(|b| b.is_ascii_hexdigit()) {
                 Ok(())
             } else {
                 Err("must be 32 hexadecimal characters")
             }
+        }
+        const ID_HINT: &str =
+            "Agora console → Projects → your project → App ID (32 hexadecimal characters)";
+        const CERT_HINT: &str = "Agora console → Projects → your project → Security → \
+             Primary Certificate (32 hexadecimal characters; the project must use \
+             \"App ID + Token\" authentication)";
+        let app_id = match l.required("AGORA_APP_ID", ID_HINT) {
+            Some(v) if hex32(&v).is_ok() => Some(v),
+            Some(_) => {
+                l.problem("AGORA_APP_ID", "must be 32 hexadecimal characters", ID_HINT);
+                None
+            }
+            None => None,
         };
-        let app_id = l.required_secret("AGORA_APP_ID", "Agora console → project → App ID", hex32);
-        let app_certificate = l.required_secret(
-            "AGORA_APP_CERTIFICATE",
-            "Agora console → project → primary certificate",
-            hex32,
-        );
+        let app_certificate = l.required_secret("AGORA_APP_CERTIFICATE", CERT_HINT, hex32);
+        if let (Some(id), Some(cert)) = (&app_id, &app_certificate)
+            && id.eq_ignore_ascii_case(cert.expose_secret())
+        {
+            l.problem(
+                "AGORA_APP_CERTIFICATE",
+                "is the App ID, not the certificate",
+                CERT_HINT,
+            );
+            return None;
+        }
         Some(AgoraConfig {
-            app_id: app_id?.expose_secret().to_owned(),
+            app_id: app_id?,
             app_certificate: app_certificate?,
         })
+    }
+}
+
+#[cfg(test)]
+mod agora_config_tests {
+    use super::*;
+
+    const ID: &str = "970CA35de60c44645bbae8a215061b33";
+    const CERT: &str = "5CFd2fd1755d40ecb72977518be15d3b";
+
+    #[test]
+    fn agora_settings_load_as_given() {
+        let mut l = Loader::from_map([("AGORA_APP_ID", ID), ("AGORA_APP_CERTIFICATE", CERT)]);
+        let agora = AgoraConfig::load(&mut l).expect("agora");
+        assert!(l.finish().is_ok());
+        assert_eq!(agora.app_id, ID);
+        assert_eq!(agora.app_certificate.expose_secret(), CERT);
+        let debug = format!("{agora:?}");
+        assert!(debug.contains(ID), "{debug}");
+        assert!(
+            !debug.contains(CERT),
+            "Debug shows the certificate: {debug}"
+        );
+        assert!(!debug.to_lowercase().contains("5cfd2fd1"), "{debug}");
+        // Only the certificate is a secret (deploy templates mark it so).
+        let mut l = Loader::from_map([("AGORA_APP_ID", ID), ("AGORA_APP_CERTIFICATE", CERT)]);
+        let _ = AgoraConfig::load(&mut l);
+        let asked = l.asked();
+        assert_eq!(asked.get("AGORA_APP_ID"), Some(&false));
+        assert_eq!(asked.get("AGORA_APP_CERTIFICATE"), Some(&true));
+    }
+
+    #[test]
+    fn agora_settings_are_checked_without_echoing_the_certificate() {
+        let problems = |pairs: &[(&str, &str)]| {
+            let mut l = Loader::from_map(pairs.iter().copied());
+            assert!(AgoraConfig::load(&mut l).is_none(), "{pairs:?}");
+            l.finish().expect_err("refused")
+        };
+        let missing = problems(&[]);
+        let vars: Vec<_> = missing.0.iter().map(|p| p.variable).collect();
+        assert_eq!(vars, ["AGORA_APP_ID", "AGORA_APP_CERTIFICATE"]);
+        assert!(missing.0.iter().all(|p| p.hint.contains("Agora console")));
+
+        let bad_cert = "5CFd2fd1755d40ecb72977518be15d3z";
+        for (id, cert) in [
+            (ID, bad_cert),
+            (ID, "5CFd2fd1755d40ecb72977518be15d3"),
+            (ID, "5CFd2fd1755d40ecb72977518be15d3b0"),
+        ] {
+            let e = problems(&[("AGORA_APP_ID", id), ("AGORA_APP_CERTIFICATE", cert)]);
+            assert_eq!(e.0.len(), 1, "{e}");
+            assert_eq!(e.0[0].variable, "AGORA_APP_CERTIFICATE");
+            assert!(!e.to_string().contains(cert), "echoed: {e}");
+        }
+        let e = problems(&[
+            ("AGORA_APP_ID", "not-an-app-id"),
+            ("AGORA_APP_CERTIFICATE", CERT),
+        ]);
+        assert_eq!(e.0[0].variable, "AGORA_APP_ID");
+        assert!(!e.to_string().contains(CERT), "echoed: {e}");
+        // The App ID pasted twice.
+        let e = problems(&[("AGORA_APP_ID", ID), ("AGORA_APP_CERTIFICATE", ID)]);
+        assert_eq!(e.0[0].variable, "AGORA_APP_CERTIFICATE");
+        assert!(e.0[0].problem.contains("is the App ID"), "{e}");
     }
 }
 
