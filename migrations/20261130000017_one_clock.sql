@@ -80,7 +80,7 @@ $$;
 do $$
 declare
   clock constant text :=
-    '\m(now[[:space:]]*\(|clock_timestamp|current_timestamp|statement_timestamp|transaction_timestamp'
+    '\mnow[[:space:]]*\(|\m(clock_timestamp|current_timestamp|statement_timestamp|transaction_timestamp'
     '|localtimestamp|localtime|current_date|current_time|timeofday)\M|''(now|today|tomorrow|yesterday)''';
   offenders text;
 begin

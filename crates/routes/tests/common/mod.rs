@@ -117,7 +117,9 @@ impl TestApp {
             env.retain(|(name, _)| name != k);
             env.push((k, v.clone()));
         }
-        let resources = Resources::with_pool_in(db.app_pool.clone(), db.pool_mode());
+        let mut resources = Resources::with_pool_in(db.app_pool.clone(), db.pool_mode());
+        // One time for the app and the database: `db.advance_clock` moves both.
+        resources.clock = db.clock.clone();
         let (router, failures) = compose(stagepass_routes::FUNCTIONS, || loader(&env), &resources);
         assert!(
             failures.is_empty(),
