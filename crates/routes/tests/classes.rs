@@ -12,7 +12,7 @@ use chrono::{DateTime, Duration, Utc};
 use common::classes::{
     cancel, class, class_body, create, creator, enroll, fan_with, rfc3339, settle, withdraw,
 };
-use common::{TestApp, TestResponse, User};
+use common::{TestApp, TestResponse, User, claims_for, sign_claims};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -309,6 +309,80 @@ async fn withdrawal_closes_at_the_cutoff_and_enrolment_at_the_start_as_time_pass
     assert_eq!(wallet(&app, fan.id).await, 70);
     assert_eq!(escrow(&app, &id).await, 60);
     assert_eq!(journal_count(&app, "class_refund").await, 1);
+    assert_ledger_clean(&app).await;
+}
+
+/// `req` with headers that name a clock setting (ADR 0014).
+fn moved<'a>(token: &str, req: common::Req<'a>) -> common::Req<'a> {
+    let mut req = req.bearer(token);
+    for name in [
+        "stagepass-clock-offset",
+        "stagepass.clock_offset",
+        "x-stagepass-clock",
+        "x-clock",
+        "date",
+    ] {
+        req = req.header(name, "1000 days");
+    }
+    req.header("prefer", "tx=commit, stagepass.clock_offset=1000 days")
+}
+
+/// ADR 0014: in a production database nothing a request sends moves
+/// `app.now()`: headers, query strings and token claims that name a clock
+/// setting change no time rule (a clock moved a day either way would let
+/// the fan withdraw, refuse the enrolment, or settle the class).
+#[tokio::test(flavor = "multi_thread")]
+async fn no_request_moves_a_production_clock() {
+    let app = TestApp::production().await;
+    let c = creator(&app).await;
+    let fan = fan_with(&app, 100).await;
+    // Starts in two hours: enrolment open, the withdrawal cut-off passed.
+    let id = class(&app, &c, 2, 10, 5).await;
+    let mut claims = claims_for(fan.id, Some(&fan.email), 3600);
+    for name in [
+        "stagepass.clock_offset",
+        "stagepass.clock_override",
+        "clock",
+        "now",
+    ] {
+        claims[name] = json!("1000 days");
+    }
+    let token = sign_claims(&claims);
+    let enrolled = moved(
+        &token,
+        app.post(&format!(
+            "/api/v1/classes/{id}/enrollments?stagepass.clock_offset=1000%20days&clock=-1000%20days"
+        )),
+    )
+    .header("idempotency-key", "clock-1")
+    .send()
+    .await;
+    assert_eq!(enrolled.status, StatusCode::CREATED, "{}", enrolled.text());
+    moved(
+        &token,
+        app.request(
+            http::Method::DELETE,
+            &format!("/api/v1/classes/{id}/enrollments/me?stagepass.clock_offset=-1000%20days"),
+        ),
+    )
+    .send()
+    .await
+    .assert_problem(StatusCode::CONFLICT, "cutoff_passed");
+    let listed = moved(&token, app.get("/api/v1/classes")).send().await;
+    assert_eq!(listed.status, StatusCode::OK, "{}", listed.text());
+    assert!(
+        listed.text().contains(&id),
+        "still upcoming: {}",
+        listed.text()
+    );
+    let settled = app
+        .get("/api/cron/settle-classes?stagepass.clock_offset=1000%20days")
+        .header("authorization", &format!("Bearer {}", common::CRON_SECRET))
+        .header("stagepass-clock-offset", "1000 days")
+        .send()
+        .await;
+    assert_eq!(settled.json()["settled_classes"], 0, "{}", settled.text());
+    assert_eq!(escrow(&app, &id).await, 10);
     assert_ledger_clean(&app).await;
 }
 
