@@ -233,7 +233,7 @@ pub async fn upcoming(
 ) -> Result<Vec<Class>, ClassError> {
     Ok(sqlx::query_as::<_, Class>(
         "select * from app.class_view \
-         where status = 'scheduled' and starts_at > now() \
+         where status = 'scheduled' and starts_at > app.now() \
            and ($1::uuid is null or creator_id = $1) \
            and ($2::timestamptz is null or (starts_at, id) > ($2, $3::uuid)) \
          order by starts_at, id limit $4",

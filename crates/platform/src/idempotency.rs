@@ -158,7 +158,7 @@ impl Idempotency {
         }
         let stored: Option<(String, i16, serde_json::Value)> = sqlx::query_as(
             "select fingerprint, status_code, response from app.idempotency_keys \
-             where user_id = $1 and route = $2 and key = $3 and expires_at > now()",
+             where user_id = $1 and route = $2 and key = $3 and expires_at > app.now()",
         )
         .bind(self.user)
         .bind(self.route)
@@ -193,10 +193,10 @@ impl Idempotency {
         sqlx::query(
             "insert into app.idempotency_keys \
                (user_id, route, key, fingerprint, status_code, response, expires_at) \
-             values ($1, $2, $3, $4, $5, $6, now() + make_interval(hours => $7)) \
+             values ($1, $2, $3, $4, $5, $6, app.now() + make_interval(hours => $7)) \
              on conflict (user_id, route, key) do update set \
                fingerprint = excluded.fingerprint, status_code = excluded.status_code, \
-               response = excluded.response, created_at = now(), expires_at = excluded.expires_at",
+               response = excluded.response, created_at = app.now(), expires_at = excluded.expires_at",
         )
         .bind(self.user)
         .bind(self.route)

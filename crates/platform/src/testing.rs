@@ -22,6 +22,50 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
 
 use crate::db::MIGRATOR;
+use crate::time::Clock;
+
+/// Installed by the superuser in every test database ([`TestDb::new`]; the
+/// dev server may install it too): `app.now()` becomes the transaction's
+/// start plus the database's test offset (`stagepass_test.clock`, moved by
+/// [`TestDb::advance_clock`]) plus, for one transaction, the
+/// `stagepass.clock_offset` setting ([`shift_clock_local`]). Production
+/// databases never run this: there `app.now()` is `pg_catalog.now()` and
+/// reads no setting (migration 20261130000017, ADR 0014).
+pub const TEST_CLOCK_SQL: &str = r#"
+create schema stagepass_test;
+grant usage on schema stagepass_test to public;
+create table stagepass_test.clock (
+  id boolean primary key default true check (id),
+  offset_by interval not null default interval '0'
+);
+insert into stagepass_test.clock default values;
+grant select on stagepass_test.clock to public;
+create or replace function app.now() returns timestamptz
+  language sql stable parallel safe as $$
+  select pg_catalog.now()
+       + (select c.offset_by from stagepass_test.clock c)
+       + coalesce(nullif(pg_catalog.current_setting('stagepass.clock_offset', true), '')::interval,
+                  interval '0')
+$$;
+"#;
+
+/// Moves `app.now()` by `by` for the rest of the transaction `tx` only (on
+/// a test database: see [`TEST_CLOCK_SQL`]; a production database ignores
+/// the setting).
+pub async fn shift_clock_local(
+    tx: &mut PgConnection,
+    by: chrono::Duration,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("select set_config('stagepass.clock_offset', $1, true)")
+        .bind(interval_ms(by))
+        .execute(tx)
+        .await
+        .map(|_| ())
+}
+
+fn interval_ms(by: chrono::Duration) -> String {
+    format!("{} milliseconds", by.num_milliseconds())
+}
 
 pub const DEFAULT_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 /// Every test database's name starts with this (cleanup drops leftovers).
@@ -57,11 +101,39 @@ pub struct TestDb {
     pub app_pool: PgPool,
     /// Pool connected as the superuser (fixtures, inspection).
     pub admin_pool: PgPool,
+    /// The Rust clock that reads the same time as this database's
+    /// `app.now()`: hand it to the app (`Resources::clock`) and move both
+    /// with [`TestDb::advance_clock`].
+    pub clock: Clock,
     admin_options: PgConnectOptions,
 }
 
 impl TestDb {
+    /// A migrated database with the test clock ([`TEST_CLOCK_SQL`]).
     pub async fn new() -> TestDb {
+        let db = Self::production().await;
+        sqlx::raw_sql(TEST_CLOCK_SQL)
+            .execute(&db.admin_pool)
+            .await
+            .expect("install the test clock");
+        db
+    }
+
+    /// Moves time forward by `by` for this database's `app.now()` and for
+    /// [`TestDb::clock`] together (every later transaction, every pool,
+    /// function binaries started on [`TestDb::app_url`] included).
+    pub async fn advance_clock(&self, by: chrono::Duration) {
+        sqlx::query("update stagepass_test.clock set offset_by = offset_by + $1::interval")
+            .bind(interval_ms(by))
+            .execute(&self.admin_pool)
+            .await
+            .expect("advance the test clock (a TestDb::production database has none)");
+        self.clock.advance(by);
+    }
+
+    /// A database exactly as migrations leave it, as in production: no test
+    /// clock, `app.now()` is the wall clock.
+    pub async fn production() -> TestDb {
         let admin_options =
             PgConnectOptions::from_str(&admin_url()).expect("DATABASE_ADMIN_URL is not a URL");
         let template = ensure_template(&admin_options).await;
@@ -108,6 +180,7 @@ impl TestDb {
                 .await
                 .expect("connect to test database as admin"),
             name,
+            clock: Clock::system(),
             admin_options,
         }
     }

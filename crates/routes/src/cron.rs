@@ -199,12 +199,12 @@ pub async fn cleanup(
             processed: 0,
         }));
     }
-    let removed = sqlx::query("delete from app.idempotency_keys where expires_at < now()")
+    let removed = sqlx::query("delete from app.idempotency_keys where expires_at < app.now()")
         .execute(&mut *tx)
         .await?
         .rows_affected();
     let delivered =
-        sqlx::query("delete from app.outbox where delivered_at < now() - interval '7 days'")
+        sqlx::query("delete from app.outbox where delivered_at < app.now() - interval '7 days'")
             .execute(&mut *tx)
             .await?
             .rows_affected();

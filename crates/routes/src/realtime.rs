@@ -112,7 +112,7 @@ pub async fn realtime_token(
     let classes: Vec<Uuid> = sqlx::query_scalar(
         "select c.id from app.classes c \
           where c.status = 'scheduled' \
-            and c.starts_at + make_interval(mins => c.duration_minutes) > now() \
+            and c.starts_at + make_interval(mins => c.duration_minutes) > app.now() \
             and (c.creator_id = auth.uid() \
                  or exists (select 1 from app.enrollments e \
                              where e.class_id = c.id and e.user_id = auth.uid() \

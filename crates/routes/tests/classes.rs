@@ -12,7 +12,7 @@ use chrono::{DateTime, Duration, Utc};
 use common::classes::{
     cancel, class, class_body, create, creator, enroll, fan_with, rfc3339, settle, withdraw,
 };
-use common::{TestApp, TestResponse, User};
+use common::{TestApp, TestResponse, User, claims_for, sign_claims};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -266,6 +266,126 @@ async fn withdrawal_refunds_in_full_before_the_cutoff_and_is_refused_after_it() 
     assert_ledger_clean(&app).await;
 }
 
+/// The cut-off and the start as time passes (ADR 0014: the test moves
+/// `app.now()`, no row is rewritten).
+#[tokio::test(flavor = "multi_thread")]
+async fn withdrawal_closes_at_the_cutoff_and_enrolment_at_the_start_as_time_passes() {
+    let app = TestApp::unlimited().await;
+    let c = creator(&app).await;
+    let fan = fan_with(&app, 100).await;
+    let id = class(&app, &c, 72, 30, 5).await;
+    assert_eq!(
+        enroll(&app, &fan, &id, "t1").await.status,
+        StatusCode::CREATED
+    );
+
+    // 47 h later the class starts in 25 h: still before the 24 h cut-off.
+    app.db.advance_clock(Duration::hours(47)).await;
+    let r = withdraw(&app, &fan, &id).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(r.json()["refunded_tokens"], 30);
+    assert_eq!(
+        enroll(&app, &fan, &id, "t2").await.status,
+        StatusCode::CREATED
+    );
+
+    // Two more hours: 23 h before the start, the cut-off has passed.
+    app.db.advance_clock(Duration::hours(2)).await;
+    withdraw(&app, &fan, &id)
+        .await
+        .assert_problem(StatusCode::CONFLICT, "cutoff_passed");
+    // Enrolment stays open until the start…
+    let late = fan_with(&app, 100).await;
+    assert_eq!(
+        enroll(&app, &late, &id, "t3").await.status,
+        StatusCode::CREATED
+    );
+    // …and closes with it.
+    app.db.advance_clock(Duration::hours(23)).await;
+    let later = fan_with(&app, 100).await;
+    enroll(&app, &later, &id, "t4")
+        .await
+        .assert_problem(StatusCode::CONFLICT, "class_not_open");
+    assert_eq!(wallet(&app, fan.id).await, 70);
+    assert_eq!(escrow(&app, &id).await, 60);
+    assert_eq!(journal_count(&app, "class_refund").await, 1);
+    assert_ledger_clean(&app).await;
+}
+
+/// `req` with headers that name a clock setting (ADR 0014).
+fn moved<'a>(token: &str, req: common::Req<'a>) -> common::Req<'a> {
+    let mut req = req.bearer(token);
+    for name in [
+        "stagepass-clock-offset",
+        "stagepass.clock_offset",
+        "x-stagepass-clock",
+        "x-clock",
+        "date",
+    ] {
+        req = req.header(name, "1000 days");
+    }
+    req.header("prefer", "tx=commit, stagepass.clock_offset=1000 days")
+}
+
+/// ADR 0014: in a production database nothing a request sends moves
+/// `app.now()`: headers, query strings and token claims that name a clock
+/// setting change no time rule (a clock moved a day either way would let
+/// the fan withdraw, refuse the enrolment, or settle the class).
+#[tokio::test(flavor = "multi_thread")]
+async fn no_request_moves_a_production_clock() {
+    let app = TestApp::production().await;
+    let c = creator(&app).await;
+    let fan = fan_with(&app, 100).await;
+    // Starts in two hours: enrolment open, the withdrawal cut-off passed.
+    let id = class(&app, &c, 2, 10, 5).await;
+    let mut claims = claims_for(fan.id, Some(&fan.email), 3600);
+    for name in [
+        "stagepass.clock_offset",
+        "stagepass.clock_override",
+        "clock",
+        "now",
+    ] {
+        claims[name] = json!("1000 days");
+    }
+    let token = sign_claims(&claims);
+    let enrolled = moved(
+        &token,
+        app.post(&format!(
+            "/api/v1/classes/{id}/enrollments?stagepass.clock_offset=1000%20days&clock=-1000%20days"
+        )),
+    )
+    .header("idempotency-key", "clock-1")
+    .send()
+    .await;
+    assert_eq!(enrolled.status, StatusCode::CREATED, "{}", enrolled.text());
+    moved(
+        &token,
+        app.request(
+            http::Method::DELETE,
+            &format!("/api/v1/classes/{id}/enrollments/me?stagepass.clock_offset=-1000%20days"),
+        ),
+    )
+    .send()
+    .await
+    .assert_problem(StatusCode::CONFLICT, "cutoff_passed");
+    let listed = moved(&token, app.get("/api/v1/classes")).send().await;
+    assert_eq!(listed.status, StatusCode::OK, "{}", listed.text());
+    assert!(
+        listed.text().contains(&id),
+        "still upcoming: {}",
+        listed.text()
+    );
+    let settled = app
+        .get("/api/cron/settle-classes?stagepass.clock_offset=1000%20days")
+        .header("authorization", &format!("Bearer {}", common::CRON_SECRET))
+        .header("stagepass-clock-offset", "1000 days")
+        .send()
+        .await;
+    assert_eq!(settled.json()["settled_classes"], 0, "{}", settled.text());
+    assert_eq!(escrow(&app, &id).await, 10);
+    assert_ledger_clean(&app).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cancelling_refunds_every_fan_pays_the_creator_nothing_and_cancels_every_copy() {
     let app = TestApp::unlimited().await;
@@ -435,7 +555,7 @@ fn parse(raw: &str) -> DateTime<Utc> {
 async fn settlement_pays_the_creator_the_escrow_once() {
     let app = TestApp::unlimited().await;
     let c = creator(&app).await;
-    let ended = class(&app, &c, 72, 25, 10).await;
+    let ended = class(&app, &c, 2, 25, 10).await;
     let upcoming = class(&app, &c, 72, 25, 10).await;
     for i in 0..3 {
         let f = fan_with(&app, 100).await;
@@ -448,14 +568,11 @@ async fn settlement_pays_the_creator_the_escrow_once() {
             StatusCode::CREATED
         );
     }
-    // The superuser moves one class into the past: it has ended.
-    sqlx::query(
-        "update app.classes set starts_at = now() - interval '10 hours' where id = $1::uuid",
-    )
-    .bind(&ended)
-    .execute(&app.db.admin_pool)
-    .await
-    .expect("end the class");
+    // Nothing has ended yet: settlement pays nobody.
+    assert_eq!(settle(&app).await.json()["settled_classes"], 0);
+    // Four hours pass (app.now() and the app's clock): the first class, two
+    // hours ahead and one hour long, has ended; the other has not.
+    app.db.advance_clock(Duration::hours(4)).await;
     sqlx::query("update ledger.settings set platform_fee_bps = 1000")
         .execute(&app.db.admin_pool)
         .await
@@ -722,20 +839,10 @@ async fn a_reschedule_cannot_take_away_a_fans_refund() {
         "{payload}"
     );
 
-    // Twelve hours pass (the superuser shifts every instant back): the
-    // normal cut-off is over, a fan who enrols now gets only the cut-off,
-    // and the fan enrolled at the change still gets a full refund.
-    for sql in [
-        "update app.classes set starts_at = starts_at - interval '12 hours' where id = $1::uuid",
-        "update app.enrollments set refund_until = refund_until - interval '12 hours' \
-         where class_id = $1::uuid",
-    ] {
-        sqlx::query(sql)
-            .bind(&id)
-            .execute(&app.db.admin_pool)
-            .await
-            .expect("time passes");
-    }
+    // Twelve hours pass (app.now() moves): the normal cut-off is over, a fan
+    // who enrols now gets only the cut-off, and the fan enrolled at the
+    // change still gets a full refund.
+    app.db.advance_clock(Duration::hours(12)).await;
     let late = fan_with(&app, 100).await;
     assert_eq!(
         enroll(&app, &late, &id, "k2").await.status,

@@ -289,6 +289,26 @@ async fn the_daily_spending_limit_is_enforced_in_the_spend_transaction() {
         .await;
     assert_eq!(balance.json()["spent_today"], 90);
     assert_eq!(balance.json()["daily_limit"], 100);
+
+    // The window is 24 h: a minute short of it the limit still holds; once
+    // the first tips are 24 h old (app.now() moves; no row is rewritten)
+    // the fan may spend again.
+    app.db
+        .advance_clock(chrono::Duration::hours(24) - chrono::Duration::minutes(1))
+        .await;
+    tip(&app, &f, "day-late", &body)
+        .await
+        .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "daily_limit_exceeded");
+    app.db.advance_clock(chrono::Duration::minutes(2)).await;
+    let r = tip(&app, &f, "day-next", &body).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let balance = app
+        .get("/api/v1/tokens/balance")
+        .bearer(&f.token)
+        .send()
+        .await;
+    assert_eq!(balance.json()["spent_today"], 30);
+    assert_eq!(wallet(&app, f.id).await, 880);
     assert_ledger_clean(&app).await;
 }
 

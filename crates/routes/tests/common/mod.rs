@@ -111,13 +111,24 @@ impl TestApp {
 
     /// The test environment with some variables replaced or added.
     pub async fn with_env(overrides: &[(&'static str, String)]) -> TestApp {
-        let db = TestDb::new().await;
+        Self::on(TestDb::new().await, overrides).await
+    }
+
+    /// On a database exactly as migrations leave it (no test clock:
+    /// `app.now()` is the wall clock, as in production; ADR 0014).
+    pub async fn production() -> TestApp {
+        Self::on(TestDb::production().await, &[]).await
+    }
+
+    async fn on(db: TestDb, overrides: &[(&'static str, String)]) -> TestApp {
         let mut env = test_env(&db.app_url());
         for (k, v) in overrides {
             env.retain(|(name, _)| name != k);
             env.push((k, v.clone()));
         }
-        let resources = Resources::with_pool_in(db.app_pool.clone(), db.pool_mode());
+        let mut resources = Resources::with_pool_in(db.app_pool.clone(), db.pool_mode());
+        // One time for the app and the database: `db.advance_clock` moves both.
+        resources.clock = db.clock.clone();
         let (router, failures) = compose(stagepass_routes::FUNCTIONS, || loader(&env), &resources);
         assert!(
             failures.is_empty(),
