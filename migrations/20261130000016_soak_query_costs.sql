@@ -67,27 +67,30 @@ grant execute on function app.claim_outbox(integer, boolean) to stagepass_app, s
 
 -- 2. The fan's ledger page read every entry of the caller's wallet and
 -- debt account (and each one's journal) to sort them and keep 50. Now the
--- newest `limit` of each account by id, merged: journals are read for at
--- most 2 × limit entries. `e.id < coalesce(p_before, max)` is the index
--- bound (an `is null or` test is not).
+-- newest `limit` of each account by id, merged, then their journals: the
+-- rows read are bounded by the page. `id < coalesce(p_before, max)` is the
+-- index bound (an `is null or` test is not).
 create index entries_account_id on ledger.entries (account_id, id);
 
 create or replace function app.my_entries(p_before bigint, p_limit integer)
   returns table (id bigint, journal_id uuid, kind text, reference text, account text, amount bigint,
                  metadata jsonb, created_at timestamptz)
   language sql stable security definer set search_path = '' as $$
-  select e.id, j.id, j.kind, j.reference, a.kind, e.amount, j.metadata, e.created_at
-  from ledger.accounts a
-  cross join lateral (
-    select x.id, x.journal_id, x.amount, x.created_at
-      from ledger.entries x
-     where x.account_id = a.id and x.id < coalesce(p_before, 9223372036854775807)
-     order by x.id desc
-     limit least(greatest(p_limit, 1), 100)) e
+  select e.id, j.id, j.kind, j.reference, e.account, e.amount, j.metadata, e.created_at
+  from (
+    select x.id, x.journal_id, a.kind as account, x.amount, x.created_at
+    from ledger.accounts a
+    cross join lateral (
+      select y.id, y.journal_id, y.amount, y.created_at
+        from ledger.entries y
+       where y.account_id = a.id and y.id < coalesce(p_before, 9223372036854775807)
+       order by y.id desc
+       limit least(greatest(p_limit, 1), 100)) x
+    where a.owner_id = auth.uid() and a.kind in ('wallet', 'debt') and a.reference is null
+    order by x.id desc
+    limit least(greatest(p_limit, 1), 100)) e
   join ledger.journals j on j.id = e.journal_id
-  where a.owner_id = auth.uid() and a.kind in ('wallet', 'debt') and a.reference is null
   order by e.id desc
-  limit least(greatest(p_limit, 1), 100)
 $$;
 revoke all on function app.my_entries(bigint, integer) from public;
 grant execute on function app.my_entries(bigint, integer) to authenticated;

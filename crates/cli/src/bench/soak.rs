@@ -642,7 +642,11 @@ fn statement_report(snaps: &[Snapshot]) -> Vec<Value> {
         .iter()
         .map(|(id, (query, _, _))| {
             let (calls, total) = delta(first, last, *id);
-            let first_window = if n >= 2 { delta(&snaps[0], &snaps[1], *id) } else { (0, 0.0) };
+            let first_window = if n >= 2 {
+                delta(&snaps[0], &snaps[1], *id)
+            } else {
+                (0, 0.0)
+            };
             let last_window = if n >= 2 {
                 delta(&snaps[n - 2], &snaps[n - 1], *id)
             } else {
@@ -871,7 +875,9 @@ impl Report {
                 m["requests"],
                 m["p50_ms"],
                 m["p99_ms"],
-                worst.map_or(String::new(), |(f, p)| format!("; worst family {f} p99 {p} ms"))
+                worst.map_or(String::new(), |(f, p)| format!(
+                    "; worst family {f} p99 {p} ms"
+                ))
             ));
         }
         text.push_str("p99 per family and window (ms):\n");
@@ -887,9 +893,7 @@ impl Report {
             text.push_str(&format!("  {f:<13} {}\n", cells.join("  ")));
         }
         if let Some((g, f, a, b)) = growth.first() {
-            text.push_str(&format!(
-                "most grown p99: {f}, {a} → {b} ms ({g:.1}×)\n"
-            ));
+            text.push_str(&format!("most grown p99: {f}, {a} → {b} ms ({g:.1}×)\n"));
         }
         match &drift {
             Some(d) => text.push_str(&format!("p99 drift: FAILED, {d}\n")),
@@ -902,8 +906,12 @@ impl Report {
             for r in rows {
                 text.push_str(&format!(
                     "  {:>8} ms total, {:>7} calls, mean {} ({} → {}): {}\n",
-                    r["total_ms"], r["calls"], r["mean_ms"], r["mean_ms_first_window"],
-                    r["mean_ms_last_window"], r["query"].as_str().unwrap_or("")
+                    r["total_ms"],
+                    r["calls"],
+                    r["mean_ms"],
+                    r["mean_ms_first_window"],
+                    r["mean_ms_last_window"],
+                    r["query"].as_str().unwrap_or("")
                 ));
             }
         }
