@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Soak (issue 14): one minute of mixed traffic over every route family through
 # `stagepass dev` on a throwaway PostgreSQL cluster, at 80 % of the capacity
-# measured first; fails on any 5xx, an unclean ledger audit or resident memory
-# growth beyond the documented bound (docs/RELIABILITY.md, "Soak").
+# measured first; fails on any 5xx, an unclean ledger audit, resident memory
+# growth beyond the documented bound, or p99 drift (the last 15 s against the
+# first: above 3 × + 50 ms) (docs/RELIABILITY.md, "Soak").
 #
 # Uses the debug `stagepass` binary that `cargo test --workspace --all-targets`
 # already built (no release build in CI); builds it if it is missing.

@@ -80,14 +80,19 @@ USAGE:
       a fresh database against the model: one journal per applied request, wallet
       balances, ledger audit, outbox. Binaries from --bin-dir (default
       $CARGO_TARGET_DIR/debug). Exit 1 on any lost or doubled effect.
-  stagepass bench soak [--json] [--minutes N] [--rate R]
+  stagepass bench soak [--json] [--minutes N | --seconds S] [--rate R]
+                       [--statements] [--keep]
       Mixed traffic over every route family (reads, tips, classes, enrolments,
       withdrawals, schedule, realtime tokens, Stripe webhooks, the audit cron)
       through `stagepass dev` on a throwaway cluster, at R req/s (default 80 %
       of the capacity measured for 10 s first), for N minutes (default 10):
-      statuses, p50/p99 per minute, the server's VmRSS at start and end, the
-      ledger audit. Exit 1 on any 5xx, an unclean audit or memory growth
-      beyond 16 MiB + 25 % (docs/RELIABILITY.md, Soak).
+      statuses, p50/p99 per window (a minute; 15 s under two minutes) overall
+      and per route family, the server's VmRSS at start and end, the ledger
+      audit. Exit 1 on any 5xx, an unclean audit, memory growth beyond 16 MiB
+      + 25 %, or the last window's p99 above 3 × the first's + 50 ms
+      (docs/RELIABILITY.md, Soak). --statements loads pg_stat_statements and
+      lists the costliest statements with their mean time per window; --keep
+      keeps the cluster for EXPLAIN until Ctrl-C.
   stagepass bench cold-start [--json] [--runs N] [--bin-dir DIR]
                              [--sslmode MODE] [--database-url URL]
       Cold start, binary size, warm throughput and peak memory of the release
@@ -245,13 +250,27 @@ fn bench_command(rest: &[String]) -> Result<ExitCode> {
 /// `stagepass bench soak`: mixed traffic through `stagepass dev` (see
 /// `bench/soak.rs`).
 fn bench_soak(rest: &[String]) -> Result<ExitCode> {
-    let p = parse(rest, &["--minutes", "--rate"], &["--json"])?;
+    let p = parse(
+        rest,
+        &["--minutes", "--seconds", "--rate"],
+        &["--json", "--statements", "--keep"],
+    )?;
     no_positionals(&p)?;
     let minutes = match p.value("--minutes") {
         None => 10,
         Some(v) => match v.parse::<u64>() {
             Ok(n) if (1..=600).contains(&n) => n,
             _ => return fail("--minutes must be an integer from 1 to 600"),
+        },
+    };
+    let seconds = match p.value("--seconds") {
+        None => minutes * 60,
+        Some(_) if p.value("--minutes").is_some() => {
+            return fail("give --minutes or --seconds, not both");
+        }
+        Some(v) => match v.parse::<u64>() {
+            Ok(n) if (30..=36_000).contains(&n) => n,
+            _ => return fail("--seconds must be an integer from 30 to 36000"),
         },
     };
     let rate = match p.value("--rate") {
@@ -262,9 +281,11 @@ fn bench_soak(rest: &[String]) -> Result<ExitCode> {
         },
     };
     let opts = bench::soak::SoakOptions {
-        seconds: minutes * 60,
+        seconds,
         rate,
         json: p.switch("--json"),
+        statements: p.switch("--statements"),
+        keep: p.switch("--keep"),
     };
     // The load generator on two threads: one would fall behind the rate.
     multi_thread()?.block_on(bench::soak::run(opts))

@@ -43,6 +43,12 @@ impl Cluster {
     /// [`Cluster::start`], serving TLS with `tls` when given (plain
     /// connections are still accepted: `trust` on `host` lines).
     pub fn start_with(tls: Option<&ServerTls>) -> Result<Cluster> {
+        Self::start_configured(tls, &[])
+    }
+
+    /// [`Cluster::start_with`], with extra server settings (`name=value`,
+    /// passed as `-c` options), e.g. `shared_preload_libraries=pg_stat_statements`.
+    pub fn start_configured(tls: Option<&ServerTls>, settings: &[String]) -> Result<Cluster> {
         let bindir = find_bindir()?;
         let as_postgres = running_as_root()?;
         let dir =
@@ -55,7 +61,7 @@ impl Cluster {
             port: 0,
             as_postgres,
             started: false,
-            settings: Vec::new(),
+            settings: settings.to_vec(),
         };
         if as_postgres {
             cluster.chown_to_postgres()?;

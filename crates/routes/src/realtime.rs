@@ -109,14 +109,21 @@ pub async fn realtime_token(
     check_body(&body)?;
     let mut tx = db::begin_user(&s.api.pool, user.claims()).await?;
     crate::me::ensure_user(&mut tx).await?;
+    // The caller's classes from both sides, each through its own index
+    // (hosted: `classes_creator` from 8 hours back, the longest class;
+    // attended: `enrollments_user_enrolled`), not a walk over every
+    // upcoming class (it grew with the table: docs/RELIABILITY.md, Soak).
     let classes: Vec<Uuid> = sqlx::query_scalar(
         "select c.id from app.classes c \
-          where c.status = 'scheduled' \
+          where c.id = any (array( \
+                  select h.id from app.classes h \
+                   where h.creator_id = auth.uid() \
+                     and h.starts_at > app.now() - interval '480 minutes' \
+                  union \
+                  select e.class_id from app.enrollments e \
+                   where e.user_id = auth.uid() and e.status = 'enrolled')) \
+            and c.status = 'scheduled' \
             and c.starts_at + make_interval(mins => c.duration_minutes) > app.now() \
-            and (c.creator_id = auth.uid() \
-                 or exists (select 1 from app.enrollments e \
-                             where e.class_id = c.id and e.user_id = auth.uid() \
-                               and e.status = 'enrolled')) \
           order by c.starts_at, c.id limit $1",
     )
     .bind(MAX_CLASS_CHANNELS)

@@ -808,30 +808,9 @@ fn post(path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
 }
 
 /// A class of `creator` starting in three days, seats for every fan, at
-/// [`PRICE`] (`app.create_class` under the creator's claims).
+/// [`PRICE`].
 async fn create_class(db: &TestDb, creator: Uuid) -> Result<Uuid> {
-    let id = Uuid::new_v4();
-    let mut tx = db.admin_pool.begin().await.context("begin")?;
-    sqlx::query(
-        "select set_config('request.jwt.claims', $1, true), \
-         set_config('role', 'authenticated', true)",
-    )
-    .bind(json!({"sub": creator, "role": "authenticated", "aud": "authenticated"}).to_string())
-    .execute(&mut *tx)
-    .await
-    .context("creator's claims")?;
-    sqlx::query(
-        "select id from app.create_class($1, 'Crash bench', '', now() + interval '3 days', \
-         'UTC', 60, $2, $3)",
-    )
-    .bind(id)
-    .bind(i32::try_from(FANS).unwrap_or(16))
-    .bind(PRICE)
-    .fetch_one(&mut *tx)
-    .await
-    .context("create class")?;
-    tx.commit().await.context("commit class")?;
-    Ok(id)
+    money::create_class(db, creator, "Crash bench", FANS, PRICE).await
 }
 
 /// One send: the response, or why none came.

@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::json;
 use stagepass_platform::auth::testing::mint_hs256;
-use stagepass_platform::testing::TestDb;
 use tokio::sync::Barrier;
 use uuid::Uuid;
 
@@ -140,7 +139,7 @@ async fn race(opts: &RaceOptions, binary: &std::path::Path, n: usize) -> Result<
     let creator = Uuid::new_v4();
     let fans: Vec<Uuid> = (0..opts.fans).map(|_| Uuid::new_v4()).collect();
     money::seed(&db, &fans, &[creator]).await?;
-    let class = create_class(&db, creator, opts.seats, PRICE).await?;
+    let class = money::create_class(&db, creator, "Enrolment race", opts.seats, PRICE).await?;
 
     let path = ROUTE.replace("{id}", &class.to_string());
     let target = Target {
@@ -199,32 +198,6 @@ async fn race(opts: &RaceOptions, binary: &std::path::Path, n: usize) -> Result<
         eprintln!("{FUNCTION}'s stderr during run {n}:\n{stderr}");
     }
     Ok(measure(n, load_average, opts.seats, &answers, violations))
-}
-
-/// `app.create_class` under the creator's claims, as the route runs it.
-async fn create_class(db: &TestDb, creator: Uuid, seats: usize, price: i64) -> Result<Uuid> {
-    let id = Uuid::new_v4();
-    let mut tx = db.admin_pool.begin().await.context("begin")?;
-    sqlx::query(
-        "select set_config('request.jwt.claims', $1, true), \
-         set_config('role', 'authenticated', true)",
-    )
-    .bind(json!({"sub": creator, "role": "authenticated", "aud": "authenticated"}).to_string())
-    .execute(&mut *tx)
-    .await
-    .context("creator's claims")?;
-    sqlx::query(
-        "select id from app.create_class($1, 'Enrolment race', '', now() + interval '3 days', \
-         'UTC', 60, $2, $3)",
-    )
-    .bind(id)
-    .bind(i32::try_from(seats).context("seats")?)
-    .bind(price)
-    .fetch_one(&mut *tx)
-    .await
-    .context("create class")?;
-    tx.commit().await.context("commit class")?;
-    Ok(id)
 }
 
 /// Every request once, over `connections` keep-alive connections opened
@@ -684,6 +657,7 @@ mod tests {
     //! breaks one thing and asserts the checker names it.
 
     use super::*;
+    use stagepass_platform::testing::TestDb;
 
     const SEATS: usize = 2;
 
@@ -701,7 +675,7 @@ mod tests {
             let creator = Uuid::new_v4();
             let fans: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
             money::seed(&db, &fans, &[creator]).await.expect("seed");
-            let class = create_class(&db, creator, SEATS, PRICE)
+            let class = money::create_class(&db, creator, "Enrolment race", SEATS, PRICE)
                 .await
                 .expect("class");
             for fan in &fans[..SEATS] {

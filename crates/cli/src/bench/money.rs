@@ -1,6 +1,7 @@
-//! What the money scenarios (`tips`, `enroll-race`) share: the environment
-//! of a money function under test, seeding funded fans and creators through
-//! SQL, and the ledger audit counted as violations.
+//! What the money scenarios (`tips`, `enroll-race`, `crash`) share: the
+//! environment of a money function under test, seeding funded fans and
+//! creators through SQL, creating a class, and the ledger audit counted as
+//! violations.
 
 use stagepass_platform::testing::TestDb;
 use uuid::Uuid;
@@ -104,4 +105,41 @@ pub async fn ledger_violations(conn: &mut sqlx::PgConnection) -> Result<Vec<Stri
         ));
     }
     Ok(out)
+}
+
+/// A class of `creator` starting in three days, with `seats` seats at
+/// `price` tokens: `app.create_class` under the creator's claims, as the
+/// route runs it.
+pub async fn create_class(
+    db: &TestDb,
+    creator: Uuid,
+    title: &str,
+    seats: usize,
+    price: i64,
+) -> Result<Uuid> {
+    let id = Uuid::new_v4();
+    let mut tx = db.admin_pool.begin().await.context("begin")?;
+    sqlx::query(
+        "select set_config('request.jwt.claims', $1, true), \
+         set_config('role', 'authenticated', true)",
+    )
+    .bind(
+        serde_json::json!({"sub": creator, "role": "authenticated", "aud": "authenticated"})
+            .to_string(),
+    )
+    .execute(&mut *tx)
+    .await
+    .context("creator's claims")?;
+    sqlx::query(
+        "select id from app.create_class($1, $2, '', now() + interval '3 days', 'UTC', 60, $3, $4)",
+    )
+    .bind(id)
+    .bind(title)
+    .bind(i32::try_from(seats).context("seats")?)
+    .bind(price)
+    .fetch_one(&mut *tx)
+    .await
+    .context("create class")?;
+    tx.commit().await.context("commit class")?;
+    Ok(id)
 }
