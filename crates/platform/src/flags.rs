@@ -49,7 +49,11 @@ pub fn bucket(key: &str, user: Uuid) -> u32 {
     let mut hash = Sha256::new();
     hash.update(key.as_bytes());
     hash.update(b":");
-    hash.update(user.hyphenated().encode_lower(&mut Uuid::encode_buffer()).as_bytes());
+    hash.update(
+        user.hyphenated()
+            .encode_lower(&mut Uuid::encode_buffer())
+            .as_bytes(),
+    );
     let digest = hash.finalize();
     u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) % BUCKETS
 }
@@ -166,26 +170,25 @@ impl FlagsConfig {
     /// Both are optional; a value out of bounds is a configuration problem.
     pub fn load(l: &mut Loader) -> FlagsConfig {
         let d = FlagsConfig::default();
-        let mut read = |name: &'static str, range: std::ops::RangeInclusive<u32>, default| match l
-            .get(name)
-        {
-            None => default,
-            Some(v) => match v.parse::<u32>() {
-                Ok(n) if range.contains(&n) => n,
-                _ => {
-                    l.problem(
-                        name,
-                        format!(
-                            "must be an integer from {} to {}",
-                            range.start(),
-                            range.end()
-                        ),
-                        "feature flag cache bounds (docs/adr/0016-feature-flags.md)",
-                    );
-                    default
-                }
-            },
-        };
+        let mut read =
+            |name: &'static str, range: std::ops::RangeInclusive<u32>, default| match l.get(name) {
+                None => default,
+                Some(v) => match v.parse::<u32>() {
+                    Ok(n) if range.contains(&n) => n,
+                    _ => {
+                        l.problem(
+                            name,
+                            format!(
+                                "must be an integer from {} to {}",
+                                range.start(),
+                                range.end()
+                            ),
+                            "feature flag cache bounds (docs/adr/0016-feature-flags.md)",
+                        );
+                        default
+                    }
+                },
+            };
         FlagsConfig {
             cache_seconds: read("FLAGS_CACHE_SECONDS", Self::CACHE_SECONDS, d.cache_seconds),
             stale_grace_seconds: read(
@@ -302,8 +305,8 @@ impl FlagCache {
         if self.age(at, now).is_some_and(|a| a < self.ttl) {
             return set;
         }
-        let backing_off = last_failure
-            .is_some_and(|failed| now >= failed && now - failed < RETRY_AFTER_FAILURE);
+        let backing_off =
+            last_failure.is_some_and(|failed| now >= failed && now - failed < RETRY_AFTER_FAILURE);
         if !backing_off {
             self.loads
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -324,10 +327,7 @@ impl FlagCache {
             }
         }
         let now = self.clock.now();
-        if self
-            .age(at, now)
-            .is_some_and(|a| a < self.ttl + self.grace)
-        {
+        if self.age(at, now).is_some_and(|a| a < self.ttl + self.grace) {
             set
         } else {
             Arc::new(FlagSet::default())
@@ -531,7 +531,10 @@ mod tests {
         assert!(!r.is_on_for(c, None));
         r.rollout_basis_points = 0;
         assert!(!r.is_on_for(c, Some("creator")));
-        assert!(r.is_on_for(a, Some("fan")), "the allow list ignores the rollout");
+        assert!(
+            r.is_on_for(a, Some("fan")),
+            "the allow list ignores the rollout"
+        );
         // Disabled: off for everyone, the allow list included.
         r.enabled = false;
         r.rollout_basis_points = 10_000;
@@ -562,7 +565,14 @@ mod tests {
         }
         assert!(valid_text("turn on for staff"));
         assert!(valid_text(&"é".repeat(500)));
-        for t in ["", "  ", "two\nlines", "tab\there", "bidi\u{202E}", &"é".repeat(501)] {
+        for t in [
+            "",
+            "  ",
+            "two\nlines",
+            "tab\there",
+            "bidi\u{202E}",
+            &"é".repeat(501),
+        ] {
             assert!(!valid_text(t), "{t:?}");
         }
     }
@@ -579,7 +589,12 @@ mod tests {
         let fields: Vec<String> = f.errors().into_iter().map(|e| e.field).collect();
         assert_eq!(
             fields,
-            ["description", "rollout_basis_points", "allow_users", "roles"]
+            [
+                "description",
+                "rollout_basis_points",
+                "allow_users",
+                "roles"
+            ]
         );
         assert!(FlagFields::default().is_empty());
         assert_eq!(
@@ -605,10 +620,7 @@ mod tests {
         fn load(&self) -> BoxFuture<'_, Result<Vec<FlagRule>, ApiError>> {
             Box::pin(async move {
                 if self.0.down.load(Ordering::SeqCst) {
-                    return Err(ApiError::Unavailable(
-                        "database_unavailable",
-                        "down".into(),
-                    ));
+                    return Err(ApiError::Unavailable("database_unavailable", "down".into()));
                 }
                 Ok(self.0.rules.lock().unwrap().clone())
             })
@@ -668,7 +680,10 @@ mod tests {
         clock.advance(Duration::seconds(58)); // 64 s after the load: < 5 + 60
         assert!(cache.flags().await.is_on("calls", u, None));
         clock.advance(Duration::seconds(1)); // 65 s: the grace is over
-        assert!(!cache.flags().await.is_on("calls", u, None), "fail safe: off");
+        assert!(
+            !cache.flags().await.is_on("calls", u, None),
+            "fail safe: off"
+        );
 
         // Back: the next attempt loads again.
         fake.0.down.store(false, Ordering::SeqCst);
@@ -693,7 +708,10 @@ mod tests {
         };
         assert_eq!(load(&[]), (FlagsConfig::default(), false));
         assert_eq!(
-            load(&[("FLAGS_CACHE_SECONDS", "2"), ("FLAGS_STALE_GRACE_SECONDS", "0")]),
+            load(&[
+                ("FLAGS_CACHE_SECONDS", "2"),
+                ("FLAGS_STALE_GRACE_SECONDS", "0")
+            ]),
             (
                 FlagsConfig {
                     cache_seconds: 2,
