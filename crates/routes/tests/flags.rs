@@ -744,3 +744,80 @@ async fn the_gate_answers_feature_disabled_until_the_flag_is_on_for_the_caller()
     assert_eq!(r.header("content-type"), Some("application/problem+json"));
     assert_eq!(problem["status"], 403);
 }
+
+/// The benchmark note of issue 15: what flags add to a warm
+/// `GET /api/v1/me`. Prints JSON; asserts only that warm requests never
+/// load (the timing is reported, never asserted).
+///
+/// ```sh
+/// cargo test -p stagepass-routes --test flags -- --ignored --nocapture bench_
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+#[ignore = "a benchmark: run with --ignored --nocapture"]
+async fn bench_flags_on_warm_me() {
+    let iterations: u32 = std::env::var("BENCH_ITERATIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2000);
+    let app = TestApp::unlimited().await;
+    let admin = app.admin().await;
+    let fan = app.signed_in_user().await;
+    // 20 flags, each with a 100-id allow list and a role filter: more than
+    // Stagepass will have for a long time.
+    for i in 0..20 {
+        let allow: Vec<Uuid> = (0..100).map(|_| Uuid::new_v4()).collect();
+        create(
+            &app,
+            &admin,
+            json!({ "key": format!("bench_{i:02}"), "description": "bench", "enabled": true,
+                    "rollout_basis_points": 500 * i, "allow_users": allow,
+                    "roles": ["fan", "creator"], "reason": "bench" }),
+        )
+        .await;
+    }
+    expire(&app);
+    let cache = cache(&app);
+    let _ = me_flags(&app, &fan).await; // warm: loaded once
+    let loads = cache.loads();
+
+    let started = std::time::Instant::now();
+    for _ in 0..iterations {
+        let r = app.get("/api/v1/me").bearer(&fan.token).send().await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let me_us = started.elapsed().as_secs_f64() * 1e6 / f64::from(iterations);
+    assert_eq!(cache.loads(), loads, "warm requests never load flags");
+
+    let started = std::time::Instant::now();
+    let mut on = 0usize;
+    for _ in 0..iterations * 10 {
+        let flags = cache.flags().await.evaluate(fan.id, Some("fan"));
+        on += flags.values().filter(|v| **v).count();
+    }
+    let eval_us = started.elapsed().as_secs_f64() * 1e6 / f64::from(iterations * 10);
+    assert!(on > 0);
+
+    // One reload (what a function pays once per FLAGS_CACHE_SECONDS when busy).
+    let reloads = 200u32;
+    let started = std::time::Instant::now();
+    for _ in 0..reloads {
+        expire(&app);
+        let _ = cache.flags().await;
+    }
+    let reload_us = started.elapsed().as_secs_f64() * 1e6 / f64::from(reloads);
+    assert_eq!(cache.loads(), loads + u64::from(reloads));
+
+    println!(
+        "{}",
+        json!({
+            "profile": if cfg!(debug_assertions) { "debug" } else { "release" },
+            "flags": cache.flags().await.len(),
+            "iterations": iterations,
+            "warm_me_mean_us": (me_us * 10.0).round() / 10.0,
+            "flags_step_mean_us": (eval_us * 100.0).round() / 100.0,
+            "flags_step_share_of_me": format!("{:.2} %", eval_us / me_us * 100.0),
+            "database_round_trips_for_flags_on_warm_requests": cache.loads() - loads - u64::from(reloads),
+            "reload_mean_us": (reload_us * 10.0).round() / 10.0,
+        })
+    );
+}
