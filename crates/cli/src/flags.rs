@@ -235,17 +235,20 @@ pub async fn list(key: Option<&str>) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `changed_at, actor, reason, before, after` of an audit row.
+type Change = (
+    chrono::DateTime<chrono::Utc>,
+    String,
+    String,
+    Option<serde_json::Value>,
+    serde_json::Value,
+);
+
 pub async fn history(key: &str) -> Result<ExitCode> {
     let pool = connect().await?;
     let rows = async {
         let mut tx = db::begin_service(&pool).await.context("connecting")?;
-        let rows: Vec<(
-            chrono::DateTime<chrono::Utc>,
-            String,
-            String,
-            Option<serde_json::Value>,
-            serde_json::Value,
-        )> = sqlx::query_as(
+        let rows: Vec<Change> = sqlx::query_as(
             "select changed_at, actor, reason, before, after from app.feature_flag_changes \
                  where flag_key = $1 order by id",
         )
