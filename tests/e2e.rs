@@ -327,7 +327,13 @@ async fn every_database_function_binary_reaches_postgres() {
         ),
         ("v1_admin_users_role", Method::PUT, &admin, Some(role), 403),
         // Feature flags (ADR 0016): only a database admin may read or change them.
-        ("v1_admin_flags", Method::GET, "/api/v1/admin/flags", None, 403),
+        (
+            "v1_admin_flags",
+            Method::GET,
+            "/api/v1/admin/flags",
+            None,
+            403,
+        ),
         (
             "v1_admin_flags_key",
             Method::PATCH,

@@ -1244,6 +1244,15 @@ export interface components {
                 "application/problem+json": components["schemas"]["Problem"];
             };
         };
+        /** @description `feature_disabled`: the route's feature flag is off for the caller (`GET /api/v1/me` lists the caller's flags; a change reaches every function within `FLAGS_CACHE_SECONDS`). */
+        FeatureDisabled: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                "application/problem+json": components["schemas"]["Problem"];
+            };
+        };
         /** @description `not_found`: no such resource, or not visible to the caller. */
         NotFound: {
             headers: {

@@ -448,6 +448,12 @@ fn the_validators_limits_are_in_the_document() {
             .as_str()
             .is_some_and(|r| r.contains(r"\u0000-\u001F\u007F-\u009F"))
     );
+    // The gate's answer (ADR 0016) is a published response component.
+    assert_eq!(
+        doc["components"]["responses"]["FeatureDisabled"]["content"]["application/problem+json"]["schema"]
+            ["$ref"],
+        "#/components/schemas/Problem"
+    );
     // Feature flags (ADR 0016): key pattern, basis points, list sizes, texts.
     assert_eq!(
         schemas["NewFlag"]["properties"]["key"]["pattern"],

@@ -112,6 +112,18 @@ fn components(doc: &mut Value) {
         schemas.insert(name.into(), schema);
     }
 
+    // The answer of a route gated by a feature flag (ADR 0016): a gated
+    // route's 403 refers to it (`$ref: #/components/responses/FeatureDisabled`).
+    object_at_map(components, "responses").insert(
+        "FeatureDisabled".into(),
+        json!({
+            "description": "`feature_disabled`: the route's feature flag is off for the caller \
+                (`GET /api/v1/me` lists the caller's flags; a change reaches every function \
+                within `FLAGS_CACHE_SECONDS`).",
+            "content": problem_content(),
+        }),
+    );
+
     let headers = object_at_map(components, "headers");
     headers.insert(
         "Retry-After".into(),
