@@ -326,6 +326,21 @@ async fn every_database_function_binary_reaches_postgres() {
             200,
         ),
         ("v1_admin_users_role", Method::PUT, &admin, Some(role), 403),
+        // Feature flags (ADR 0016): only a database admin may read or change them.
+        (
+            "v1_admin_flags",
+            Method::GET,
+            "/api/v1/admin/flags",
+            None,
+            403,
+        ),
+        (
+            "v1_admin_flags_key",
+            Method::PATCH,
+            "/api/v1/admin/flags/calls",
+            Some(r#"{"enabled":true,"reason":"e2e"}"#),
+            403,
+        ),
     ];
     for (binary, method, path, body, expected) in cases {
         let f = Function::start(binary, &env).await;

@@ -135,6 +135,38 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/admin/flags": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["list_flags"];
+        put?: never;
+        post: operations["create_flag"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/admin/flags/{key}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["get_flag"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch: operations["patch_flag"];
+        trace?: never;
+    };
     "/api/v1/admin/users/{id}/grants": {
         parameters: {
             query?: never;
@@ -720,6 +752,33 @@ export interface components {
             metadata?: unknown;
             reference: string;
         };
+        /**
+         * @description A feature flag as stored. On for a user when enabled and (first match
+         *     wins): not on `deny_users`; on `allow_users`; `roles` empty or holding
+         *     the user's role, and the user's bucket (0–9,999, a hash of key and user
+         *     id) below `rollout_basis_points`.
+         */
+        FeatureFlag: {
+            /** @description Always on (when enabled), whatever the role and rollout. */
+            allow_users: string[];
+            /** Format: date-time */
+            created_at: string;
+            /** @description Always off; wins over the allow list. */
+            deny_users: string[];
+            description: string;
+            /** @description Off: off for everyone, the allow list included (the kill switch). */
+            enabled: boolean;
+            key: string;
+            /** @description Empty: every role. Otherwise only these roles get the rollout. */
+            roles: string[];
+            /**
+             * Format: int32
+             * @description 0–10,000: 500 is 5 % of the users who pass the lists and roles.
+             */
+            rollout_basis_points: number;
+            /** Format: date-time */
+            updated_at: string;
+        };
         /** @description A new private feed URL. */
         FeedToken: {
             /** Format: date-time */
@@ -734,6 +793,32 @@ export interface components {
             /** @description The field's path, e.g. `amount`, `items[2].amount`, `id` (a path parameter), `limit` (a query parameter), `body`. */
             field: string;
             message: string;
+        };
+        FlagList: {
+            /** @description Every flag, by key. */
+            flags: components["schemas"]["FeatureFlag"][];
+        };
+        /**
+         * @description A change: the fields given replace the stored ones (lists are replaced
+         *     whole); at least one besides `reason`.
+         */
+        FlagPatch: {
+            /** @description At most 1,000 user ids. */
+            allow_users?: string[] | null;
+            /** @description At most 1,000 user ids. */
+            deny_users?: string[] | null;
+            /** @description 1–500 characters, not only spaces, no control characters (tab and line breaks included), no invisible format characters. */
+            description?: string | null;
+            enabled?: boolean | null;
+            /** @description 1–500 characters, not only spaces, no control characters (tab and line breaks included), no invisible format characters. */
+            reason: string;
+            /** @description Empty or absent: every role; otherwise some of fan, creator, admin. */
+            roles?: components["schemas"]["Role"][] | null;
+            /**
+             * Format: int64
+             * @description Basis points of the users who pass the lists and roles: 500 = 5 %, 10,000 = all. A user's bucket (0–9,999) is a hash of the key and their id, so raising the rollout only adds users.
+             */
+            rollout_basis_points?: number | null;
         };
         /** @description The outcome of a grant. */
         Grant: {
@@ -796,6 +881,14 @@ export interface components {
             /** @description From the verified token only. */
             email?: string | null;
             email_verified: boolean;
+            /**
+             * @description Every feature flag and whether it is on for this user (ADR 0016),
+             *     from the function's flag cache (no database round trip when warm;
+             *     at most `FLAGS_CACHE_SECONDS` old).
+             */
+            flags?: {
+                [key: string]: boolean;
+            };
             handle?: string | null;
             /** Format: uuid */
             id: string;
@@ -854,6 +947,30 @@ export interface components {
             /** @description 1–120 characters once trimmed, on one line: no control characters (tab and line breaks only at the trimmed edges), no invisible format characters but U+200D, no U+2028/9, no noncharacters. */
             title: string;
         };
+        /**
+         * @description A new flag. Absent fields take their defaults (off, 0 basis points, no
+         *     lists, every role).
+         */
+        NewFlag: {
+            /** @description At most 1,000 user ids. */
+            allow_users?: string[] | null;
+            /** @description At most 1,000 user ids. */
+            deny_users?: string[] | null;
+            /** @description 1–500 characters, not only spaces, no control characters (tab and line breaks included), no invisible format characters. */
+            description: string;
+            enabled?: boolean | null;
+            /** @description 2–40 characters of a-z, 0-9 and _, starting with a letter. */
+            key: string;
+            /** @description 1–500 characters, not only spaces, no control characters (tab and line breaks included), no invisible format characters. */
+            reason: string;
+            /** @description Empty or absent: every role; otherwise some of fan, creator, admin. */
+            roles?: components["schemas"]["Role"][] | null;
+            /**
+             * Format: int64
+             * @description Basis points of the users who pass the lists and roles: 500 = 5 %, 10,000 = all. A user's bucket (0–9,999) is a hash of the key and their id, so raising the rollout only adds users.
+             */
+            rollout_basis_points?: number | null;
+        };
         Package: {
             /** Format: int64 */
             bonus_tokens: number;
@@ -881,7 +998,7 @@ export interface components {
         };
         /** @description An RFC 9457 problem document, sent as application/problem+json. Members other than type, title, status and code are present only when they apply (never null). */
         Problem: {
-            /** @description Stable machine-readable code, e.g. `validation_failed`, `insufficient_funds`, `rate_limited`. */
+            /** @description Stable machine-readable code, e.g. `validation_failed`, `insufficient_funds`, `rate_limited`. A route gated by a feature flag answers 403 `feature_disabled` when the flag is off for the caller (`GET /api/v1/me` lists the caller's flags). */
             code: string;
             /** @description Specifics (never for 5xx). */
             detail?: string;
@@ -1120,6 +1237,15 @@ export interface components {
     responses: {
         /** @description `validation_failed` (each refused field is named in `errors`: a path id that is not a UUID, a query parameter given twice or out of range, a body field of the wrong type, length or value, an unknown field, a string or query value holding a refused character: NUL and other controls but tab and line breaks, invisible format characters but U+200D, U+2028/9, noncharacters) or `bad_request` (a body that is not JSON, a missing required header, a body sent with GET, HEAD or DELETE or to a POST route that takes none, where only an empty body or `{}` is accepted). */
         BadRequest: {
+            headers: {
+                [name: string]: unknown;
+            };
+            content: {
+                "application/problem+json": components["schemas"]["Problem"];
+            };
+        };
+        /** @description `feature_disabled`: the route's feature flag is off for the caller (`GET /api/v1/me` lists the caller's flags; a change reaches every function within `FLAGS_CACHE_SECONDS`). */
+        FeatureDisabled: {
             headers: {
                 [name: string]: unknown;
             };
@@ -1480,6 +1606,214 @@ export interface operations {
                 };
             };
             413: components["responses"]["PayloadTooLarge"];
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
+    list_flags: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["FlagList"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            /** @description admin_required: the caller is not an admin in the database */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
+    create_flag: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["NewFlag"];
+            };
+        };
+        responses: {
+            201: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["FeatureFlag"];
+                };
+            };
+            /** @description validation_failed (key, description, rollout_basis_points, allow_users, deny_users, roles, reason) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            401: components["responses"]["Unauthorized"];
+            /** @description admin_required: the caller is not an admin in the database */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description flag_exists: a flag with this key already exists */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            415: components["responses"]["UnsupportedMediaType"];
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
+    get_flag: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description the flag's key */
+                key: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["FeatureFlag"];
+                };
+            };
+            /** @description validation_failed: not a flag key */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            401: components["responses"]["Unauthorized"];
+            /** @description admin_required: the caller is not an admin in the database */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description no such flag */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
+    patch_flag: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description the flag's key */
+                key: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["FlagPatch"];
+            };
+        };
+        responses: {
+            /** @description the flag after the change (unchanged and not recorded when nothing differs) */
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["FeatureFlag"];
+                };
+            };
+            /** @description validation_failed (key, description, rollout_basis_points, allow_users, deny_users, roles, reason, body) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            401: components["responses"]["Unauthorized"];
+            /** @description admin_required: the caller is not an admin in the database */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description no such flag */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            415: components["responses"]["UnsupportedMediaType"];
             429: components["responses"]["TooManyRequests"];
             503: components["responses"]["ServiceUnavailable"];
         };

@@ -21,6 +21,8 @@ fn binary(name: &str) -> &'static str {
         "v1_openapi" => env!("CARGO_BIN_EXE_v1_openapi"),
         "v1_auth_access_token_hook" => env!("CARGO_BIN_EXE_v1_auth_access_token_hook"),
         "v1_admin_users_role" => env!("CARGO_BIN_EXE_v1_admin_users_role"),
+        "v1_admin_flags" => env!("CARGO_BIN_EXE_v1_admin_flags"),
+        "v1_admin_flags_key" => env!("CARGO_BIN_EXE_v1_admin_flags_key"),
         "v1_tokens_packages" => env!("CARGO_BIN_EXE_v1_tokens_packages"),
         "v1_tokens_balance" => env!("CARGO_BIN_EXE_v1_tokens_balance"),
         "v1_tokens_ledger" => env!("CARGO_BIN_EXE_v1_tokens_ledger"),

@@ -4,6 +4,7 @@
 //! - `migrate`: the embedded migrations, at deploy time (never on a cold start).
 //! - `users set-role`: bootstraps the first admin and changes roles outside the API.
 //! - `users grant`: promotional tokens by the operator, audited like an admin's grant.
+//! - `flags list|show|create|set|history`: feature flags, audited like an admin's change.
 //! - `openapi`: prints the OpenAPI document every deployment serves at `/api/v1/openapi.json`.
 //! - `check-env`: validates a deployment's environment per function, without printing values.
 //! - `bench cold-start`: cold start, binary size, warm throughput and memory of the release binaries.
@@ -18,6 +19,7 @@ mod check_env;
 mod dev;
 mod dotenv;
 mod error;
+mod flags;
 mod lambda;
 mod migrate;
 mod pgcluster;
@@ -49,6 +51,17 @@ USAGE:
   stagepass users grant <user-id> <tokens> --reason TEXT
       Grant 1-10,000 promotional tokens (journal from the promotions account, audited
       in app.token_grants as operator:$USER). Uses DATABASE_ADMIN_URL (the owner).
+  stagepass flags list
+  stagepass flags show <key>
+  stagepass flags history <key>
+  stagepass flags create <key> --description TEXT --reason TEXT [FIELDS]
+  stagepass flags set <key> --reason TEXT FIELDS
+      Feature flags (docs/adr/0016-feature-flags.md). FIELDS: --enabled on|off,
+      --rollout PERCENT (0-100, up to 2 decimals), --roles fan,creator,admin|none,
+      --allow UUID,...|none, --deny UUID,...|none, --description TEXT (lists replace
+      the stored ones). Changes are audited in app.feature_flag_changes as
+      operator:$USER; functions see them within FLAGS_CACHE_SECONDS (default 5).
+      Uses DATABASE_URL (or DATABASE_ADMIN_URL).
   stagepass openapi
       Print the OpenAPI 3.1 document (the one served at /api/v1/openapi.json).
   stagepass check-env [--env-file PATH] [--function NAME] [--production]
@@ -134,6 +147,7 @@ fn run(argv: &[String]) -> Result<ExitCode> {
             current_thread()?.block_on(migrate::run())
         }
         "users" => users_command(rest),
+        "flags" => flags_command(rest),
         "openapi" => {
             no_positionals(&parse(rest, &[], &[])?)?;
             // The very bytes the function serves, plus a final newline. A
@@ -184,6 +198,25 @@ fn lambda_command(rest: &[String]) -> Result<ExitCode> {
         None => print!("{text}"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn flags_command(rest: &[String]) -> Result<ExitCode> {
+    let p = parse(rest, &flags::VALUE_OPTIONS, &[])?;
+    let positional: Vec<&str> = p.positional.iter().map(String::as_str).collect();
+    match positional.as_slice() {
+        ["list"] => current_thread()?.block_on(flags::list(None)),
+        ["show", key] => current_thread()?.block_on(flags::list(Some(key))),
+        ["history", key] => current_thread()?.block_on(flags::history(key)),
+        [sub @ ("create" | "set"), key] => {
+            let change = flags::FlagChange::parse(key, *sub == "create", &p)?;
+            current_thread()?.block_on(flags::change(change))
+        }
+        _ => fail(
+            "usage: stagepass flags list | show <key> | history <key>\n       \
+             stagepass flags create <key> --description TEXT --reason TEXT [FIELDS]\n       \
+             stagepass flags set <key> --reason TEXT FIELDS  (see stagepass --help)",
+        ),
+    }
 }
 
 fn users_command(rest: &[String]) -> Result<ExitCode> {

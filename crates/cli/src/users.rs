@@ -136,7 +136,7 @@ pub async fn grant(request: GrantRequest) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn operator_name() -> String {
+pub(crate) fn operator_name() -> String {
     std::env::var("USER")
         .ok()
         .filter(|u| !u.trim().is_empty())
@@ -145,7 +145,7 @@ fn operator_name() -> String {
 
 /// `DATABASE_URL` (the app login may become the service role), else
 /// `DATABASE_ADMIN_URL`.
-fn database_url() -> Result<String> {
+pub(crate) fn database_url() -> Result<String> {
     ["DATABASE_URL", "DATABASE_ADMIN_URL"]
         .iter()
         .find_map(|v| std::env::var(v).ok().filter(|u| !u.trim().is_empty()))

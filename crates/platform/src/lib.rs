@@ -8,11 +8,13 @@
 //! - [`serve`]: runs a router on Vercel, on Lambda, or locally.
 //! - [`upstash`]: a small Upstash Redis REST client.
 //! - [`ratelimit`]: every limit of a request in one Upstash round trip.
+//! - [`flags`]: feature flags, evaluated in process from a short-lived cache.
 
 pub mod auth;
 pub mod config;
 pub mod cron;
 pub mod db;
+pub mod flags;
 pub mod http;
 pub mod idempotency;
 pub mod local;

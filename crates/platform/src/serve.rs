@@ -82,6 +82,7 @@ pub struct Resources {
     http: Arc<std::sync::OnceLock<reqwest::Client>>,
     verifier: Arc<std::sync::OnceLock<Arc<crate::auth::Verifier>>>,
     limiter: Arc<std::sync::OnceLock<Arc<crate::ratelimit::RateLimiter>>>,
+    flags: Arc<std::sync::OnceLock<Arc<crate::flags::FlagCache>>>,
     pub clock: crate::time::Clock,
 }
 
@@ -139,6 +140,28 @@ impl Resources {
                     crate::ratelimit::RateLimiter::from_config(upstash, env, self.http())
                         .with_clock(self.clock.clone()),
                 )
+            })
+            .clone()
+    }
+
+    /// The process's feature flag cache (one per process, so one per
+    /// function instance), on the process's pool and clock.
+    pub fn flags(
+        &self,
+        pool: &sqlx::PgPool,
+        config: crate::flags::FlagsConfig,
+    ) -> Arc<crate::flags::FlagCache> {
+        self.flags
+            .get_or_init(|| {
+                let source = crate::flags::DbSource {
+                    pool: pool.clone(),
+                    mode: self.pool_mode(),
+                };
+                Arc::new(crate::flags::FlagCache::new(
+                    Box::new(source),
+                    self.clock.clone(),
+                    config,
+                ))
             })
             .clone()
     }

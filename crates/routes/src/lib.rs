@@ -7,6 +7,7 @@ pub mod admin;
 pub mod auth_hook;
 pub mod classes;
 pub mod cron;
+pub mod flags;
 pub mod grants;
 pub mod health;
 pub mod ical;
@@ -35,6 +36,8 @@ pub const FUNCTIONS: &[Function] = &[
     me::FUNCTION,
     auth_hook::FUNCTION,
     admin::ROLE,
+    flags::COLLECTION,
+    flags::ITEM,
     grants::FUNCTION,
     openapi::FUNCTION,
     tokens::PACKAGES_FUNCTION,

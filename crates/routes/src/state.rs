@@ -4,17 +4,19 @@ use axum::extract::FromRef;
 use sqlx::PgPool;
 use stagepass_platform::auth::Verifier;
 use stagepass_platform::config::{AuthConfig, DbConfig, Loader};
+use stagepass_platform::flags::{FlagCache, FlagsConfig};
 use stagepass_platform::serve::{PlatformHandle, Resources};
 
 use crate::outbox::Outbox;
 
 /// What a route serving signed-in users needs: the pool and the token
-/// verifier, and for routes whose changes notify someone, the outbox
-/// deliverer.
+/// verifier, the process's feature flags, and for routes whose changes
+/// notify someone, the outbox deliverer.
 #[derive(Clone)]
 pub struct UserApi {
     pub pool: PgPool,
     pub verifier: Arc<Verifier>,
+    pub flags: Arc<FlagCache>,
     pub outbox: Option<Outbox>,
 }
 
@@ -22,8 +24,10 @@ impl UserApi {
     pub fn load(l: &mut Loader, r: &Resources) -> Option<UserApi> {
         let db = DbConfig::load(l);
         let auth = AuthConfig::load(l);
+        let flags = FlagsConfig::load(l);
         let pool = r.db(&db?)?;
         Some(UserApi {
+            flags: r.flags(&pool, flags),
             pool,
             verifier: r.verifier(&auth?),
             outbox: None,
@@ -52,5 +56,11 @@ impl UserApi {
 impl FromRef<UserApi> for Arc<Verifier> {
     fn from_ref(s: &UserApi) -> Arc<Verifier> {
         s.verifier.clone()
+    }
+}
+
+impl FromRef<UserApi> for Arc<FlagCache> {
+    fn from_ref(s: &UserApi) -> Arc<FlagCache> {
+        s.flags.clone()
     }
 }

@@ -448,6 +448,31 @@ fn the_validators_limits_are_in_the_document() {
             .as_str()
             .is_some_and(|r| r.contains(r"\u0000-\u001F\u007F-\u009F"))
     );
+    // The gate's answer (ADR 0016) is a published response component.
+    assert_eq!(
+        doc["components"]["responses"]["FeatureDisabled"]["content"]["application/problem+json"]["schema"]
+            ["$ref"],
+        "#/components/schemas/Problem"
+    );
+    // Feature flags (ADR 0016): key pattern, basis points, list sizes, texts.
+    assert_eq!(
+        schemas["NewFlag"]["properties"]["key"]["pattern"],
+        "^[a-z][a-z0-9_]{1,39}$"
+    );
+    for schema in ["NewFlag", "FlagPatch"] {
+        let p = &schemas[schema]["properties"];
+        assert_eq!(p["rollout_basis_points"]["minimum"], 0, "{schema}");
+        assert_eq!(p["rollout_basis_points"]["maximum"], 10_000, "{schema}");
+        assert_eq!(p["allow_users"]["maxItems"], 1000, "{schema}");
+        assert_eq!(p["deny_users"]["maxItems"], 1000, "{schema}");
+        assert_eq!(p["reason"]["maxLength"], 500, "{schema}");
+        assert_eq!(p["description"]["maxLength"], 500, "{schema}");
+    }
+    assert!(
+        schemas["Me"]["properties"]["flags"]["additionalProperties"]["type"] == "boolean",
+        "the session's flags: {}",
+        schemas["Me"]["properties"]["flags"]
+    );
     // Text rules (ADR 0013): titles and display names are single-line (no
     // tab or line break inside), the bidi overrides are refused everywhere,
     // the zero width joiner of emoji sequences is not.

@@ -112,6 +112,18 @@ fn components(doc: &mut Value) {
         schemas.insert(name.into(), schema);
     }
 
+    // The answer of a route gated by a feature flag (ADR 0016): a gated
+    // route's 403 refers to it (`$ref: #/components/responses/FeatureDisabled`).
+    object_at_map(components, "responses").insert(
+        "FeatureDisabled".into(),
+        json!({
+            "description": "`feature_disabled`: the route's feature flag is off for the caller \
+                (`GET /api/v1/me` lists the caller's flags; a change reaches every function \
+                within `FLAGS_CACHE_SECONDS`).",
+            "content": problem_content(),
+        }),
+    );
+
     let headers = object_at_map(components, "headers");
     headers.insert(
         "Retry-After".into(),
@@ -368,7 +380,9 @@ pub fn problem_schema() -> Value {
                 "type": "string",
                 "pattern": "^[a-z][a-z0-9_]*$",
                 "description": "Stable machine-readable code, e.g. `validation_failed`, \
-                    `insufficient_funds`, `rate_limited`.",
+                    `insufficient_funds`, `rate_limited`. A route gated by a feature flag \
+                    answers 403 `feature_disabled` when the flag is off for the caller \
+                    (`GET /api/v1/me` lists the caller's flags).",
             },
             "detail": { "type": "string", "description": "Specifics (never for 5xx)." },
             "request_id": {
@@ -681,6 +695,55 @@ fn constrain(schemas: &mut Map<String, Value>) {
                     spaces, no control characters (tab and line breaks included), no invisible \
                     format characters." }),
     );
+
+    // Feature flags (flags.rs, platform::flags, ADR 0016): the same rules for
+    // a new flag and a change.
+    {
+        use stagepass_platform::flags::{BUCKETS, MAX_LIST_USERS, MAX_TEXT_CHARS, ROLES};
+        set(
+            schemas,
+            "NewFlag",
+            "key",
+            json!({ "pattern": "^[a-z][a-z0-9_]{1,39}$" }),
+        );
+        for schema in ["NewFlag", "FlagPatch"] {
+            for field in ["description", "reason"] {
+                set(
+                    schemas,
+                    schema,
+                    field,
+                    json!({ "maxLength": MAX_TEXT_CHARS, "pattern": not_blank_text(""),
+                            "description": "1–500 characters, not only spaces, no control \
+                                characters (tab and line breaks included), no invisible format \
+                                characters." }),
+                );
+            }
+            set(
+                schemas,
+                schema,
+                "rollout_basis_points",
+                json!({ "minimum": 0, "maximum": BUCKETS,
+                        "description": "Basis points of the users who pass the lists and \
+                            roles: 500 = 5 %, 10,000 = all. A user's bucket (0–9,999) is a hash \
+                            of the key and their id, so raising the rollout only adds users." }),
+            );
+            for field in ["allow_users", "deny_users"] {
+                set(
+                    schemas,
+                    schema,
+                    field,
+                    json!({ "maxItems": MAX_LIST_USERS }),
+                );
+            }
+            set(
+                schemas,
+                schema,
+                "roles",
+                json!({ "description": format!("Empty or absent: every role; otherwise some of {}.",
+                                              ROLES.join(", ")) }),
+            );
+        }
+    }
 
     // POST /api/v1/tokens/purchases: one of the packages.
     let ids: Vec<&str> = stagepass_ledger::packages::PACKAGES
