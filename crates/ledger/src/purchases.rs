@@ -83,6 +83,18 @@ pub enum CreditOutcome {
     Unknown,
 }
 
+impl CreditOutcome {
+    /// The wire name (as serialised; also `app.credit_purchase`'s answer).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CreditOutcome::Credited => "credited",
+            CreditOutcome::AlreadyCredited => "already_credited",
+            CreditOutcome::NotCreditable => "not_creditable",
+            CreditOutcome::Unknown => "unknown",
+        }
+    }
+}
+
 /// Service path: credits a succeeded PaymentIntent exactly once.
 pub async fn credit(
     conn: &mut PgConnection,
@@ -94,11 +106,18 @@ pub async fn credit(
         .bind(amount_cents)
         .fetch_one(conn)
         .await?;
-    Ok(match outcome.as_str() {
-        "credited" => CreditOutcome::Credited,
-        "already_credited" => CreditOutcome::AlreadyCredited,
-        "not_creditable" => CreditOutcome::NotCreditable,
-        _ => CreditOutcome::Unknown,
+    [
+        CreditOutcome::Credited,
+        CreditOutcome::AlreadyCredited,
+        CreditOutcome::NotCreditable,
+        CreditOutcome::Unknown,
+    ]
+    .into_iter()
+    .find(|o| o.as_str() == outcome)
+    .ok_or_else(|| {
+        PurchaseError::Ledger(LedgerError::Invariant(format!(
+            "app.credit_purchase answered {outcome:?}"
+        )))
     })
 }
 
@@ -141,20 +160,20 @@ pub async fn claw_back(
         } => ("refund", amount_refunded_cents),
         ClawBack::Dispute => ("dispute", 0),
     };
-    let taken: i64 = sqlx::query_scalar("select app.claw_back_purchase($1, $2, $3, $4)")
-        .bind(payment_intent)
-        .bind(kind)
-        .bind(reference)
-        .bind(refunded)
-        .fetch_one(conn)
-        .await
-        .or_else(|e| match LedgerError::from(e) {
-            // The same refund state or dispute delivered again.
-            LedgerError::AlreadyApplied => Ok(0),
-            LedgerError::Db(e) => Err(e),
-            other => Err(sqlx::Error::Protocol(other.to_string())),
-        })?;
-    Ok(taken)
+    let taken: Result<i64, PurchaseError> =
+        sqlx::query_scalar("select app.claw_back_purchase($1, $2, $3, $4)")
+            .bind(payment_intent)
+            .bind(kind)
+            .bind(reference)
+            .bind(refunded)
+            .fetch_one(conn)
+            .await
+            .map_err(PurchaseError::from);
+    match taken {
+        // The same refund state or dispute delivered again.
+        Err(PurchaseError::Ledger(LedgerError::AlreadyApplied)) => Ok(0),
+        other => other,
+    }
 }
 
 /// Service path: pending purchases older than `older_than_seconds`.
@@ -186,26 +205,12 @@ pub enum PurchaseError {
 
 impl From<sqlx::Error> for PurchaseError {
     fn from(e: sqlx::Error) -> Self {
-        match stagepass_platform::db::sqlstate(&e).as_deref() {
-            Some("SP020") => PurchaseError::UnknownPackage,
-            Some("SP021") => PurchaseError::KeyConflict,
-            Some("SP022") => PurchaseError::AmountMismatch,
+        use crate::sqlstate::{self, Refusal};
+        match sqlstate::raised(&e).map(|r| r.refusal) {
+            Some(Refusal::UnknownPackage) => PurchaseError::UnknownPackage,
+            Some(Refusal::PurchaseKeyConflict) => PurchaseError::KeyConflict,
+            Some(Refusal::PurchaseAmountMismatch) => PurchaseError::AmountMismatch,
             _ => PurchaseError::Ledger(LedgerError::from(e)),
-        }
-    }
-}
-
-impl From<PurchaseError> for stagepass_platform::http::ApiError {
-    fn from(e: PurchaseError) -> Self {
-        use stagepass_platform::http::ApiError;
-        match e {
-            PurchaseError::UnknownPackage => ApiError::field("package", "unknown package"),
-            PurchaseError::KeyConflict => ApiError::Unprocessable(
-                "idempotency_key_reused",
-                "this Idempotency-Key was used with a different request".into(),
-            ),
-            PurchaseError::AmountMismatch => ApiError::Internal(e.to_string().into()),
-            PurchaseError::Ledger(l) => l.into(),
         }
     }
 }

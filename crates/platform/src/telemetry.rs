@@ -284,7 +284,7 @@ pub async fn observe(req: Request, next: Next) -> Response {
         .get::<RequestId>()
         .map(|id| id.as_str().to_owned())
         .unwrap_or_default();
-    let platform = req.extensions().get::<crate::serve::Platform>().cloned();
+    let platform = req.extensions().get::<crate::runtime::Platform>().cloned();
     let span = tracing::info_span!(
         "request",
         %method,
@@ -328,7 +328,7 @@ pub async fn observe(req: Request, next: Next) -> Response {
     let self_reported = response
         .extensions()
         .get::<ProblemInfo>()
-        .is_some_and(|p| p.code == "rate_limiter_unavailable");
+        .is_some_and(|p| p.self_reported);
     if status.is_server_error() && sentry_enabled() && !self_reported {
         let message = response
             .extensions()
@@ -373,7 +373,7 @@ fn span_status(status: http::StatusCode) -> sentry::protocol::SpanStatus {
 /// Flushes Sentry: on Vercel after the response (`wait_until`), on Lambda
 /// before it is returned (the adapter awaits it, bounded), locally in a
 /// background task.
-fn flush_after_response(platform: Option<crate::serve::Platform>) {
+fn flush_after_response(platform: Option<crate::runtime::Platform>) {
     let flush = async {
         let _ = tokio::task::spawn_blocking(|| {
             if let Some(client) = sentry::Hub::main().client() {
@@ -382,7 +382,7 @@ fn flush_after_response(platform: Option<crate::serve::Platform>) {
         })
         .await;
     };
-    crate::serve::after_response(platform.as_ref(), flush);
+    crate::runtime::after_response(platform.as_ref(), flush);
 }
 
 /// Records the authenticated user on the request's span and Sentry scope.

@@ -8,6 +8,7 @@
 //! is idempotent like a tip: the key's record and the payment commit
 //! together, refusals are rolled back to a savepoint and stored with the key.
 
+use crate::problems::OrProblem;
 use axum::extract::{Path, Query, State};
 use axum::middleware::from_fn;
 use axum::response::Response;
@@ -310,7 +311,9 @@ pub async fn create_class(
     let fields = request.parse()?;
     let mut tx = db::begin_user(&api.pool, user.claims()).await?;
     crate::me::ensure_user(&mut tx).await?;
-    let class = classes::create(&mut tx, Uuid::now_v7(), &fields).await?;
+    let class = classes::create(&mut tx, Uuid::now_v7(), &fields)
+        .await
+        .or_problem()?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(class)))
 }
@@ -387,7 +390,9 @@ pub async fn list_classes(
     let after = q.cursor.as_deref().map(decode_cursor).transpose()?;
     let mut tx = db::begin_user(&api.pool, user.claims()).await?;
     // One extra row tells whether another page exists.
-    let mut found = classes::upcoming(&mut tx, creator, after, limit + 1).await?;
+    let mut found = classes::upcoming(&mut tx, creator, after, limit + 1)
+        .await
+        .or_problem()?;
     tx.commit().await?;
     let more = found.len() > usize::try_from(limit).unwrap_or(usize::MAX);
     found.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
@@ -414,7 +419,7 @@ pub async fn get_class(
 ) -> ApiResult<Json<Class>> {
     let id = parse_id(&id)?;
     let mut tx = db::begin_user(&api.pool, user.claims()).await?;
-    let class = classes::get(&mut tx, id).await?;
+    let class = classes::get(&mut tx, id).await.or_problem()?;
     tx.commit().await?;
     Ok(Json(class))
 }
@@ -443,7 +448,7 @@ pub async fn patch_class(
     }
     let mut tx = db::begin_user(&api.pool, user.claims()).await?;
     crate::me::ensure_user(&mut tx).await?;
-    let class = classes::update(&mut tx, id, &fields).await?;
+    let class = classes::update(&mut tx, id, &fields).await.or_problem()?;
     tx.commit().await?;
     api.kick(&platform);
     Ok(Json(class))
@@ -489,7 +494,7 @@ pub async fn enroll(
         key,
         &fingerprint,
         DEFAULT_TTL_HOURS,
-    );
+    )?;
     crate::idempotent::run(
         &api,
         &user,
@@ -498,8 +503,10 @@ pub async fn enroll(
         StatusCode::CREATED,
         |conn| {
             Box::pin(async move {
-                let enrollment = classes::enroll(conn, class, Uuid::now_v7()).await?;
-                Ok(serde_json::to_value(&enrollment).unwrap_or_default())
+                let enrollment = classes::enroll(conn, class, Uuid::now_v7())
+                    .await
+                    .or_problem()?;
+                serde_json::to_value(&enrollment).map_err(ApiError::internal)
             })
         },
     )
@@ -529,7 +536,7 @@ pub async fn withdraw(
         crate::me::ensure_user(&mut tx).await?;
         let withdrawal = match classes::withdraw(&mut tx, class).await {
             Err(e) if e.is_deadlock() => return Err(retry::deadlocked(tx).await),
-            other => other?,
+            other => other.or_problem()?,
         };
         tx.commit().await?;
         Ok(Json(withdrawal))
@@ -562,7 +569,7 @@ pub async fn cancel_class(
         crate::me::ensure_user(&mut tx).await?;
         let cancellation = match classes::cancel(&mut tx, class).await {
             Err(e) if e.is_deadlock() => return Err(retry::deadlocked(tx).await),
-            other => other?,
+            other => other.or_problem()?,
         };
         tx.commit().await?;
         Ok(Json(cancellation))

@@ -109,7 +109,7 @@ pub fn apply_unavailable(headers: &mut HeaderMap, policies: &[Policy]) {
 pub enum ClientIpSource {
     /// The Lambda event's request context when there is one (`lambda`
     /// feature), Vercel's headers when the request came through the Vercel
-    /// runtime (a Vercel [`crate::serve::Platform`]), else the connection.
+    /// runtime (a Vercel [`crate::runtime::Platform`]), else the connection.
     #[default]
     Auto,
     /// Always Vercel's headers (tests of a Vercel deployment).
@@ -141,8 +141,8 @@ pub fn client_ip(parts: &Parts, source: ClientIpSource) -> Option<IpAddr> {
             }
             parts
                 .extensions
-                .get::<crate::serve::Platform>()
-                .is_some_and(crate::serve::Platform::is_vercel)
+                .get::<crate::runtime::Platform>()
+                .is_some_and(crate::runtime::Platform::is_vercel)
         }
         ClientIpSource::Vercel => true,
         ClientIpSource::Connection => false,
