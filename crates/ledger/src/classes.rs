@@ -12,7 +12,7 @@ use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::LedgerError;
+use crate::{ClassId, EnrollmentId, LedgerError, UserId};
 
 /// A class as the API returns it (`app.class_view`).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
@@ -132,7 +132,7 @@ impl ClassError {
 /// and the creator's calendar copy.
 pub async fn create(
     conn: &mut PgConnection,
-    id: Uuid,
+    id: ClassId,
     fields: &ClassFields,
 ) -> Result<Class, ClassError> {
     write(
@@ -147,7 +147,7 @@ pub async fn create(
 /// Edits the caller's scheduled class; every calendar copy follows.
 pub async fn update(
     conn: &mut PgConnection,
-    id: Uuid,
+    id: ClassId,
     fields: &ClassFields,
 ) -> Result<Class, ClassError> {
     write(
@@ -162,7 +162,7 @@ pub async fn update(
 async fn write(
     sql: &'static str,
     conn: &mut PgConnection,
-    id: Uuid,
+    id: ClassId,
     f: &ClassFields,
 ) -> Result<Class, ClassError> {
     sqlx::query_as::<_, Class>(sql)
@@ -181,7 +181,7 @@ async fn write(
 
 /// One class the caller may see (RLS: scheduled, or their own, or one they
 /// enrolled in).
-pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Class, ClassError> {
+pub async fn get(conn: &mut PgConnection, id: ClassId) -> Result<Class, ClassError> {
     sqlx::query_as::<_, Class>("select * from app.class_view where id = $1")
         .bind(id)
         .fetch_optional(conn)
@@ -200,7 +200,7 @@ pub struct ClassCursor {
 /// creator, after `cursor`.
 pub async fn upcoming(
     conn: &mut PgConnection,
-    creator: Option<Uuid>,
+    creator: Option<UserId>,
     after: Option<ClassCursor>,
     limit: i64,
 ) -> Result<Vec<Class>, ClassError> {
@@ -236,8 +236,8 @@ pub struct Enrollment {
 /// caller's row locks.
 pub async fn enroll(
     conn: &mut PgConnection,
-    class: Uuid,
-    enrollment: Uuid,
+    class: ClassId,
+    enrollment: EnrollmentId,
 ) -> Result<Enrollment, ClassError> {
     let (enrollment_id, journal_id, price_tokens, balance): (Uuid, Option<Uuid>, i64, i64) =
         sqlx::query_as(
@@ -249,7 +249,7 @@ pub async fn enroll(
         .await?;
     Ok(Enrollment {
         enrollment_id,
-        class_id: class,
+        class_id: class.get(),
         journal_id,
         price_tokens,
         balance,
@@ -266,7 +266,7 @@ pub struct Withdrawal {
 }
 
 /// The caller leaves `class` with a full refund, before the cut-off.
-pub async fn withdraw(conn: &mut PgConnection, class: Uuid) -> Result<Withdrawal, ClassError> {
+pub async fn withdraw(conn: &mut PgConnection, class: ClassId) -> Result<Withdrawal, ClassError> {
     Ok(
         sqlx::query_as::<_, Withdrawal>("select * from app.withdraw($1)")
             .bind(class)
@@ -285,7 +285,7 @@ pub struct Cancellation {
 
 /// The caller cancels their scheduled class: every fan refunded, every
 /// calendar copy cancelled.
-pub async fn cancel(conn: &mut PgConnection, class: Uuid) -> Result<Cancellation, ClassError> {
+pub async fn cancel(conn: &mut PgConnection, class: ClassId) -> Result<Cancellation, ClassError> {
     Ok(
         sqlx::query_as::<_, Cancellation>("select * from app.cancel_class($1)")
             .bind(class)

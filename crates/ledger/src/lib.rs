@@ -3,6 +3,7 @@
 pub mod audit;
 pub mod classes;
 pub mod grants;
+mod ids;
 pub mod packages;
 pub mod purchases;
 pub mod sqlstate;
@@ -12,6 +13,8 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
+
+pub use ids::{ClassId, EnrollmentId, GrantId, PurchaseId, TipId, UserId};
 
 /// The smallest and largest tip, in tokens. `app.tip` refuses others with
 /// SQLSTATE SP010 (a test checks its bounds equal these); the API's
@@ -150,8 +153,8 @@ pub struct Tip {
 /// caller's wallet locked, in the caller's transaction.
 pub async fn tip(
     conn: &mut PgConnection,
-    tip_id: Uuid,
-    recipient: Uuid,
+    tip_id: TipId,
+    recipient: UserId,
     amount: TokenAmount,
     message: Option<&str>,
 ) -> Result<Tip, LedgerError> {
@@ -164,7 +167,7 @@ pub async fn tip(
             .fetch_one(conn)
             .await?;
     Ok(Tip {
-        tip_id,
+        tip_id: tip_id.get(),
         journal_id,
         balance,
     })

@@ -9,12 +9,12 @@ use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::LedgerError;
+use crate::{LedgerError, PurchaseId, UserId};
 
 /// The caller's purchase as `app.begin_purchase` found or created it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct PurchaseStart {
-    pub id: Uuid,
+    pub id: PurchaseId,
     pub tokens: i64,
     pub price_cents: i64,
     pub payment_intent_id: Option<String>,
@@ -26,15 +26,18 @@ pub struct PurchaseStart {
 
 /// The purchase id for (user, Idempotency-Key): a retry finds the same row
 /// and Stripe sees the same idempotency key.
-pub fn purchase_id(user: Uuid, idempotency_key: &str) -> Uuid {
+pub fn purchase_id(user: UserId, idempotency_key: &str) -> PurchaseId {
     const NAMESPACE: Uuid = Uuid::from_u128(0x5f6a_7c1e_2b4d_4e8f_9a0b_1c2d_3e4f_5a6b);
-    Uuid::new_v5(&NAMESPACE, format!("{user}/{idempotency_key}").as_bytes())
+    PurchaseId::new(Uuid::new_v5(
+        &NAMESPACE,
+        format!("{user}/{idempotency_key}").as_bytes(),
+    ))
 }
 
 /// Starts (or finds) the caller's purchase of `package`.
 pub async fn begin(
     conn: &mut PgConnection,
-    id: Uuid,
+    id: PurchaseId,
     package: &str,
 ) -> Result<PurchaseStart, PurchaseError> {
     Ok(
@@ -48,7 +51,7 @@ pub async fn begin(
 
 /// The caller's Stripe call for purchase `id` failed: gives its in-flight
 /// claim back, so a retry need not wait for the lease to run out.
-pub async fn release_claim(conn: &mut PgConnection, id: Uuid) -> Result<(), PurchaseError> {
+pub async fn release_claim(conn: &mut PgConnection, id: PurchaseId) -> Result<(), PurchaseError> {
     sqlx::query("select app.release_purchase_claim($1)")
         .bind(id)
         .execute(conn)
@@ -58,7 +61,7 @@ pub async fn release_claim(conn: &mut PgConnection, id: Uuid) -> Result<(), Purc
 
 pub async fn attach_payment_intent(
     conn: &mut PgConnection,
-    id: Uuid,
+    id: PurchaseId,
     payment_intent: &str,
     client_secret: Option<&str>,
 ) -> Result<(), PurchaseError> {
@@ -181,7 +184,7 @@ pub async fn stale_pending(
     conn: &mut PgConnection,
     older_than_seconds: i64,
     limit: i32,
-) -> Result<Vec<(Uuid, String)>, PurchaseError> {
+) -> Result<Vec<(PurchaseId, String)>, PurchaseError> {
     Ok(sqlx::query_as(
         "select id, payment_intent_id from app.stale_pending_purchases(make_interval(secs => $1), $2)",
     )

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use stagepass_ledger::classes::{
     self, Cancellation, Class, ClassCursor, ClassFields, Enrollment, Withdrawal,
 };
+use stagepass_ledger::{ClassId, EnrollmentId, UserId};
 use stagepass_platform::auth::AuthUser;
 use stagepass_platform::db;
 use stagepass_platform::http::guard;
@@ -294,8 +295,10 @@ fn is_zone_name(zone: &str) -> bool {
         })
 }
 
-fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::field("id", "must be a UUID"))
+fn parse_id(raw: &str) -> Result<ClassId, ApiError> {
+    Uuid::parse_str(raw)
+        .map(ClassId::new)
+        .map_err(|_| ApiError::field("id", "must be a UUID"))
 }
 
 #[utoipa::path(post, path = "/api/v1/classes", tag = "classes", security(("bearer" = [])),
@@ -311,7 +314,7 @@ pub async fn create_class(
     let fields = request.parse()?;
     let mut tx = db::begin_user(&api.pool, user.claims()).await?;
     crate::me::ensure_user(&mut tx).await?;
-    let class = classes::create(&mut tx, Uuid::now_v7(), &fields)
+    let class = classes::create(&mut tx, ClassId::new(Uuid::now_v7()), &fields)
         .await
         .or_problem()?;
     tx.commit().await?;
@@ -385,7 +388,11 @@ pub async fn list_classes(
     let creator = q
         .creator
         .as_deref()
-        .map(|c| Uuid::parse_str(c).map_err(|_| ApiError::field("creator", "must be a UUID")))
+        .map(|c| {
+            Uuid::parse_str(c)
+                .map(UserId::new)
+                .map_err(|_| ApiError::field("creator", "must be a UUID"))
+        })
         .transpose()?;
     let after = q.cursor.as_deref().map(decode_cursor).transpose()?;
     let mut tx = db::begin_user(&api.pool, user.claims()).await?;
@@ -487,7 +494,9 @@ pub async fn enroll(
     key: IdempotencyKey,
 ) -> ApiResult<Response> {
     let class = parse_id(&id)?;
-    let fingerprint = EnrollFingerprint { class_id: class };
+    let fingerprint = EnrollFingerprint {
+        class_id: class.get(),
+    };
     let idempotency = Idempotency::new(
         user.id(),
         ENROLL_ROUTE,
@@ -503,7 +512,7 @@ pub async fn enroll(
         StatusCode::CREATED,
         |conn| {
             Box::pin(async move {
-                let enrollment = classes::enroll(conn, class, Uuid::now_v7())
+                let enrollment = classes::enroll(conn, class, EnrollmentId::new(Uuid::now_v7()))
                     .await
                     .or_problem()?;
                 serde_json::to_value(&enrollment).map_err(ApiError::internal)

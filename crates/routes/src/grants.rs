@@ -17,8 +17,8 @@ use axum::response::Response;
 use axum::routing::post;
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
-use stagepass_ledger::TokenAmount;
 use stagepass_ledger::grants::{self, MAX_GRANT, MIN_GRANT};
+use stagepass_ledger::{GrantId, TokenAmount, UserId};
 use stagepass_platform::auth::AuthUser;
 use stagepass_platform::http::{ApiError, ApiResult, JsonBody};
 use stagepass_platform::idempotency::{DEFAULT_TTL_HOURS, Idempotency, IdempotencyKey};
@@ -114,9 +114,15 @@ pub async fn create_grant(
         |conn| {
             let reason = reason.clone();
             Box::pin(async move {
-                let grant = grants::admin_grant(conn, Uuid::now_v7(), target, amount, &reason)
-                    .await
-                    .or_problem()?;
+                let grant = grants::admin_grant(
+                    conn,
+                    GrantId::new(Uuid::now_v7()),
+                    UserId::new(target),
+                    amount,
+                    &reason,
+                )
+                .await
+                .or_problem()?;
                 serde_json::to_value(&grant).map_err(ApiError::internal)
             })
         },

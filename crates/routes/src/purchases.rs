@@ -21,6 +21,7 @@ use axum::{Json, Router};
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use stagepass_integrations::stripe::{CreatePaymentIntent, StripeClient};
+use stagepass_ledger::UserId;
 use stagepass_ledger::packages;
 use stagepass_ledger::purchases::{self, purchase_id};
 use stagepass_platform::auth::AuthUser;
@@ -113,7 +114,7 @@ pub async fn create_purchase(
 ) -> ApiResult<Response> {
     let package = packages::find(&request.package)
         .ok_or_else(|| ApiError::field("package", "unknown package"))?;
-    let id = purchase_id(user.id(), key.as_str());
+    let id = purchase_id(UserId::new(user.id()), key.as_str());
     let idempotency = Idempotency::new(user.id(), ROUTE, key, &request, DEFAULT_TTL_HOURS)?;
 
     // 1. Claim the purchase (or replay a finished request).
@@ -165,7 +166,7 @@ pub async fn create_purchase(
 
     // 3. Record it with the response, in one transaction.
     let created = PurchaseCreated {
-        purchase_id: id,
+        purchase_id: id.get(),
         package: package.id.to_owned(),
         tokens: start.tokens,
         price_cents: start.price_cents,

@@ -13,7 +13,7 @@ use axum::response::Response;
 use axum::routing::post;
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
-use stagepass_ledger::{MAX_TIP, MIN_TIP, Tip, TokenAmount};
+use stagepass_ledger::{MAX_TIP, MIN_TIP, Tip, TipId, TokenAmount, UserId};
 use stagepass_platform::auth::AuthUser;
 use stagepass_platform::http::{ApiError, ApiResult, JsonBody, text};
 use stagepass_platform::idempotency::{DEFAULT_TTL_HOURS, Idempotency, IdempotencyKey};
@@ -97,8 +97,8 @@ pub async fn create_tip(
             Box::pin(async move {
                 let tip = stagepass_ledger::tip(
                     conn,
-                    Uuid::now_v7(),
-                    recipient,
+                    TipId::new(Uuid::now_v7()),
+                    UserId::new(recipient),
                     amount,
                     message.as_deref(),
                 )

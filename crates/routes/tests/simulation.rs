@@ -1296,7 +1296,7 @@ impl Sim {
     async fn start_purchase(&mut self, buyer: usize, package: &Package, retry: bool) -> Vec<usize> {
         let key = self.name("purchase-");
         let pi = format!("pi_sim{}", self.names);
-        let id = purchase_id(self.actors[buyer].id, &key);
+        let id = purchase_id(self.actors[buyer].id.into(), &key);
         let mut tx = self.user_tx(buyer).await;
         let start = purchases::begin(&mut tx, id, package.id)
             .await
@@ -1555,8 +1555,14 @@ impl Sim {
             let amount = TokenAmount::parse(call.body.amount, MIN_TIP, MAX_TIP).expect("amount");
             let message = call.body.message.as_deref();
             // Refused or not, the transaction dies either way.
-            let _ =
-                stagepass_ledger::tip(&mut conn, Uuid::now_v7(), recipient, amount, message).await;
+            let _ = stagepass_ledger::tip(
+                &mut conn,
+                Uuid::now_v7().into(),
+                recipient.into(),
+                amount,
+                message,
+            )
+            .await;
         }
         if stage >= TipCrash::Recorded {
             let body = json!({"crashed": true});
