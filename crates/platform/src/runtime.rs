@@ -133,3 +133,38 @@ impl PlatformHandle {
         after_response(self.0.as_ref(), work);
     }
 }
+
+/// The client IP of a request that came from a Lambda event (`None`
+/// when it did not; `Some(None)` when the event does not say):
+///
+/// - HTTP API (v2): `requestContext.http.sourceIp`;
+/// - REST API (v1): `requestContext.identity.sourceIp`;
+/// - ALB: the *last* `X-Forwarded-For` entry, the one the load balancer
+///   appended (every entry before it is whatever the client sent).
+///
+/// API Gateway's `X-Forwarded-For` is never read: it appends to the
+/// client's header, so its first entry is a claim.
+///
+/// (`lambda` feature; also `serve::lambda::client_ip`.) Here, not in
+/// `serve`, so the rate limiter reads it without depending on `serve`.
+#[cfg(feature = "lambda")]
+pub fn lambda_client_ip(parts: &http::request::Parts) -> Option<Option<std::net::IpAddr>> {
+    use lambda_http::request::RequestContext;
+    let context = parts.extensions.get::<RequestContext>()?;
+    let raw = match context {
+        RequestContext::ApiGatewayV2(c) => c.http.source_ip.clone(),
+        RequestContext::ApiGatewayV1(c) => c.identity.source_ip.clone(),
+        RequestContext::Alb(_) => parts
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .map(|v| v.trim().to_owned()),
+        // Event kinds this build does not enable (WebSocket, Lattice).
+        #[allow(unreachable_patterns)]
+        _ => None,
+    };
+    Some(raw.and_then(|ip| ip.parse().ok()))
+}

@@ -471,13 +471,11 @@ pub fn schedule_event(path: &str, authorization: &str) -> serde_json::Value {
 #[cfg(feature = "lambda")]
 pub mod lambda {
     use std::convert::Infallible;
-    use std::net::IpAddr;
     use std::task::{Context, Poll};
     use std::time::Duration;
 
     use axum::Router;
     use futures_util::future::BoxFuture;
-    use lambda_http::request::RequestContext;
 
     use super::{Deferred, Platform};
     use crate::http::MAX_BODY_BYTES;
@@ -552,35 +550,7 @@ pub mod lambda {
         }
     }
 
-    /// The client IP of a request that came from a Lambda event (`None`
-    /// when it did not; `Some(None)` when the event does not say):
-    ///
-    /// - HTTP API (v2): `requestContext.http.sourceIp`;
-    /// - REST API (v1): `requestContext.identity.sourceIp`;
-    /// - ALB: the *last* `X-Forwarded-For` entry, the one the load balancer
-    ///   appended (every entry before it is whatever the client sent).
-    ///
-    /// API Gateway's `X-Forwarded-For` is never read: it appends to the
-    /// client's header, so its first entry is a claim.
-    pub fn client_ip(parts: &http::request::Parts) -> Option<Option<IpAddr>> {
-        let context = parts.extensions.get::<RequestContext>()?;
-        let raw = match context {
-            RequestContext::ApiGatewayV2(c) => c.http.source_ip.clone(),
-            RequestContext::ApiGatewayV1(c) => c.identity.source_ip.clone(),
-            RequestContext::Alb(_) => parts
-                .headers
-                .get_all("x-forwarded-for")
-                .iter()
-                .next_back()
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.rsplit(',').next())
-                .map(|v| v.trim().to_owned()),
-            // Event kinds this build does not enable (WebSocket, Lattice).
-            #[allow(unreachable_patterns)]
-            _ => None,
-        };
-        Some(raw.and_then(|ip| ip.parse().ok()))
-    }
+    pub use crate::runtime::lambda_client_ip as client_ip;
 }
 
 /// The Lambda target: API Gateway events go through the same adapter

@@ -130,12 +130,12 @@ pub enum ClientIpSource {
 /// AWS Lambda (the `lambda` feature): API Gateway *appends* to
 /// `X-Forwarded-For` (the first entry is the client's claim), so the source
 /// IP of the event's request context is used instead; see
-/// [`crate::serve::lambda::client_ip`].
+/// [`crate::runtime::lambda_client_ip`].
 pub fn client_ip(parts: &Parts, source: ClientIpSource) -> Option<IpAddr> {
     let behind_vercel = match source {
         ClientIpSource::Auto => {
             #[cfg(feature = "lambda")]
-            if let Some(ip) = crate::serve::lambda::client_ip(parts) {
+            if let Some(ip) = crate::runtime::lambda_client_ip(parts) {
                 // A Lambda event: only its request context counts.
                 return ip;
             }
