@@ -91,6 +91,7 @@ fn report_panics() {
         let at = info
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            // No location: the report says less, nothing else changes.
             .unwrap_or_default();
         sentry::capture_message(
             &scrub(&format!("panic: {message}{at}")),
@@ -108,6 +109,7 @@ fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::filter::Targets {
     const DEFAULT: &str = "info,sqlx=warn";
     rust_log
         .and_then(|v| v.parse().ok())
+        // DEFAULT is a constant that parses (tested).
         .unwrap_or_else(|| DEFAULT.parse().unwrap_or_default())
 }
 
@@ -283,6 +285,7 @@ pub async fn observe(req: Request, next: Next) -> Response {
         .extensions()
         .get::<RequestId>()
         .map(|id| id.as_str().to_owned())
+        // Only for the log line; the request-id layer always runs first.
         .unwrap_or_default();
     let platform = req.extensions().get::<crate::runtime::Platform>().cloned();
     let span = tracing::info_span!(

@@ -220,6 +220,7 @@ impl ApiError {
             policy,
             retry_after_seconds,
         };
+        // Strings and numbers only: serialising cannot fail.
         serde_json::to_value(&body).unwrap_or_default()
     }
 }
@@ -238,6 +239,7 @@ impl IntoResponse for ApiError {
             _ => None,
         };
         let body = self.body_json();
+        // A `Value` always serialises.
         let json = serde_json::to_vec(&body).unwrap_or_default();
         let mut response = (status, json).into_response();
         response.headers_mut().insert(

@@ -102,6 +102,7 @@ fn components(doc: &mut Value) {
     schemas.insert("FieldError".into(), field_error_schema());
     constrain(schemas);
     for (name, _, text) in REALTIME {
+        // Checked-in files, validated as JSON Schema by their own test.
         let mut schema: Value = serde_json::from_str(text).unwrap_or_default();
         if let Some(s) = schema.as_object_mut() {
             // Identity keywords of the standalone file; the component is
@@ -452,6 +453,7 @@ static FORMAT_CHARS: LazyLock<String> = LazyLock::new(|| {
         if c <= 0xFFFF {
             format!("\\u{c:04X}")
         } else {
+            // The ranges are constants of valid code points (tested).
             char::from_u32(c).map(String::from).unwrap_or_default()
         }
     };
@@ -713,6 +715,7 @@ fn at_least_one_field(schemas: &mut Map<String, Value>, schema: &str) {
         .get("properties")
         .and_then(Value::as_object)
         .map(|p| p.keys().cloned().collect())
+        // No properties: no alternatives (the tests see the empty `anyOf`).
         .unwrap_or_default();
     let alternatives: Vec<Value> = fields
         .iter()
