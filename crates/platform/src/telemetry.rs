@@ -109,7 +109,7 @@ fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::filter::Targets {
     const DEFAULT: &str = "info,sqlx=warn";
     rust_log
         .and_then(|v| v.parse().ok())
-        // DEFAULT is a constant that parses (tested).
+        // DEFAULT is a constant, valid filter.
         .unwrap_or_else(|| DEFAULT.parse().unwrap_or_default())
 }
 
