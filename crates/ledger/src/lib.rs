@@ -46,6 +46,29 @@ impl TokenAmount {
     }
 }
 
+/// An amount of money in US cents (what a card is charged or refunded) —
+/// never tokens: a [`TokenAmount`] cannot be passed where this is asked for.
+///
+/// ```compile_fail
+/// # use stagepass_ledger::TokenAmount;
+/// # async fn f(conn: &mut sqlx::PgConnection, tokens: TokenAmount) {
+/// let _ = stagepass_ledger::purchases::credit(conn, "pi_1", tokens).await;
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Cents(i64);
+
+impl Cents {
+    pub const fn new(cents: i64) -> Cents {
+        Cents(cents)
+    }
+
+    pub const fn get(self) -> i64 {
+        self.0
+    }
+}
+
 /// Every reason the ledger refuses an operation, in the order they are
 /// checked. The routes map each to one HTTP status and one problem `code`
 /// (`stagepass_routes::problems`); this crate knows nothing of HTTP.

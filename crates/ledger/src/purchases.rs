@@ -9,7 +9,7 @@ use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::{LedgerError, PurchaseId, UserId};
+use crate::{Cents, LedgerError, PurchaseId, UserId};
 
 /// The caller's purchase as `app.begin_purchase` found or created it.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -102,11 +102,11 @@ impl CreditOutcome {
 pub async fn credit(
     conn: &mut PgConnection,
     payment_intent: &str,
-    amount_cents: i64,
+    amount: Cents,
 ) -> Result<CreditOutcome, PurchaseError> {
     let outcome: String = sqlx::query_scalar("select app.credit_purchase($1, $2)")
         .bind(payment_intent)
-        .bind(amount_cents)
+        .bind(amount.get())
         .fetch_one(conn)
         .await?;
     [
@@ -143,7 +143,7 @@ pub async fn fail(
 pub enum ClawBack {
     /// The charge's cumulative refunded amount, in cents.
     Refund {
-        amount_refunded_cents: i64,
+        amount_refunded: Cents,
     },
     Dispute,
 }
@@ -158,9 +158,7 @@ pub async fn claw_back(
     reference: &str,
 ) -> Result<i64, PurchaseError> {
     let (kind, refunded) = match reason {
-        ClawBack::Refund {
-            amount_refunded_cents,
-        } => ("refund", amount_refunded_cents),
+        ClawBack::Refund { amount_refunded } => ("refund", amount_refunded.get()),
         ClawBack::Dispute => ("dispute", 0),
     };
     let taken: Result<i64, PurchaseError> =

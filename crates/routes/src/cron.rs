@@ -21,6 +21,7 @@ use http::HeaderMap;
 use serde::Serialize;
 use sqlx::PgPool;
 use stagepass_integrations::stripe::{PaymentIntentStatus, StripeClient};
+use stagepass_ledger::Cents;
 use stagepass_ledger::audit::{AuditReport, audit};
 use stagepass_ledger::classes;
 use stagepass_ledger::purchases;
@@ -261,7 +262,7 @@ pub async fn reconcile_purchases(
         let mut tx = db::begin_service(&s.cron.pool).await?;
         match intent.status {
             PaymentIntentStatus::Succeeded => {
-                purchases::credit(&mut tx, &intent.id, intent.amount_cents)
+                purchases::credit(&mut tx, &intent.id, Cents::new(intent.amount_cents))
                     .await
                     .or_problem()?;
             }

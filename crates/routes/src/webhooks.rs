@@ -16,6 +16,7 @@ use http::HeaderMap;
 use serde::Serialize;
 use sqlx::PgConnection;
 use stagepass_integrations::stripe::webhook::{self, Event, EventKind};
+use stagepass_ledger::Cents;
 use stagepass_ledger::purchases::{self, ClawBack, CreditOutcome};
 use stagepass_platform::config::{DbConfig, ExposeSecret, Secret, StripeWebhookConfig};
 use stagepass_platform::db;
@@ -149,7 +150,7 @@ pub async fn apply(conn: &mut PgConnection, event: &Event) -> Result<String, Api
     match event.kind() {
         EventKind::PaymentIntentSucceeded => {
             let intent = event.payment_intent().map_err(bad)?;
-            let outcome = purchases::credit(conn, &intent.id, intent.amount_cents)
+            let outcome = purchases::credit(conn, &intent.id, Cents::new(intent.amount_cents))
                 .await
                 .or_problem()?;
             if outcome == CreditOutcome::Unknown {
@@ -171,7 +172,7 @@ pub async fn apply(conn: &mut PgConnection, event: &Event) -> Result<String, Api
             };
             let reference = format!("{}:{}", charge.id, charge.amount_refunded_cents);
             let refund = ClawBack::Refund {
-                amount_refunded_cents: charge.amount_refunded_cents,
+                amount_refunded: Cents::new(charge.amount_refunded_cents),
             };
             let taken = purchases::claw_back(conn, intent, refund, &reference)
                 .await
