@@ -345,8 +345,8 @@ async fn grant_demo_tokens(admin: &PgPool) -> Result<String> {
         .context("connecting for the demo grant")?;
     let granted = grants::operator_grant(
         &mut conn,
-        DEMO_GRANT,
-        DEMO_FAN,
+        DEMO_GRANT.into(),
+        DEMO_FAN.into(),
         amount,
         DEMO_GRANT_REASON,
         "stagepass-dev",

@@ -112,8 +112,8 @@ pub async fn grant(request: GrantRequest) -> Result<ExitCode> {
         let mut conn = pool.acquire().await.context("connecting")?;
         stagepass_ledger::grants::operator_grant(
             &mut conn,
-            uuid::Uuid::now_v7(),
-            request.user,
+            uuid::Uuid::now_v7().into(),
+            request.user.into(),
             request.amount,
             &request.reason,
             &operator_name(),

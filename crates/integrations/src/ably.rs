@@ -149,6 +149,7 @@ impl AblyClient {
         if status.is_success() {
             return Ok(());
         }
+        // Only quoted in the error; an unreadable body quotes nothing.
         let body = response.text().await.unwrap_or_default();
         Err(AblyError::Status {
             status: status.as_u16(),

@@ -92,6 +92,7 @@ impl QstashClient {
             .await
             .map_err(|e| QstashError::Transport(e.without_url().to_string()))?;
         let status = response.status();
+        // Only quoted in an error, or parsed for the id below.
         let body = response.text().await.unwrap_or_default();
         if !status.is_success() {
             return Err(QstashError::Status {
@@ -99,7 +100,9 @@ impl QstashClient {
                 body: body.chars().take(300).collect(),
             });
         }
-        // A deduplicated publish answers with the first message's id.
+        // A deduplicated publish answers with the first message's id. The
+        // message is accepted either way; the id is only informative (the
+        // outbox ignores it), so an unreadable one is empty, not an error.
         Ok(serde_json::from_str::<Published>(&body)
             .map(|p| p.message_id)
             .unwrap_or_default())

@@ -4,6 +4,13 @@
 //!
 //! Skipped loudly when localstripe is not installed, unless `CI` is set.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::as_conversions
+)]
+
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use stagepass_integrations::stripe::webhook::{self, EventKind};

@@ -9,11 +9,10 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
-use stagepass_platform::http::ApiError;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::LedgerError;
+use crate::{ClassId, EnrollmentId, LedgerError, UserId};
 
 /// A class as the API returns it (`app.class_view`).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
@@ -93,55 +92,30 @@ pub enum ClassError {
 
 impl From<sqlx::Error> for ClassError {
     fn from(e: sqlx::Error) -> Self {
-        let detail = match &e {
-            sqlx::Error::Database(db) => db
-                .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
-                .and_then(|pg| pg.detail())
-                .unwrap_or_default()
-                .to_owned(),
-            _ => String::new(),
+        use crate::sqlstate::{self, Refusal};
+        let Some(raised) = sqlstate::raised(&e) else {
+            return ClassError::Ledger(LedgerError::from(e));
         };
-        match stagepass_platform::db::sqlstate(&e).as_deref() {
-            Some("SP030") => ClassError::Full,
-            Some("SP031") => ClassError::NotOpen,
-            Some("SP032") => ClassError::AlreadyEnrolled,
-            Some("SP033") => ClassError::NotCreator,
-            Some("SP034") => ClassError::CutoffPassed,
-            Some("SP035") => ClassError::NotOwner,
-            Some("SP036") => ClassError::OwnClass,
-            Some("SP037") => ClassError::NotEnrolled,
-            Some("SP038") => ClassError::UnknownTimeZone,
-            Some("SP039") => ClassError::StartsInPast,
-            Some("SP040") => ClassError::PriceLocked,
-            Some("SP041") => ClassError::NotFound,
-            Some("SP043") => ClassError::RescheduleTooSoon,
-            Some("SP042") => ClassError::CapacityBelowSeats {
-                seats_taken: detail.trim().parse().unwrap_or_default(),
+        match raised.refusal {
+            Refusal::ClassFull => ClassError::Full,
+            Refusal::ClassNotOpen => ClassError::NotOpen,
+            Refusal::AlreadyEnrolled => ClassError::AlreadyEnrolled,
+            Refusal::NotCreator => ClassError::NotCreator,
+            Refusal::CutoffPassed => ClassError::CutoffPassed,
+            Refusal::NotClassOwner => ClassError::NotOwner,
+            Refusal::OwnClass => ClassError::OwnClass,
+            Refusal::NotEnrolled => ClassError::NotEnrolled,
+            Refusal::UnknownTimeZone => ClassError::UnknownTimeZone,
+            Refusal::StartsInPast => ClassError::StartsInPast,
+            Refusal::PriceLocked => ClassError::PriceLocked,
+            Refusal::ClassNotFound => ClassError::NotFound,
+            Refusal::RescheduleTooSoon => ClassError::RescheduleTooSoon,
+            Refusal::CapacityBelowSeats => match raised.detail.trim().parse() {
+                Ok(seats_taken) => ClassError::CapacityBelowSeats { seats_taken },
+                // The migration always sends the seats taken.
+                Err(_) => ClassError::Ledger(LedgerError::Db(e)),
             },
             _ => ClassError::Ledger(LedgerError::from(e)),
-        }
-    }
-}
-
-impl From<ClassError> for ApiError {
-    fn from(e: ClassError) -> Self {
-        let detail = e.to_string();
-        match e {
-            ClassError::NotFound => ApiError::NotFound,
-            ClassError::NotCreator => ApiError::Forbidden("creator_required"),
-            ClassError::NotOwner => ApiError::Forbidden("not_class_owner"),
-            ClassError::OwnClass => ApiError::Unprocessable("own_class", detail),
-            ClassError::NotOpen => ApiError::Conflict("class_not_open", detail),
-            ClassError::AlreadyEnrolled => ApiError::Conflict("already_enrolled", detail),
-            ClassError::Full => ApiError::Conflict("class_full", detail),
-            ClassError::CutoffPassed => ApiError::Conflict("cutoff_passed", detail),
-            ClassError::NotEnrolled => ApiError::Conflict("not_enrolled", detail),
-            ClassError::UnknownTimeZone => ApiError::field("time_zone", "unknown IANA time zone"),
-            ClassError::StartsInPast => ApiError::field("starts_at", "must be in the future"),
-            ClassError::PriceLocked => ApiError::Conflict("price_locked", detail),
-            ClassError::RescheduleTooSoon => ApiError::Conflict("reschedule_too_soon", detail),
-            ClassError::CapacityBelowSeats { .. } => ApiError::field("capacity", detail),
-            ClassError::Ledger(l) => l.into(),
         }
     }
 }
@@ -150,8 +124,7 @@ impl ClassError {
     /// Postgres chose this transaction as a deadlock victim: the caller may
     /// retry it whole.
     pub fn is_deadlock(&self) -> bool {
-        matches!(self, ClassError::Ledger(LedgerError::Db(e))
-            if stagepass_platform::db::sqlstate(e).as_deref() == Some("40P01"))
+        matches!(self, ClassError::Ledger(LedgerError::Db(e)) if crate::sqlstate::is_deadlock(e))
     }
 }
 
@@ -159,7 +132,7 @@ impl ClassError {
 /// and the creator's calendar copy.
 pub async fn create(
     conn: &mut PgConnection,
-    id: Uuid,
+    id: ClassId,
     fields: &ClassFields,
 ) -> Result<Class, ClassError> {
     write(
@@ -174,7 +147,7 @@ pub async fn create(
 /// Edits the caller's scheduled class; every calendar copy follows.
 pub async fn update(
     conn: &mut PgConnection,
-    id: Uuid,
+    id: ClassId,
     fields: &ClassFields,
 ) -> Result<Class, ClassError> {
     write(
@@ -189,7 +162,7 @@ pub async fn update(
 async fn write(
     sql: &'static str,
     conn: &mut PgConnection,
-    id: Uuid,
+    id: ClassId,
     f: &ClassFields,
 ) -> Result<Class, ClassError> {
     sqlx::query_as::<_, Class>(sql)
@@ -208,7 +181,7 @@ async fn write(
 
 /// One class the caller may see (RLS: scheduled, or their own, or one they
 /// enrolled in).
-pub async fn get(conn: &mut PgConnection, id: Uuid) -> Result<Class, ClassError> {
+pub async fn get(conn: &mut PgConnection, id: ClassId) -> Result<Class, ClassError> {
     sqlx::query_as::<_, Class>("select * from app.class_view where id = $1")
         .bind(id)
         .fetch_optional(conn)
@@ -227,7 +200,7 @@ pub struct ClassCursor {
 /// creator, after `cursor`.
 pub async fn upcoming(
     conn: &mut PgConnection,
-    creator: Option<Uuid>,
+    creator: Option<UserId>,
     after: Option<ClassCursor>,
     limit: i64,
 ) -> Result<Vec<Class>, ClassError> {
@@ -263,8 +236,8 @@ pub struct Enrollment {
 /// caller's row locks.
 pub async fn enroll(
     conn: &mut PgConnection,
-    class: Uuid,
-    enrollment: Uuid,
+    class: ClassId,
+    enrollment: EnrollmentId,
 ) -> Result<Enrollment, ClassError> {
     let (enrollment_id, journal_id, price_tokens, balance): (Uuid, Option<Uuid>, i64, i64) =
         sqlx::query_as(
@@ -276,7 +249,7 @@ pub async fn enroll(
         .await?;
     Ok(Enrollment {
         enrollment_id,
-        class_id: class,
+        class_id: class.get(),
         journal_id,
         price_tokens,
         balance,
@@ -293,7 +266,7 @@ pub struct Withdrawal {
 }
 
 /// The caller leaves `class` with a full refund, before the cut-off.
-pub async fn withdraw(conn: &mut PgConnection, class: Uuid) -> Result<Withdrawal, ClassError> {
+pub async fn withdraw(conn: &mut PgConnection, class: ClassId) -> Result<Withdrawal, ClassError> {
     Ok(
         sqlx::query_as::<_, Withdrawal>("select * from app.withdraw($1)")
             .bind(class)
@@ -312,7 +285,7 @@ pub struct Cancellation {
 
 /// The caller cancels their scheduled class: every fan refunded, every
 /// calendar copy cancelled.
-pub async fn cancel(conn: &mut PgConnection, class: Uuid) -> Result<Cancellation, ClassError> {
+pub async fn cancel(conn: &mut PgConnection, class: ClassId) -> Result<Cancellation, ClassError> {
     Ok(
         sqlx::query_as::<_, Cancellation>("select * from app.cancel_class($1)")
             .bind(class)

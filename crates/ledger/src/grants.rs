@@ -13,7 +13,7 @@ use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::{LedgerError, TokenAmount};
+use crate::{GrantId, LedgerError, TokenAmount, UserId};
 
 /// The smallest and largest grant, in tokens (`app.apply_token_grant`).
 pub const MIN_GRANT: i64 = 1;
@@ -45,8 +45,8 @@ pub struct Grant {
 /// admin in the database (`app.admin_grant_tokens`).
 pub async fn admin_grant(
     conn: &mut PgConnection,
-    grant_id: Uuid,
-    user: Uuid,
+    grant_id: GrantId,
+    user: UserId,
     amount: TokenAmount,
     reason: &str,
 ) -> Result<Grant, LedgerError> {
@@ -59,9 +59,9 @@ pub async fn admin_grant(
             .fetch_one(conn)
             .await?;
     Ok(Grant {
-        grant_id,
+        grant_id: grant_id.get(),
         journal_id,
-        user_id: user,
+        user_id: user.get(),
         amount: amount.get(),
         balance,
     })
@@ -72,8 +72,8 @@ pub async fn admin_grant(
 /// checks, same audit row as an admin's.
 pub async fn operator_grant(
     conn: &mut PgConnection,
-    grant_id: Uuid,
-    user: Uuid,
+    grant_id: GrantId,
+    user: UserId,
     amount: TokenAmount,
     reason: &str,
     operator: &str,
@@ -89,9 +89,9 @@ pub async fn operator_grant(
     .fetch_one(conn)
     .await?;
     Ok(Grant {
-        grant_id,
+        grant_id: grant_id.get(),
         journal_id,
-        user_id: user,
+        user_id: user.get(),
         amount: amount.get(),
         balance,
     })

@@ -3,16 +3,24 @@
 pub mod audit;
 pub mod classes;
 pub mod grants;
+mod ids;
 pub mod packages;
 pub mod purchases;
+pub mod sqlstate;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgConnection;
-use sqlx::postgres::PgDatabaseError;
-use stagepass_platform::http::ApiError;
 use utoipa::ToSchema;
 use uuid::Uuid;
+
+pub use ids::{ClassId, EnrollmentId, GrantId, PurchaseId, TipId, UserId};
+
+/// The smallest and largest tip, in tokens. `app.tip` refuses others with
+/// SQLSTATE SP010 (a test checks its bounds equal these); the API's
+/// validation and the OpenAPI document read them from here.
+pub const MIN_TIP: i64 = 1;
+pub const MAX_TIP: i64 = 10_000;
 
 /// A whole number of tokens. Never a float; arithmetic is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
@@ -38,8 +46,32 @@ impl TokenAmount {
     }
 }
 
+/// An amount of money in US cents (what a card is charged or refunded) —
+/// never tokens: a [`TokenAmount`] cannot be passed where this is asked for.
+///
+/// ```compile_fail
+/// # use stagepass_ledger::TokenAmount;
+/// # async fn f(conn: &mut sqlx::PgConnection, tokens: TokenAmount) {
+/// let _ = stagepass_ledger::purchases::credit(conn, "pi_1", tokens).await;
+/// # }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Cents(i64);
+
+impl Cents {
+    pub const fn new(cents: i64) -> Cents {
+        Cents(cents)
+    }
+
+    pub const fn get(self) -> i64 {
+        self.0
+    }
+}
+
 /// Every reason the ledger refuses an operation, in the order they are
-/// checked. Each maps to one HTTP status and one problem `code`.
+/// checked. The routes map each to one HTTP status and one problem `code`
+/// (`stagepass_routes::problems`); this crate knows nothing of HTTP.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
     #[error("amount must be between {min} and {max} tokens")]
@@ -72,78 +104,61 @@ pub enum LedgerError {
 
 impl From<sqlx::Error> for LedgerError {
     fn from(e: sqlx::Error) -> Self {
-        let Some(db) = e
-            .as_database_error()
-            .and_then(|d| d.try_downcast_ref::<PgDatabaseError>())
-        else {
-            return LedgerError::Db(e);
-        };
-        let detail = db.detail().unwrap_or_default();
-        let number = |s: &str| s.trim().parse::<i64>().unwrap_or_default();
-        match db.code() {
-            "SP001" => LedgerError::InsufficientFunds {
-                balance: number(detail),
-            },
-            "SP002" => LedgerError::AlreadyApplied,
-            "SP003" => LedgerError::InDebt {
-                owed: number(detail),
-            },
-            "SP004" => {
-                let v: serde_json::Value = serde_json::from_str(detail).unwrap_or_default();
-                LedgerError::DailyLimitExceeded {
-                    limit: v["limit"].as_i64().unwrap_or_default(),
-                    spent: v["spent"].as_i64().unwrap_or_default(),
-                }
-            }
-            "SP010" => LedgerError::AmountOutOfRange {
-                min: 1,
-                max: 10_000,
-            },
-            "SP011" => LedgerError::SelfTip,
-            "SP050" => LedgerError::AmountOutOfRange {
-                min: grants::MIN_GRANT,
-                max: grants::MAX_GRANT,
-            },
-            "SP051" => LedgerError::InvalidReason,
-            "SP052" => LedgerError::SelfGrant,
-            "SP053" => LedgerError::AdminRequired,
-            "SP054" => LedgerError::UnknownUser,
-            "SP012" => LedgerError::RecipientNotCreator,
-            "SP000" => LedgerError::Invariant(db.message().to_owned()),
+        use sqlstate::Refusal;
+        let Some(raised) = sqlstate::raised(&e) else {
             // The balance-sign constraint is the database's last word on
             // overdrafts: reaching it means a check above was missed.
-            "23514" if db.constraint() == Some("accounts_balance_sign") => {
+            let sign = sqlstate::postgres(&e).is_some_and(|pg| {
+                pg.code() == sqlstate::CHECK_VIOLATION
+                    && pg.constraint() == Some("accounts_balance_sign")
+            });
+            return if sign {
                 LedgerError::InsufficientFunds { balance: 0 }
+            } else {
+                LedgerError::Db(e)
+            };
+        };
+        let number = |s: &str| s.trim().parse::<i64>().ok();
+        let refused = match raised.refusal {
+            // `no wallet` (a user who never held tokens) has no DETAIL.
+            Refusal::InsufficientFunds if raised.detail.is_empty() => {
+                Some(LedgerError::InsufficientFunds { balance: 0 })
             }
-            _ => LedgerError::Db(e),
-        }
-    }
-}
-
-impl From<LedgerError> for ApiError {
-    fn from(e: LedgerError) -> Self {
-        let detail = e.to_string();
-        match e {
-            LedgerError::AmountOutOfRange { .. } => ApiError::field("amount", detail),
-            LedgerError::SelfTip => ApiError::Unprocessable("self_tip", detail),
-            LedgerError::RecipientNotCreator => {
-                ApiError::Unprocessable("recipient_not_creator", detail)
+            Refusal::InsufficientFunds => {
+                number(raised.detail).map(|balance| LedgerError::InsufficientFunds { balance })
             }
-            LedgerError::InDebt { .. } => ApiError::Unprocessable("account_in_debt", detail),
-            LedgerError::InsufficientFunds { .. } => {
-                ApiError::Unprocessable("insufficient_funds", detail)
-            }
-            LedgerError::DailyLimitExceeded { .. } => {
-                ApiError::Unprocessable("daily_limit_exceeded", detail)
-            }
-            LedgerError::AlreadyApplied => ApiError::Conflict("already_applied", detail),
-            LedgerError::InvalidReason => ApiError::field("reason", detail),
-            LedgerError::SelfGrant => ApiError::Unprocessable("self_grant", detail),
-            LedgerError::AdminRequired => ApiError::Forbidden("admin_required"),
-            LedgerError::UnknownUser => ApiError::NotFound,
-            LedgerError::Invariant(m) => ApiError::Internal(m.into()),
-            LedgerError::Db(e) => e.into(),
-        }
+            Refusal::AlreadyApplied => Some(LedgerError::AlreadyApplied),
+            Refusal::InDebt => number(raised.detail).map(|owed| LedgerError::InDebt { owed }),
+            Refusal::DailyLimitExceeded => serde_json::from_str::<serde_json::Value>(raised.detail)
+                .ok()
+                .and_then(|v| {
+                    Some(LedgerError::DailyLimitExceeded {
+                        limit: v["limit"].as_i64()?,
+                        spent: v["spent"].as_i64()?,
+                    })
+                }),
+            Refusal::TipAmountOutOfRange => Some(LedgerError::AmountOutOfRange {
+                min: MIN_TIP,
+                max: MAX_TIP,
+            }),
+            Refusal::SelfTip => Some(LedgerError::SelfTip),
+            Refusal::RecipientNotCreator => Some(LedgerError::RecipientNotCreator),
+            Refusal::GrantAmountOutOfRange => Some(LedgerError::AmountOutOfRange {
+                min: grants::MIN_GRANT,
+                max: grants::MAX_GRANT,
+            }),
+            Refusal::InvalidGrantReason => Some(LedgerError::InvalidReason),
+            Refusal::SelfGrant => Some(LedgerError::SelfGrant),
+            Refusal::AdminRequired => Some(LedgerError::AdminRequired),
+            Refusal::UnknownUser => Some(LedgerError::UnknownUser),
+            Refusal::Invariant => Some(LedgerError::Invariant(raised.message.to_owned())),
+            // Refusals of the class and purchase functions reach here only
+            // through a caller that does not expect them: unexpected.
+            _ => None,
+        };
+        // A refusal whose DETAIL does not parse broke the contract between
+        // the migration and this crate: an error, never a made-up number.
+        refused.unwrap_or(LedgerError::Db(e))
     }
 }
 
@@ -161,8 +176,8 @@ pub struct Tip {
 /// caller's wallet locked, in the caller's transaction.
 pub async fn tip(
     conn: &mut PgConnection,
-    tip_id: Uuid,
-    recipient: Uuid,
+    tip_id: TipId,
+    recipient: UserId,
     amount: TokenAmount,
     message: Option<&str>,
 ) -> Result<Tip, LedgerError> {
@@ -175,7 +190,7 @@ pub async fn tip(
             .fetch_one(conn)
             .await?;
     Ok(Tip {
-        tip_id,
+        tip_id: tip_id.get(),
         journal_id,
         balance,
     })

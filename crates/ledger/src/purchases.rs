@@ -9,12 +9,12 @@ use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::LedgerError;
+use crate::{Cents, LedgerError, PurchaseId, UserId};
 
 /// The caller's purchase as `app.begin_purchase` found or created it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct PurchaseStart {
-    pub id: Uuid,
+    pub id: PurchaseId,
     pub tokens: i64,
     pub price_cents: i64,
     pub payment_intent_id: Option<String>,
@@ -26,15 +26,18 @@ pub struct PurchaseStart {
 
 /// The purchase id for (user, Idempotency-Key): a retry finds the same row
 /// and Stripe sees the same idempotency key.
-pub fn purchase_id(user: Uuid, idempotency_key: &str) -> Uuid {
+pub fn purchase_id(user: UserId, idempotency_key: &str) -> PurchaseId {
     const NAMESPACE: Uuid = Uuid::from_u128(0x5f6a_7c1e_2b4d_4e8f_9a0b_1c2d_3e4f_5a6b);
-    Uuid::new_v5(&NAMESPACE, format!("{user}/{idempotency_key}").as_bytes())
+    PurchaseId::new(Uuid::new_v5(
+        &NAMESPACE,
+        format!("{user}/{idempotency_key}").as_bytes(),
+    ))
 }
 
 /// Starts (or finds) the caller's purchase of `package`.
 pub async fn begin(
     conn: &mut PgConnection,
-    id: Uuid,
+    id: PurchaseId,
     package: &str,
 ) -> Result<PurchaseStart, PurchaseError> {
     Ok(
@@ -48,7 +51,7 @@ pub async fn begin(
 
 /// The caller's Stripe call for purchase `id` failed: gives its in-flight
 /// claim back, so a retry need not wait for the lease to run out.
-pub async fn release_claim(conn: &mut PgConnection, id: Uuid) -> Result<(), PurchaseError> {
+pub async fn release_claim(conn: &mut PgConnection, id: PurchaseId) -> Result<(), PurchaseError> {
     sqlx::query("select app.release_purchase_claim($1)")
         .bind(id)
         .execute(conn)
@@ -58,7 +61,7 @@ pub async fn release_claim(conn: &mut PgConnection, id: Uuid) -> Result<(), Purc
 
 pub async fn attach_payment_intent(
     conn: &mut PgConnection,
-    id: Uuid,
+    id: PurchaseId,
     payment_intent: &str,
     client_secret: Option<&str>,
 ) -> Result<(), PurchaseError> {
@@ -83,22 +86,41 @@ pub enum CreditOutcome {
     Unknown,
 }
 
+impl CreditOutcome {
+    /// The wire name (as serialised; also `app.credit_purchase`'s answer).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CreditOutcome::Credited => "credited",
+            CreditOutcome::AlreadyCredited => "already_credited",
+            CreditOutcome::NotCreditable => "not_creditable",
+            CreditOutcome::Unknown => "unknown",
+        }
+    }
+}
+
 /// Service path: credits a succeeded PaymentIntent exactly once.
 pub async fn credit(
     conn: &mut PgConnection,
     payment_intent: &str,
-    amount_cents: i64,
+    amount: Cents,
 ) -> Result<CreditOutcome, PurchaseError> {
     let outcome: String = sqlx::query_scalar("select app.credit_purchase($1, $2)")
         .bind(payment_intent)
-        .bind(amount_cents)
+        .bind(amount.get())
         .fetch_one(conn)
         .await?;
-    Ok(match outcome.as_str() {
-        "credited" => CreditOutcome::Credited,
-        "already_credited" => CreditOutcome::AlreadyCredited,
-        "not_creditable" => CreditOutcome::NotCreditable,
-        _ => CreditOutcome::Unknown,
+    [
+        CreditOutcome::Credited,
+        CreditOutcome::AlreadyCredited,
+        CreditOutcome::NotCreditable,
+        CreditOutcome::Unknown,
+    ]
+    .into_iter()
+    .find(|o| o.as_str() == outcome)
+    .ok_or_else(|| {
+        PurchaseError::Ledger(LedgerError::Invariant(format!(
+            "app.credit_purchase answered {outcome:?}"
+        )))
     })
 }
 
@@ -121,7 +143,7 @@ pub async fn fail(
 pub enum ClawBack {
     /// The charge's cumulative refunded amount, in cents.
     Refund {
-        amount_refunded_cents: i64,
+        amount_refunded: Cents,
     },
     Dispute,
 }
@@ -136,25 +158,23 @@ pub async fn claw_back(
     reference: &str,
 ) -> Result<i64, PurchaseError> {
     let (kind, refunded) = match reason {
-        ClawBack::Refund {
-            amount_refunded_cents,
-        } => ("refund", amount_refunded_cents),
+        ClawBack::Refund { amount_refunded } => ("refund", amount_refunded.get()),
         ClawBack::Dispute => ("dispute", 0),
     };
-    let taken: i64 = sqlx::query_scalar("select app.claw_back_purchase($1, $2, $3, $4)")
-        .bind(payment_intent)
-        .bind(kind)
-        .bind(reference)
-        .bind(refunded)
-        .fetch_one(conn)
-        .await
-        .or_else(|e| match LedgerError::from(e) {
-            // The same refund state or dispute delivered again.
-            LedgerError::AlreadyApplied => Ok(0),
-            LedgerError::Db(e) => Err(e),
-            other => Err(sqlx::Error::Protocol(other.to_string())),
-        })?;
-    Ok(taken)
+    let taken: Result<i64, PurchaseError> =
+        sqlx::query_scalar("select app.claw_back_purchase($1, $2, $3, $4)")
+            .bind(payment_intent)
+            .bind(kind)
+            .bind(reference)
+            .bind(refunded)
+            .fetch_one(conn)
+            .await
+            .map_err(PurchaseError::from);
+    match taken {
+        // The same refund state or dispute delivered again.
+        Err(PurchaseError::Ledger(LedgerError::AlreadyApplied)) => Ok(0),
+        other => other,
+    }
 }
 
 /// Service path: pending purchases older than `older_than_seconds`.
@@ -162,7 +182,7 @@ pub async fn stale_pending(
     conn: &mut PgConnection,
     older_than_seconds: i64,
     limit: i32,
-) -> Result<Vec<(Uuid, String)>, PurchaseError> {
+) -> Result<Vec<(PurchaseId, String)>, PurchaseError> {
     Ok(sqlx::query_as(
         "select id, payment_intent_id from app.stale_pending_purchases(make_interval(secs => $1), $2)",
     )
@@ -186,26 +206,12 @@ pub enum PurchaseError {
 
 impl From<sqlx::Error> for PurchaseError {
     fn from(e: sqlx::Error) -> Self {
-        match stagepass_platform::db::sqlstate(&e).as_deref() {
-            Some("SP020") => PurchaseError::UnknownPackage,
-            Some("SP021") => PurchaseError::KeyConflict,
-            Some("SP022") => PurchaseError::AmountMismatch,
+        use crate::sqlstate::{self, Refusal};
+        match sqlstate::raised(&e).map(|r| r.refusal) {
+            Some(Refusal::UnknownPackage) => PurchaseError::UnknownPackage,
+            Some(Refusal::PurchaseKeyConflict) => PurchaseError::KeyConflict,
+            Some(Refusal::PurchaseAmountMismatch) => PurchaseError::AmountMismatch,
             _ => PurchaseError::Ledger(LedgerError::from(e)),
-        }
-    }
-}
-
-impl From<PurchaseError> for stagepass_platform::http::ApiError {
-    fn from(e: PurchaseError) -> Self {
-        use stagepass_platform::http::ApiError;
-        match e {
-            PurchaseError::UnknownPackage => ApiError::field("package", "unknown package"),
-            PurchaseError::KeyConflict => ApiError::Unprocessable(
-                "idempotency_key_reused",
-                "this Idempotency-Key was used with a different request".into(),
-            ),
-            PurchaseError::AmountMismatch => ApiError::Internal(e.to_string().into()),
-            PurchaseError::Ledger(l) => l.into(),
         }
     }
 }

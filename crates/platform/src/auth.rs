@@ -108,10 +108,10 @@ impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         match e {
             AuthError::JwksUnavailable => ApiError::Unavailable(
-                "auth_unavailable",
+                crate::http::codes::AUTH_UNAVAILABLE,
                 "access tokens cannot be verified right now; retry shortly".into(),
             ),
-            _ => ApiError::Unauthenticated("invalid_token"),
+            _ => ApiError::Unauthenticated(crate::http::codes::INVALID_TOKEN),
         }
     }
 }
@@ -664,14 +664,14 @@ fn authorization(parts: &Parts) -> Result<Option<http::HeaderValue>, ApiError> {
         return Ok(None);
     };
     if values.next().is_some() {
-        return Err(ApiError::Unauthenticated("invalid_token"));
+        return Err(ApiError::Unauthenticated(crate::http::codes::INVALID_TOKEN));
     }
     Ok(Some(value.clone()))
 }
 
 /// The token of exactly `Bearer <token>` (scheme case-insensitive).
 fn bearer_token(value: &http::HeaderValue) -> Result<&str, ApiError> {
-    let invalid = || ApiError::Unauthenticated("invalid_token");
+    let invalid = || ApiError::Unauthenticated(crate::http::codes::INVALID_TOKEN);
     let value = value.to_str().map_err(|_| invalid())?;
     let (scheme, token) = value.trim().split_once(' ').ok_or_else(invalid)?;
     let token = token.trim();
@@ -718,7 +718,7 @@ where
         let verifier = Arc::<Verifier>::from_ref(state);
         authenticate(parts, &verifier)
             .await?
-            .ok_or(ApiError::Unauthenticated("missing_token"))
+            .ok_or(ApiError::Unauthenticated(crate::http::codes::MISSING_TOKEN))
     }
 }
 

@@ -22,7 +22,9 @@ pub fn authorize(headers: &HeaderMap, secret: &Secret) -> Result<(), ApiError> {
     if bool::from(presented.as_bytes().ct_eq(expected)) {
         Ok(())
     } else {
-        Err(ApiError::Unauthenticated("invalid_cron_secret"))
+        Err(ApiError::Unauthenticated(
+            crate::http::codes::INVALID_CRON_SECRET,
+        ))
     }
 }
 

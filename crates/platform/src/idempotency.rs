@@ -110,17 +110,18 @@ impl IntoResponse for Replay {
 impl Idempotency {
     /// `request` is the parsed body; its canonical JSON (keys sorted) is the
     /// fingerprint, so formatting differences do not matter but any change
-    /// of a value does.
+    /// of a value does. A request that cannot be serialised is a 500, never
+    /// an empty fingerprint (which every such request would share).
     pub fn new(
         user: Uuid,
         route: &'static str,
         key: IdempotencyKey,
         request: &impl Serialize,
         ttl_hours: i32,
-    ) -> Idempotency {
+    ) -> Result<Idempotency, ApiError> {
         let canonical = serde_json::to_value(request)
             .map(|v| v.to_string())
-            .unwrap_or_default();
+            .map_err(ApiError::internal)?;
         let mut hasher = Sha256::new();
         hasher.update(route.as_bytes());
         hasher.update([0]);
@@ -130,13 +131,13 @@ impl Idempotency {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
-        Idempotency {
+        Ok(Idempotency {
             user,
             route,
             key,
             fingerprint,
             ttl_hours,
-        }
+        })
     }
 
     /// Step 1 and 2 of the module docs. `Ok(Some(replay))`: answer with it
@@ -152,7 +153,7 @@ impl Idempotency {
         .await?;
         if !locked {
             return Err(ApiError::Conflict(
-                "idempotency_in_progress",
+                crate::http::codes::IDEMPOTENCY_IN_PROGRESS,
                 "a request with this Idempotency-Key is still being processed".into(),
             ));
         }
@@ -169,7 +170,7 @@ impl Idempotency {
             None => Ok(None),
             Some((fingerprint, _, _)) if fingerprint != self.fingerprint => {
                 Err(ApiError::Unprocessable(
-                    "idempotency_key_reused",
+                    crate::http::codes::IDEMPOTENCY_KEY_REUSED,
                     "this Idempotency-Key was used with a different request".into(),
                 ))
             }

@@ -6,6 +6,7 @@
 //! - [`db`]: the per-process pool and transactions under row-level security.
 //! - [`telemetry`]: tracing and Sentry.
 //! - [`serve`]: runs a router on Vercel, on Lambda, or locally.
+//! - [`runtime`]: the per-request handle for work after the response.
 //! - [`upstash`]: a small Upstash Redis REST client.
 //! - [`ratelimit`]: every limit of a request in one Upstash round trip.
 //! - [`flags`]: feature flags, evaluated in process from a short-lived cache.
@@ -19,6 +20,7 @@ pub mod http;
 pub mod idempotency;
 pub mod local;
 pub mod ratelimit;
+pub mod runtime;
 pub mod serve;
 pub mod telemetry;
 #[cfg(feature = "testing")]

@@ -91,6 +91,7 @@ fn report_panics() {
         let at = info
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            // No location: the report says less, nothing else changes.
             .unwrap_or_default();
         sentry::capture_message(
             &scrub(&format!("panic: {message}{at}")),
@@ -108,6 +109,7 @@ fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::filter::Targets {
     const DEFAULT: &str = "info,sqlx=warn";
     rust_log
         .and_then(|v| v.parse().ok())
+        // DEFAULT is a constant, valid filter.
         .unwrap_or_else(|| DEFAULT.parse().unwrap_or_default())
 }
 
@@ -283,8 +285,9 @@ pub async fn observe(req: Request, next: Next) -> Response {
         .extensions()
         .get::<RequestId>()
         .map(|id| id.as_str().to_owned())
+        // Only for the log line; the request-id layer always runs first.
         .unwrap_or_default();
-    let platform = req.extensions().get::<crate::serve::Platform>().cloned();
+    let platform = req.extensions().get::<crate::runtime::Platform>().cloned();
     let span = tracing::info_span!(
         "request",
         %method,
@@ -328,7 +331,7 @@ pub async fn observe(req: Request, next: Next) -> Response {
     let self_reported = response
         .extensions()
         .get::<ProblemInfo>()
-        .is_some_and(|p| p.code == "rate_limiter_unavailable");
+        .is_some_and(|p| p.self_reported);
     if status.is_server_error() && sentry_enabled() && !self_reported {
         let message = response
             .extensions()
@@ -373,7 +376,7 @@ fn span_status(status: http::StatusCode) -> sentry::protocol::SpanStatus {
 /// Flushes Sentry: on Vercel after the response (`wait_until`), on Lambda
 /// before it is returned (the adapter awaits it, bounded), locally in a
 /// background task.
-fn flush_after_response(platform: Option<crate::serve::Platform>) {
+fn flush_after_response(platform: Option<crate::runtime::Platform>) {
     let flush = async {
         let _ = tokio::task::spawn_blocking(|| {
             if let Some(client) = sentry::Hub::main().client() {
@@ -382,7 +385,7 @@ fn flush_after_response(platform: Option<crate::serve::Platform>) {
         })
         .await;
     };
-    crate::serve::after_response(platform.as_ref(), flush);
+    crate::runtime::after_response(platform.as_ref(), flush);
 }
 
 /// Records the authenticated user on the request's span and Sentry scope.

@@ -8,7 +8,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use stagepass_platform::auth::AuthUser;
 use stagepass_platform::db;
-use stagepass_platform::http::{ApiError, ApiResult, JsonBody};
+use stagepass_platform::http::{ApiError, ApiResult, JsonBody, codes};
 use stagepass_platform::serve::{Function, Limits};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -95,10 +95,10 @@ pub async fn set_role(
         .fetch_one(&mut *tx)
         .await
         .map_err(|e| match db::sqlstate(&e).as_deref() {
-            Some("42501") => ApiError::Forbidden("admin_required"),
+            Some("42501") => ApiError::Forbidden(codes::ADMIN_REQUIRED),
             Some("P0002") => ApiError::NotFound,
             Some("P0001") => {
-                ApiError::Conflict("last_admin", "cannot remove the last admin".into())
+                ApiError::Conflict(codes::LAST_ADMIN, "cannot remove the last admin".into())
             }
             _ => e.into(),
         })?;

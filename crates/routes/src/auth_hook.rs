@@ -21,7 +21,7 @@ use sha2::Sha256;
 use sqlx::PgPool;
 use stagepass_platform::config::{AuthHookConfig, DbConfig, ExposeSecret, Secret};
 use stagepass_platform::db;
-use stagepass_platform::http::{ApiError, ApiResult};
+use stagepass_platform::http::{ApiError, ApiResult, codes};
 use stagepass_platform::ratelimit::{SignatureGate, SignedSource};
 use stagepass_platform::serve::{Function, Limits};
 use stagepass_platform::time::Clock;
@@ -93,7 +93,7 @@ impl HookKey {
 
     /// Verifies the three Standard Webhooks headers against the raw body.
     pub fn verify(&self, headers: &HeaderMap, body: &[u8], now_unix: i64) -> Result<(), ApiError> {
-        let bad = || ApiError::Unauthenticated("invalid_signature");
+        let bad = || ApiError::Unauthenticated(codes::INVALID_SIGNATURE);
         let header = |name: &str| {
             headers
                 .get(name)
@@ -105,7 +105,7 @@ impl HookKey {
         let signatures = header("webhook-signature")?;
         let ts: i64 = timestamp.parse().map_err(|_| bad())?;
         if (now_unix - ts).abs() > TOLERANCE_SECONDS {
-            return Err(ApiError::Unauthenticated("stale_signature"));
+            return Err(ApiError::Unauthenticated(codes::STALE_SIGNATURE));
         }
         let expected = self.mac(id, timestamp, body);
         // Several space-separated signatures may be sent during key rotation;

@@ -8,6 +8,7 @@
 //! is idempotent like a tip: the key's record and the payment commit
 //! together, refusals are rolled back to a savepoint and stored with the key.
 
+use crate::problems::OrProblem;
 use axum::extract::{Path, Query, State};
 use axum::middleware::from_fn;
 use axum::response::Response;
@@ -19,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use stagepass_ledger::classes::{
     self, Cancellation, Class, ClassCursor, ClassFields, Enrollment, Withdrawal,
 };
+use stagepass_ledger::{ClassId, EnrollmentId, UserId};
 use stagepass_platform::auth::AuthUser;
 use stagepass_platform::db;
 use stagepass_platform::http::guard;
@@ -293,8 +295,10 @@ fn is_zone_name(zone: &str) -> bool {
         })
 }
 
-fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::field("id", "must be a UUID"))
+fn parse_id(raw: &str) -> Result<ClassId, ApiError> {
+    Uuid::parse_str(raw)
+        .map(ClassId::new)
+        .map_err(|_| ApiError::field("id", "must be a UUID"))
 }
 
 #[utoipa::path(post, path = "/api/v1/classes", tag = "classes", security(("bearer" = [])),
@@ -310,7 +314,9 @@ pub async fn create_class(
     let fields = request.parse()?;
     let mut tx = db::begin_user(&api.pool, user.claims()).await?;
     crate::me::ensure_user(&mut tx).await?;
-    let class = classes::create(&mut tx, Uuid::now_v7(), &fields).await?;
+    let class = classes::create(&mut tx, ClassId::new(Uuid::now_v7()), &fields)
+        .await
+        .or_problem()?;
     tx.commit().await?;
     Ok((StatusCode::CREATED, Json(class)))
 }
@@ -382,12 +388,18 @@ pub async fn list_classes(
     let creator = q
         .creator
         .as_deref()
-        .map(|c| Uuid::parse_str(c).map_err(|_| ApiError::field("creator", "must be a UUID")))
+        .map(|c| {
+            Uuid::parse_str(c)
+                .map(UserId::new)
+                .map_err(|_| ApiError::field("creator", "must be a UUID"))
+        })
         .transpose()?;
     let after = q.cursor.as_deref().map(decode_cursor).transpose()?;
     let mut tx = db::begin_user(&api.pool, user.claims()).await?;
     // One extra row tells whether another page exists.
-    let mut found = classes::upcoming(&mut tx, creator, after, limit + 1).await?;
+    let mut found = classes::upcoming(&mut tx, creator, after, limit + 1)
+        .await
+        .or_problem()?;
     tx.commit().await?;
     let more = found.len() > usize::try_from(limit).unwrap_or(usize::MAX);
     found.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
@@ -414,7 +426,7 @@ pub async fn get_class(
 ) -> ApiResult<Json<Class>> {
     let id = parse_id(&id)?;
     let mut tx = db::begin_user(&api.pool, user.claims()).await?;
-    let class = classes::get(&mut tx, id).await?;
+    let class = classes::get(&mut tx, id).await.or_problem()?;
     tx.commit().await?;
     Ok(Json(class))
 }
@@ -443,7 +455,7 @@ pub async fn patch_class(
     }
     let mut tx = db::begin_user(&api.pool, user.claims()).await?;
     crate::me::ensure_user(&mut tx).await?;
-    let class = classes::update(&mut tx, id, &fields).await?;
+    let class = classes::update(&mut tx, id, &fields).await.or_problem()?;
     tx.commit().await?;
     api.kick(&platform);
     Ok(Json(class))
@@ -482,14 +494,16 @@ pub async fn enroll(
     key: IdempotencyKey,
 ) -> ApiResult<Response> {
     let class = parse_id(&id)?;
-    let fingerprint = EnrollFingerprint { class_id: class };
+    let fingerprint = EnrollFingerprint {
+        class_id: class.get(),
+    };
     let idempotency = Idempotency::new(
         user.id(),
         ENROLL_ROUTE,
         key,
         &fingerprint,
         DEFAULT_TTL_HOURS,
-    );
+    )?;
     crate::idempotent::run(
         &api,
         &user,
@@ -498,8 +512,10 @@ pub async fn enroll(
         StatusCode::CREATED,
         |conn| {
             Box::pin(async move {
-                let enrollment = classes::enroll(conn, class, Uuid::now_v7()).await?;
-                Ok(serde_json::to_value(&enrollment).unwrap_or_default())
+                let enrollment = classes::enroll(conn, class, EnrollmentId::new(Uuid::now_v7()))
+                    .await
+                    .or_problem()?;
+                serde_json::to_value(&enrollment).map_err(ApiError::internal)
             })
         },
     )
@@ -529,7 +545,7 @@ pub async fn withdraw(
         crate::me::ensure_user(&mut tx).await?;
         let withdrawal = match classes::withdraw(&mut tx, class).await {
             Err(e) if e.is_deadlock() => return Err(retry::deadlocked(tx).await),
-            other => other?,
+            other => other.or_problem()?,
         };
         tx.commit().await?;
         Ok(Json(withdrawal))
@@ -562,7 +578,7 @@ pub async fn cancel_class(
         crate::me::ensure_user(&mut tx).await?;
         let cancellation = match classes::cancel(&mut tx, class).await {
             Err(e) if e.is_deadlock() => return Err(retry::deadlocked(tx).await),
-            other => other?,
+            other => other.or_problem()?,
         };
         tx.commit().await?;
         Ok(Json(cancellation))

@@ -13,6 +13,7 @@
 //! - `deliver-outbox`: delivers realtime messages and jobs that were not
 //!   delivered right after their request (every minute; ADR 0007).
 
+use crate::problems::OrProblem;
 use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -20,6 +21,7 @@ use http::HeaderMap;
 use serde::Serialize;
 use sqlx::PgPool;
 use stagepass_integrations::stripe::{PaymentIntentStatus, StripeClient};
+use stagepass_ledger::Cents;
 use stagepass_ledger::audit::{AuditReport, audit};
 use stagepass_ledger::classes;
 use stagepass_ledger::purchases;
@@ -174,7 +176,7 @@ pub async fn ledger_audit(
     gate.admit(cron::authorize(&headers, &s.secret)).await?;
     // One snapshot for every check.
     let mut tx = db::begin_service_snapshot(&s.pool).await?;
-    let report = audit(&mut tx).await?;
+    let report = audit(&mut tx).await.or_problem()?;
     tx.commit().await?;
     if !report.is_clean() {
         return Err(ApiError::Internal(
@@ -242,7 +244,9 @@ pub async fn reconcile_purchases(
             processed: 0,
         }));
     }
-    let stale = purchases::stale_pending(&mut tx, RECONCILE_AFTER_SECONDS, RECONCILE_BATCH).await?;
+    let stale = purchases::stale_pending(&mut tx, RECONCILE_AFTER_SECONDS, RECONCILE_BATCH)
+        .await
+        .or_problem()?;
     tx.commit().await?;
     let mut processed = 0;
     for (_, payment_intent) in stale {
@@ -258,9 +262,13 @@ pub async fn reconcile_purchases(
         let mut tx = db::begin_service(&s.cron.pool).await?;
         match intent.status {
             PaymentIntentStatus::Succeeded => {
-                purchases::credit(&mut tx, &intent.id, intent.amount_cents).await?;
+                purchases::credit(&mut tx, &intent.id, Cents::new(intent.amount_cents))
+                    .await
+                    .or_problem()?;
             }
-            PaymentIntentStatus::Canceled => purchases::fail(&mut tx, &intent.id, true).await?,
+            PaymentIntentStatus::Canceled => purchases::fail(&mut tx, &intent.id, true)
+                .await
+                .or_problem()?,
             _ => {}
         }
         tx.commit().await?;
@@ -306,7 +314,7 @@ pub async fn settle_classes(
         }
         let settled = match classes::settle_ended(&mut tx, SETTLE_BATCH).await {
             Err(e) if e.is_deadlock() => return Err(crate::retry::Retry::Deadlock),
-            other => other?,
+            other => other.or_problem()?,
         };
         tx.commit().await?;
         Ok(Json(SettlementRun {

@@ -10,14 +10,15 @@
 //! Refusals (403, 404, 422) are recorded with the key, so a replay answers
 //! the same.
 
+use crate::problems::OrProblem;
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::response::Response;
 use axum::routing::post;
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
-use stagepass_ledger::TokenAmount;
 use stagepass_ledger::grants::{self, MAX_GRANT, MIN_GRANT};
+use stagepass_ledger::{GrantId, TokenAmount, UserId};
 use stagepass_platform::auth::AuthUser;
 use stagepass_platform::http::{ApiError, ApiResult, JsonBody};
 use stagepass_platform::idempotency::{DEFAULT_TTL_HOURS, Idempotency, IdempotencyKey};
@@ -64,7 +65,7 @@ struct Fingerprinted<'a> {
 
 impl GrantRequest {
     fn validate(&self) -> Result<TokenAmount, ApiError> {
-        let amount = TokenAmount::parse(self.amount, MIN_GRANT, MAX_GRANT)?;
+        let amount = TokenAmount::parse(self.amount, MIN_GRANT, MAX_GRANT).or_problem()?;
         if !grants::valid_reason(&self.reason) {
             return Err(ApiError::field(
                 "reason",
@@ -102,7 +103,7 @@ pub async fn create_grant(
         amount: request.amount,
         reason: &request.reason,
     };
-    let idempotency = Idempotency::new(user.id(), ROUTE, key, &fingerprinted, DEFAULT_TTL_HOURS);
+    let idempotency = Idempotency::new(user.id(), ROUTE, key, &fingerprinted, DEFAULT_TTL_HOURS)?;
     let reason = request.reason;
     crate::idempotent::run(
         &api,
@@ -113,9 +114,16 @@ pub async fn create_grant(
         |conn| {
             let reason = reason.clone();
             Box::pin(async move {
-                let grant =
-                    grants::admin_grant(conn, Uuid::now_v7(), target, amount, &reason).await?;
-                Ok(serde_json::to_value(&grant).unwrap_or_default())
+                let grant = grants::admin_grant(
+                    conn,
+                    GrantId::new(Uuid::now_v7()),
+                    UserId::new(target),
+                    amount,
+                    &reason,
+                )
+                .await
+                .or_problem()?;
+                serde_json::to_value(&grant).map_err(ApiError::internal)
             })
         },
     )

@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 use sqlx::PgPool;
 use stagepass_platform::config::{DbConfig, Loader};
-use stagepass_platform::http::{ApiError, ApiResult};
+use stagepass_platform::http::{ApiError, ApiResult, codes};
 use stagepass_platform::serve::{Function, Limits, Resources};
 use utoipa::ToSchema;
 
@@ -85,7 +85,7 @@ pub async fn ready(State(pool): State<PgPool>) -> ApiResult<Json<Ready>> {
 
 fn unavailable() -> ApiError {
     ApiError::Unavailable(
-        "database_unavailable",
+        codes::DATABASE_UNAVAILABLE,
         "the database did not answer".to_owned(),
     )
 }

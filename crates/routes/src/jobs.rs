@@ -19,7 +19,7 @@ use sqlx::PgPool;
 use stagepass_integrations::qstash::Verifier;
 use stagepass_platform::config::{DbConfig, Loader, QstashConfig};
 use stagepass_platform::db;
-use stagepass_platform::http::{ApiError, ApiResult};
+use stagepass_platform::http::{ApiError, ApiResult, codes};
 use stagepass_platform::ratelimit::{SignatureGate, SignedSource};
 use stagepass_platform::serve::{Function, Limits, PlatformHandle, Resources};
 use utoipa::ToSchema;
@@ -92,7 +92,7 @@ impl JobState {
         let url = self
             .public_base
             .join(path)
-            .map_err(|_| ApiError::Unavailable("misconfigured", "PUBLIC_BASE_URL".into()))?;
+            .map_err(|_| ApiError::Unavailable(codes::MISCONFIGURED, "PUBLIC_BASE_URL".into()))?;
         let signature = headers
             .get("upstash-signature")
             .and_then(|v| v.to_str().ok());
@@ -100,7 +100,7 @@ impl JobState {
             .verify(signature, url.as_str(), body)
             .map_err(|e| {
                 tracing::warn!(error = %e, path, "QStash callback refused");
-                ApiError::Unauthenticated("invalid_qstash_signature")
+                ApiError::Unauthenticated(codes::INVALID_QSTASH_SIGNATURE)
             })
     }
 }

@@ -16,6 +16,7 @@ pub mod jobs;
 pub mod me;
 pub mod openapi;
 pub mod outbox;
+pub mod problems;
 pub mod purchases;
 pub mod realtime;
 mod retry;

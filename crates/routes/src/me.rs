@@ -170,7 +170,10 @@ pub async fn patch_me(
     .execute(&mut *tx)
     .await
     .on_constraint("users_handle_key", || {
-        ApiError::Conflict("handle_taken", "that handle is taken".into())
+        ApiError::Conflict(
+            stagepass_platform::http::codes::HANDLE_TAKEN,
+            "that handle is taken".into(),
+        )
     })?;
     let me = sqlx::query_as::<_, Me>(SELECT_ME)
         .fetch_one(&mut *tx)

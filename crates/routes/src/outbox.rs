@@ -241,6 +241,7 @@ impl Outbox {
         }
         let message = Message {
             id: row.dedup_key.clone(),
+            // Every realtime row has a name (`app.emit`); only jobs have none.
             name: row.name.clone().unwrap_or_default(),
             data,
         };

@@ -11,6 +11,7 @@
 //! PaymentIntent instead of charging twice (defect 2). The Stripe call
 //! happens between two short transactions, never while holding one.
 
+use crate::problems::OrProblem;
 use std::collections::BTreeMap;
 
 use axum::extract::State;
@@ -20,12 +21,13 @@ use axum::{Json, Router};
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use stagepass_integrations::stripe::{CreatePaymentIntent, StripeClient};
+use stagepass_ledger::UserId;
 use stagepass_ledger::packages;
 use stagepass_ledger::purchases::{self, purchase_id};
 use stagepass_platform::auth::AuthUser;
 use stagepass_platform::config::StripeApiConfig;
 use stagepass_platform::db;
-use stagepass_platform::http::{ApiError, ApiResult, JsonBody};
+use stagepass_platform::http::{ApiError, ApiResult, JsonBody, codes};
 use stagepass_platform::idempotency::{DEFAULT_TTL_HOURS, Idempotency, IdempotencyKey};
 use stagepass_platform::serve::{Function, Limits};
 use utoipa::ToSchema;
@@ -112,8 +114,8 @@ pub async fn create_purchase(
 ) -> ApiResult<Response> {
     let package = packages::find(&request.package)
         .ok_or_else(|| ApiError::field("package", "unknown package"))?;
-    let id = purchase_id(user.id(), key.as_str());
-    let idempotency = Idempotency::new(user.id(), ROUTE, key, &request, DEFAULT_TTL_HOURS);
+    let id = purchase_id(UserId::new(user.id()), key.as_str());
+    let idempotency = Idempotency::new(user.id(), ROUTE, key, &request, DEFAULT_TTL_HOURS)?;
 
     // 1. Claim the purchase (or replay a finished request).
     let mut tx = db::begin_user(&state.api.pool, user.claims()).await?;
@@ -122,11 +124,13 @@ pub async fn create_purchase(
         tx.commit().await?;
         return Ok(replay.into_response());
     }
-    let start = purchases::begin(&mut tx, id, package.id).await?;
+    let start = purchases::begin(&mut tx, id, package.id)
+        .await
+        .or_problem()?;
     tx.commit().await?;
     if start.busy {
         return Err(ApiError::Conflict(
-            "idempotency_in_progress",
+            codes::IDEMPOTENCY_IN_PROGRESS,
             "a request with this Idempotency-Key is still being processed".into(),
         ));
     }
@@ -154,7 +158,7 @@ pub async fn create_purchase(
                 let _ = tx.commit().await;
             }
             return Err(ApiError::Unavailable(
-                "payment_provider_unavailable",
+                codes::PAYMENT_PROVIDER_UNAVAILABLE,
                 "the payment provider did not answer; retry with the same Idempotency-Key".into(),
             ));
         }
@@ -162,7 +166,7 @@ pub async fn create_purchase(
 
     // 3. Record it with the response, in one transaction.
     let created = PurchaseCreated {
-        purchase_id: id,
+        purchase_id: id.get(),
         package: package.id.to_owned(),
         tokens: start.tokens,
         price_cents: start.price_cents,
@@ -180,7 +184,8 @@ pub async fn create_purchase(
         return Ok(replay.into_response());
     }
     purchases::attach_payment_intent(&mut tx, id, &intent.id, intent.client_secret.as_deref())
-        .await?;
+        .await
+        .or_problem()?;
     idempotency
         .store(&mut tx, StatusCode::CREATED, &body)
         .await?;

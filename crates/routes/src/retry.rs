@@ -6,7 +6,7 @@
 
 use std::future::Future;
 
-use stagepass_platform::http::ApiError;
+use stagepass_platform::http::{ApiError, codes};
 
 /// Attempts before answering 503 `busy`.
 pub const DEADLOCK_ATTEMPTS: usize = 3;
@@ -52,5 +52,5 @@ where
 
 /// The answer after [`DEADLOCK_ATTEMPTS`] deadlocks in a row.
 pub fn busy() -> ApiError {
-    ApiError::Unavailable("busy", "the ledger is busy; retry the request".into())
+    ApiError::Unavailable(codes::BUSY, "the ledger is busy; retry the request".into())
 }

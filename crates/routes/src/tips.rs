@@ -6,13 +6,14 @@
 //! A tip's client errors are recorded with the key, so a replay answers the
 //! same; a deadlock between two mutual tips is retried.
 
+use crate::problems::OrProblem;
 use axum::Router;
 use axum::extract::State;
 use axum::response::Response;
 use axum::routing::post;
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
-use stagepass_ledger::{Tip, TokenAmount};
+use stagepass_ledger::{MAX_TIP, MIN_TIP, Tip, TipId, TokenAmount, UserId};
 use stagepass_platform::auth::AuthUser;
 use stagepass_platform::http::{ApiError, ApiResult, JsonBody, text};
 use stagepass_platform::idempotency::{DEFAULT_TTL_HOURS, Idempotency, IdempotencyKey};
@@ -37,8 +38,6 @@ pub const FUNCTION: Function = Function {
 };
 
 const ROUTE: &str = "POST /api/v1/tips";
-pub const MIN_TIP: i64 = 1;
-pub const MAX_TIP: i64 = 10_000;
 const MAX_MESSAGE_CHARS: usize = 280;
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -54,7 +53,7 @@ pub struct TipRequest {
 
 impl TipRequest {
     fn validate(&self) -> Result<TokenAmount, ApiError> {
-        let amount = TokenAmount::parse(self.amount, MIN_TIP, MAX_TIP)?;
+        let amount = TokenAmount::parse(self.amount, MIN_TIP, MAX_TIP).or_problem()?;
         if let Some(m) = &self.message
             && (m.chars().count() > MAX_MESSAGE_CHARS
                 || m.chars().any(|c| c.is_control() && c != '\n')
@@ -85,7 +84,7 @@ pub async fn create_tip(
     JsonBody(request): JsonBody<TipRequest>,
 ) -> ApiResult<Response> {
     let amount = request.validate()?;
-    let idempotency = Idempotency::new(user.id(), ROUTE, key, &request, DEFAULT_TTL_HOURS);
+    let idempotency = Idempotency::new(user.id(), ROUTE, key, &request, DEFAULT_TTL_HOURS)?;
     let (recipient, message) = (request.recipient_id, request.message);
     crate::idempotent::run(
         &api,
@@ -98,13 +97,14 @@ pub async fn create_tip(
             Box::pin(async move {
                 let tip = stagepass_ledger::tip(
                     conn,
-                    Uuid::now_v7(),
-                    recipient,
+                    TipId::new(Uuid::now_v7()),
+                    UserId::new(recipient),
                     amount,
                     message.as_deref(),
                 )
-                .await?;
-                Ok(serde_json::to_value(&tip).unwrap_or_default())
+                .await
+                .or_problem()?;
+                serde_json::to_value(&tip).map_err(ApiError::internal)
             })
         },
     )

@@ -1,5 +1,6 @@
 //! Token packages, the caller's balance and ledger.
 
+use crate::problems::OrProblem;
 use axum::extract::{Query, State};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -72,7 +73,7 @@ pub async fn packages() -> Json<Packages> {
 pub async fn balance(State(api): State<UserApi>, user: AuthUser) -> ApiResult<Json<Balance>> {
     let mut tx = db::begin_user(&api.pool, user.claims()).await?;
     crate::me::ensure_user(&mut tx).await?;
-    let balance = stagepass_ledger::my_balance(&mut tx).await?;
+    let balance = stagepass_ledger::my_balance(&mut tx).await.or_problem()?;
     tx.commit().await?;
     Ok(Json(balance))
 }
@@ -122,7 +123,9 @@ pub async fn ledger(
         return Err(ApiError::field("limit", "must be between 1 and 100"));
     }
     let mut tx = db::begin_user(&api.pool, user.claims()).await?;
-    let entries = stagepass_ledger::my_entries(&mut tx, q.cursor, limit).await?;
+    let entries = stagepass_ledger::my_entries(&mut tx, q.cursor, limit)
+        .await
+        .or_problem()?;
     tx.commit().await?;
     let next_cursor = if entries.len() == usize::try_from(limit).unwrap_or(0) {
         entries.last().map(|e| e.id)

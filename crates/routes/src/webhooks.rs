@@ -7,6 +7,7 @@
 //! retry with a fresh timestamp, so the 300 s tolerance applies to the
 //! signature, never to the event's age.
 
+use crate::problems::OrProblem;
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
@@ -15,10 +16,11 @@ use http::HeaderMap;
 use serde::Serialize;
 use sqlx::PgConnection;
 use stagepass_integrations::stripe::webhook::{self, Event, EventKind};
+use stagepass_ledger::Cents;
 use stagepass_ledger::purchases::{self, ClawBack, CreditOutcome};
 use stagepass_platform::config::{DbConfig, ExposeSecret, Secret, StripeWebhookConfig};
 use stagepass_platform::db;
-use stagepass_platform::http::{ApiError, ApiResult};
+use stagepass_platform::http::{ApiError, ApiResult, codes};
 use stagepass_platform::ratelimit::{SignatureGate, SignedSource};
 use stagepass_platform::serve::{Function, Limits, PlatformHandle};
 use stagepass_platform::time::Clock;
@@ -122,7 +124,7 @@ pub async fn stripe_webhook(
 /// Checks `Stripe-Signature` on the raw body (constant time). Missing, bad
 /// and stale signatures are one 401: the sender learns nothing more.
 fn verify(state: &StripeWebhookState, headers: &HeaderMap, body: &[u8]) -> ApiResult<Event> {
-    let refused = ApiError::Unauthenticated("invalid_signature");
+    let refused = ApiError::Unauthenticated(codes::INVALID_SIGNATURE);
     let Some(signature) = headers
         .get("stripe-signature")
         .and_then(|v| v.to_str().ok())
@@ -148,15 +150,19 @@ pub async fn apply(conn: &mut PgConnection, event: &Event) -> Result<String, Api
     match event.kind() {
         EventKind::PaymentIntentSucceeded => {
             let intent = event.payment_intent().map_err(bad)?;
-            let outcome = purchases::credit(conn, &intent.id, intent.amount_cents).await?;
+            let outcome = purchases::credit(conn, &intent.id, Cents::new(intent.amount_cents))
+                .await
+                .or_problem()?;
             if outcome == CreditOutcome::Unknown {
                 tracing::warn!(payment_intent = %intent.id, "succeeded PaymentIntent of no purchase");
             }
-            Ok(format!("{outcome:?}").to_lowercase())
+            Ok(outcome.as_str().to_owned())
         }
         EventKind::PaymentIntentPaymentFailed => {
             let intent = event.payment_intent().map_err(bad)?;
-            purchases::fail(conn, &intent.id, false).await?;
+            purchases::fail(conn, &intent.id, false)
+                .await
+                .or_problem()?;
             Ok("failed".into())
         }
         EventKind::ChargeRefunded => {
@@ -166,9 +172,11 @@ pub async fn apply(conn: &mut PgConnection, event: &Event) -> Result<String, Api
             };
             let reference = format!("{}:{}", charge.id, charge.amount_refunded_cents);
             let refund = ClawBack::Refund {
-                amount_refunded_cents: charge.amount_refunded_cents,
+                amount_refunded: Cents::new(charge.amount_refunded_cents),
             };
-            let taken = purchases::claw_back(conn, intent, refund, &reference).await?;
+            let taken = purchases::claw_back(conn, intent, refund, &reference)
+                .await
+                .or_problem()?;
             Ok(format!("clawed_back:{taken}"))
         }
         EventKind::ChargeDisputeCreated => {
@@ -180,7 +188,9 @@ pub async fn apply(conn: &mut PgConnection, event: &Event) -> Result<String, Api
                     format!("dispute {} has no payment_intent", dispute.id).into(),
                 ));
             };
-            let taken = purchases::claw_back(conn, intent, ClawBack::Dispute, &dispute.id).await?;
+            let taken = purchases::claw_back(conn, intent, ClawBack::Dispute, &dispute.id)
+                .await
+                .or_problem()?;
             Ok(format!("clawed_back:{taken}"))
         }
         EventKind::Other => Ok("ignored".into()),

@@ -1,6 +1,13 @@
 //! `PUT /api/v1/admin/users/{id}/role`: only a database admin may change a
 //! role, every change is audited in the append-only `app.role_changes`.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::as_conversions
+)]
+
 mod common;
 
 use common::{TestApp, claims_for, sign_claims};

@@ -1,6 +1,13 @@
 //! `POST /api/v1/auth/access-token-hook`: Standard Webhooks signature, and
 //! `app_role` always from the database.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::as_conversions
+)]
+
 mod common;
 
 use common::{HOOK_SECRET, TestApp, TestResponse, WRONG_HOOK_SECRET};

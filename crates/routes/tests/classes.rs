@@ -3,6 +3,13 @@
 //! the schedule JSON. The ledger invariants are checked after every money
 //! test (SPEC §2, §3).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::as_conversions
+)]
+
 mod common;
 
 use common::{assert_ledger_clean, journal_count, wallet};

@@ -2,6 +2,13 @@
 //! `promotions` account, admin checked in SQL, Idempotency-Key, every grant
 //! audited, bad input refused with no change, ledger invariants after each.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::as_conversions
+)]
+
 mod common;
 
 use axum::http::StatusCode;
@@ -289,9 +296,16 @@ async fn the_sql_refuses_what_the_handler_would_and_the_operator_path_is_audited
     let mut conn = app.db.admin_pool.acquire().await.expect("conn");
     // The operator's grant: same function, audited as the operator.
     let amount = TokenAmount::parse(1_000, 1, 10_000).expect("amount");
-    let g = grants::operator_grant(&mut conn, Uuid::new_v4(), fan.id, amount, "demo", "tests")
-        .await
-        .expect("operator grant");
+    let g = grants::operator_grant(
+        &mut conn,
+        Uuid::new_v4().into(),
+        fan.id.into(),
+        amount,
+        "demo",
+        "tests",
+    )
+    .await
+    .expect("operator grant");
     assert_eq!(g.balance, 1_000);
     let actor: String = sqlx::query_scalar("select actor from app.token_grants where id = $1")
         .bind(g.grant_id)
@@ -300,8 +314,15 @@ async fn the_sql_refuses_what_the_handler_would_and_the_operator_path_is_audited
         .expect("audit row");
     assert_eq!(actor, "operator:tests");
     // The same grant id twice is refused by the ledger (credited once).
-    let twice =
-        grants::operator_grant(&mut conn, g.grant_id, fan.id, amount, "demo", "tests").await;
+    let twice = grants::operator_grant(
+        &mut conn,
+        g.grant_id.into(),
+        fan.id.into(),
+        amount,
+        "demo",
+        "tests",
+    )
+    .await;
     assert!(
         matches!(twice, Err(stagepass_ledger::LedgerError::AlreadyApplied)),
         "{twice:?}"

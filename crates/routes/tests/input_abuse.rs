@@ -4,6 +4,13 @@
 //! user-visible text (spoofing), and the same rules for query strings and
 //! the Idempotency-Key header. Emoji sequences joined by U+200D stay allowed.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::as_conversions
+)]
+
 mod common;
 
 use axum::http::StatusCode;

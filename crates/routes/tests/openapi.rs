@@ -1,5 +1,12 @@
 //! The OpenAPI document covers every function, and every function builds.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::as_conversions
+)]
+
 mod common;
 
 use std::collections::BTreeSet;
@@ -333,6 +340,71 @@ fn every_error_is_a_problem_document_and_the_shared_statuses_are_listed() {
             );
         }
     }
+}
+
+/// The documented `Problem` has exactly the members of the body type the
+/// server serialises (`ProblemBody`): every member, and as required exactly
+/// those that are always sent. A member added to the type fails to compile
+/// here (the literal below) until it is documented.
+#[test]
+fn the_problem_schema_has_exactly_the_members_of_the_body_type() {
+    use stagepass_platform::http::FieldError;
+    use stagepass_platform::http::problem::ProblemBody;
+    let errors = [FieldError {
+        field: "amount".into(),
+        message: "too large".into(),
+    }];
+    let full = ProblemBody {
+        type_: "https://docs.stagepass.app/problems/rate_limited".into(),
+        title: "t",
+        status: 429,
+        code: "rate_limited",
+        detail: Some("d".into()),
+        request_id: Some("r".into()),
+        errors: Some(&errors),
+        policy: Some("money"),
+        retry_after_seconds: Some(1),
+    };
+    let minimal = ProblemBody {
+        type_: "https://docs.stagepass.app/problems/not_found".into(),
+        title: "t",
+        status: 404,
+        code: "not_found",
+        detail: None,
+        request_id: None,
+        errors: None,
+        policy: None,
+        retry_after_seconds: None,
+    };
+    let keys = |body: &ProblemBody<'_>| -> Vec<String> {
+        let mut keys: Vec<String> = serde_json::to_value(body)
+            .expect("serialises")
+            .as_object()
+            .expect("an object")
+            .keys()
+            .cloned()
+            .collect();
+        keys.sort();
+        keys
+    };
+    let doc = document();
+    let problem = &doc["components"]["schemas"]["Problem"];
+    let mut documented: Vec<String> = problem["properties"]
+        .as_object()
+        .expect("properties")
+        .keys()
+        .cloned()
+        .collect();
+    documented.sort();
+    let mut required: Vec<String> = problem["required"]
+        .as_array()
+        .expect("required")
+        .iter()
+        .filter_map(|v| v.as_str().map(str::to_owned))
+        .collect();
+    required.sort();
+    assert_eq!(documented, keys(&full), "documented members");
+    assert_eq!(required, keys(&minimal), "required members");
 }
 
 #[test]

@@ -8,6 +8,13 @@
 //! fail mode (docs/RELIABILITY.md, "Outages"). Bounds are 2× the configured
 //! timeout: a correctness bound (the call is cut), not a performance figure.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::as_conversions
+)]
+
 mod common;
 
 use std::sync::Arc;

@@ -6,6 +6,13 @@
 //! that takes 150 ms per call, like the real one, so the duplicates overlap
 //! the call.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::as_conversions
+)]
+
 mod common;
 
 use std::sync::Arc;

@@ -6,6 +6,13 @@
 //! the production code sends. QStash callbacks are signed with the test's
 //! signing keys the way QStash signs them.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::as_conversions
+)]
+
 mod common;
 
 use std::time::Duration;

@@ -2,6 +2,13 @@
 //! SQL on the functions' own login, exactly as a buggy handler would run it
 //! (SPEC §1 "Row Level Security", §6 defect 10).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::as_conversions
+)]
+
 mod common;
 
 use common::TestApp;

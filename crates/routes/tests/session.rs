@@ -1,6 +1,13 @@
 //! `GET /api/v1/me` and `PATCH /api/v1/me`: first sight, identity only from
 //! the verified token (SPEC §6 defect 8), strict JSON bodies.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::as_conversions
+)]
+
 mod common;
 
 use common::{TestApp, claims_for, sign_claims, token_for};

@@ -27,6 +27,13 @@
 //! may still resolve in another (equally valid) serial order, since bursts
 //! are checked against every order that could explain their answers.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::as_conversions
+)]
+
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -42,8 +49,9 @@ use stagepass_ledger::TokenAmount;
 use stagepass_ledger::audit::AuditReport;
 use stagepass_ledger::packages::{PACKAGES, Package};
 use stagepass_ledger::purchases::{self, purchase_id};
+use stagepass_ledger::{MAX_TIP, MIN_TIP};
 use stagepass_platform::idempotency::{DEFAULT_TTL_HOURS, Idempotency, IdempotencyKey};
-use stagepass_routes::tips::{MAX_TIP, MIN_TIP, TipRequest};
+use stagepass_routes::tips::TipRequest;
 use uuid::Uuid;
 
 // ------------------------------------------------------------------ settings
@@ -475,8 +483,8 @@ impl Model {
             return "unknown";
         };
         match p.status {
-            Status::Succeeded => "alreadycredited",
-            Status::Refunded | Status::Disputed => "notcreditable",
+            Status::Succeeded => "already_credited",
+            Status::Refunded | Status::Disputed => "not_creditable",
             Status::Pending | Status::Failed => {
                 let user = &mut self.users[p.owner];
                 let repay = user.debt.min(p.tokens);
@@ -1288,7 +1296,7 @@ impl Sim {
     async fn start_purchase(&mut self, buyer: usize, package: &Package, retry: bool) -> Vec<usize> {
         let key = self.name("purchase-");
         let pi = format!("pi_sim{}", self.names);
-        let id = purchase_id(self.actors[buyer].id, &key);
+        let id = purchase_id(self.actors[buyer].id.into(), &key);
         let mut tx = self.user_tx(buyer).await;
         let start = purchases::begin(&mut tx, id, package.id)
             .await
@@ -1538,7 +1546,8 @@ impl Sim {
             message: call.body.message.clone(),
         };
         let key = IdempotencyKey::parse(&call.key).expect("valid key");
-        let idempotency = Idempotency::new(user, TIPS_ROUTE, key, &request, DEFAULT_TTL_HOURS);
+        let idempotency = Idempotency::new(user, TIPS_ROUTE, key, &request, DEFAULT_TTL_HOURS)
+            .expect("fingerprint");
         if stage >= TipCrash::KeyLocked {
             let _ = idempotency.begin(&mut conn).await;
         }
@@ -1546,8 +1555,14 @@ impl Sim {
             let amount = TokenAmount::parse(call.body.amount, MIN_TIP, MAX_TIP).expect("amount");
             let message = call.body.message.as_deref();
             // Refused or not, the transaction dies either way.
-            let _ =
-                stagepass_ledger::tip(&mut conn, Uuid::now_v7(), recipient, amount, message).await;
+            let _ = stagepass_ledger::tip(
+                &mut conn,
+                Uuid::now_v7().into(),
+                recipient.into(),
+                amount,
+                message,
+            )
+            .await;
         }
         if stage >= TipCrash::Recorded {
             let body = json!({"crashed": true});
@@ -2121,7 +2136,7 @@ async fn a_purchase_never_credited_is_never_clawed_back() {
     assert_eq!(s.deliver(refund).await, "clawed_back:0");
     assert_eq!(s.deliver(refund_again).await, "clawed_back:0");
     assert_eq!(s.deliver(dispute).await, "clawed_back:0");
-    assert_eq!(s.deliver(success).await, "notcreditable");
+    assert_eq!(s.deliver(success).await, "not_creditable");
     let b = s.balance().await;
     assert_eq!(
         (b["balance"].as_i64(), b["debt"].as_i64()),

@@ -2,6 +2,13 @@
 //! the test exactly as Stripe signs them. Every test ends with the ledger
 //! invariants.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::as_conversions
+)]
+
 mod common;
 
 use common::assert_ledger_clean;
@@ -109,7 +116,7 @@ async fn a_succeeded_payment_is_credited_exactly_once() {
     assert_eq!(again.json()["duplicate"], true);
     // A different event about the same PaymentIntent credits nothing either.
     let other = deliver(&app, &succeeded("evt_2", "pi_1", 1_900)).await;
-    assert_eq!(other.json()["outcome"], "alreadycredited");
+    assert_eq!(other.json()["outcome"], "already_credited");
 
     assert_eq!(balance(&app, &fan).await["balance"], 200);
     assert_ledger_clean(&app).await;
@@ -193,7 +200,7 @@ async fn a_refund_before_the_success_means_no_tokens_ever() {
     let r = deliver(&app, &refunded("evt_r", "pi_o", "ch_o", 1_900, 1_900)).await;
     assert_eq!(r.json()["outcome"], "clawed_back:0");
     let s = deliver(&app, &succeeded("evt_o", "pi_o", 1_900)).await;
-    assert_eq!(s.json()["outcome"], "notcreditable");
+    assert_eq!(s.json()["outcome"], "not_creditable");
     assert_eq!(balance(&app, &fan).await["balance"], 0);
     assert_ledger_clean(&app).await;
 }

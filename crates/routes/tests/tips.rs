@@ -1,6 +1,13 @@
 //! Tips: the money path's first route. Replay, concurrency and the ledger
 //! invariants after every test (SPEC §2).
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::as_conversions
+)]
+
 mod common;
 
 use common::{assert_ledger_clean, fund, journal_count, wallet};

@@ -129,6 +129,7 @@ impl StripeError {
                 type_: error.type_.unwrap_or_else(|| "unknown".to_owned()),
                 code: error.code,
                 decline_code: error.decline_code,
+                // Stripe sends one for most errors; only for logs.
                 message: error.message.unwrap_or_default(),
                 param: error.param,
                 request_id: meta.request_id,

@@ -96,7 +96,7 @@ pub async fn apply(cors: Cors, req: Request, next: Next) -> Response {
 
 fn preflight(cors: &Cors, origin: Option<&str>, headers: &HeaderMap) -> Response {
     let Some(origin) = origin.filter(|o| cors.allows(o)) else {
-        return ApiError::Forbidden("cors_origin_not_allowed").into_response();
+        return ApiError::Forbidden(super::codes::CORS_ORIGIN_NOT_ALLOWED).into_response();
     };
     let method_ok = headers
         .get(header::ACCESS_CONTROL_REQUEST_METHOD)
@@ -111,10 +111,10 @@ fn preflight(cors: &Cors, origin: Option<&str>, headers: &HeaderMap) -> Response
         .filter(|h| !h.is_empty())
         .all(|h| ALLOWED_HEADERS.contains(&h.as_str()));
     if !method_ok || !headers_ok {
-        return ApiError::Forbidden("cors_request_not_allowed").into_response();
+        return ApiError::Forbidden(super::codes::CORS_REQUEST_NOT_ALLOWED).into_response();
     }
     let Ok(origin) = HeaderValue::from_str(origin) else {
-        return ApiError::Forbidden("cors_origin_not_allowed").into_response();
+        return ApiError::Forbidden(super::codes::CORS_ORIGIN_NOT_ALLOWED).into_response();
     };
     let mut response = StatusCode::NO_CONTENT.into_response();
     let h = response.headers_mut();

@@ -3,6 +3,7 @@
 //! strict JSON extractor. [`stack`] puts them around a route's router in the
 //! one order every function uses.
 
+pub mod codes;
 pub mod cors;
 pub mod guard;
 pub mod headers;

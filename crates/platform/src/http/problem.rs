@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderValue, StatusCode, header};
 use serde::Serialize;
 
+use super::codes;
 use super::request_id::RequestId;
 
 /// One field that failed validation.
@@ -48,6 +49,11 @@ pub enum ApiError {
     },
     #[error("service unavailable: {1}")]
     Unavailable(&'static str, String),
+    /// The rate limiter's store failed and a policy fails closed: 503
+    /// `rate_limiter_unavailable` with `Retry-After`. The limiter reports
+    /// its own outages (at most once a minute), so telemetry does not.
+    #[error("rate limits cannot be checked right now")]
+    LimiterUnavailable { retry_after_seconds: u64 },
     /// Anything unexpected. The source is logged, never shown.
     #[error("internal error: {0}")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -90,7 +96,9 @@ impl ApiError {
             ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(..) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable(..) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(..) | ApiError::LimiterUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -98,19 +106,20 @@ impl ApiError {
     /// The stable machine-readable code.
     pub fn code(&self) -> &'static str {
         match self {
-            ApiError::Validation(_) => "validation_failed",
-            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Validation(_) => codes::VALIDATION_FAILED,
+            ApiError::BadRequest(_) => codes::BAD_REQUEST,
             ApiError::Unauthenticated(code) => code,
             ApiError::Forbidden(code) => code,
-            ApiError::NotFound => "not_found",
-            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::NotFound => codes::NOT_FOUND,
+            ApiError::MethodNotAllowed => codes::METHOD_NOT_ALLOWED,
             ApiError::Conflict(code, _) => code,
-            ApiError::PayloadTooLarge => "payload_too_large",
-            ApiError::UnsupportedMediaType => "unsupported_media_type",
+            ApiError::PayloadTooLarge => codes::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => codes::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(code, _) => code,
-            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::RateLimited { .. } => codes::RATE_LIMITED,
             ApiError::Unavailable(code, _) => code,
-            ApiError::Internal(_) => "internal_error",
+            ApiError::LimiterUnavailable { .. } => codes::RATE_LIMITER_UNAVAILABLE,
+            ApiError::Internal(_) => codes::INTERNAL_ERROR,
         }
     }
 
@@ -127,7 +136,9 @@ impl ApiError {
             ApiError::UnsupportedMediaType => "Send the body as application/json.",
             ApiError::Unprocessable(..) => "The request cannot be processed.",
             ApiError::RateLimited { .. } => "Too many requests.",
-            ApiError::Unavailable(..) => "The service is temporarily unavailable.",
+            ApiError::Unavailable(..) | ApiError::LimiterUnavailable { .. } => {
+                "The service is temporarily unavailable."
+            }
             ApiError::Internal(_) => "Something went wrong on our side.",
         }
     }
@@ -144,6 +155,9 @@ impl ApiError {
             } => Some(format!(
                 "limit '{policy}' exceeded; retry after {retry_after_seconds} s"
             )),
+            ApiError::LimiterUnavailable { .. } => {
+                Some("rate limits cannot be checked right now; retry shortly".to_owned())
+            }
             _ => None,
         }
     }
@@ -174,6 +188,9 @@ pub struct ProblemBody<'a> {
 #[derive(Debug, Clone)]
 pub struct ProblemInfo {
     pub code: &'static str,
+    /// The failure was reported where it happened (the rate limiter reports
+    /// its own outages, at most once a minute): telemetry sends no event.
+    pub self_reported: bool,
     pub internal_message: Option<String>,
 }
 
@@ -203,6 +220,7 @@ impl ApiError {
             policy,
             retry_after_seconds,
         };
+        // Strings and numbers only: serialising cannot fail.
         serde_json::to_value(&body).unwrap_or_default()
     }
 }
@@ -221,6 +239,7 @@ impl IntoResponse for ApiError {
             _ => None,
         };
         let body = self.body_json();
+        // A `Value` always serialises.
         let json = serde_json::to_vec(&body).unwrap_or_default();
         let mut response = (status, json).into_response();
         response.headers_mut().insert(
@@ -232,11 +251,13 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, challenge(code));
         }
-        if let ApiError::Unavailable("rate_limiter_unavailable", _) = &self {
-            response.headers_mut().insert(
-                header::RETRY_AFTER,
-                HeaderValue::from(crate::ratelimit::UNAVAILABLE_RETRY_AFTER_SECONDS),
-            );
+        if let ApiError::LimiterUnavailable {
+            retry_after_seconds,
+        } = &self
+        {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_seconds));
         }
         if let Some(secs) = retry_after_seconds {
             response
@@ -245,6 +266,7 @@ impl IntoResponse for ApiError {
         }
         response.extensions_mut().insert(ProblemInfo {
             code: self.code(),
+            self_reported: matches!(self, ApiError::LimiterUnavailable { .. }),
             internal_message: match &self {
                 ApiError::Internal(e) => Some(e.to_string()),
                 _ => None,
@@ -263,12 +285,14 @@ impl IntoResponse for ApiError {
 /// naming the signature header they must send.
 pub fn challenge(code: &str) -> HeaderValue {
     HeaderValue::from_static(match code {
-        "missing_token" => r#"Bearer realm="stagepass""#,
-        "invalid_token" | "invalid_cron_secret" => {
+        codes::MISSING_TOKEN => r#"Bearer realm="stagepass""#,
+        codes::INVALID_TOKEN | codes::INVALID_CRON_SECRET => {
             r#"Bearer realm="stagepass", error="invalid_token""#
         }
-        "invalid_qstash_signature" => r#"Upstash-Signature realm="stagepass""#,
-        "invalid_signature" | "stale_signature" => r#"Webhook-Signature realm="stagepass""#,
+        codes::INVALID_QSTASH_SIGNATURE => r#"Upstash-Signature realm="stagepass""#,
+        codes::INVALID_SIGNATURE | codes::STALE_SIGNATURE => {
+            r#"Webhook-Signature realm="stagepass""#
+        }
         _ => r#"Bearer realm="stagepass""#,
     })
 }
@@ -286,11 +310,11 @@ impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         match &e {
             sqlx::Error::PoolTimedOut => ApiError::Unavailable(
-                "database_busy",
+                codes::DATABASE_BUSY,
                 "the database is busy; retry shortly".into(),
             ),
             _ if is_connection_loss(&e) => ApiError::Unavailable(
-                "database_unavailable",
+                codes::DATABASE_UNAVAILABLE,
                 "the database is unavailable; retry shortly".into(),
             ),
             _ => ApiError::internal(e),

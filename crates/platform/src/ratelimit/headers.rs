@@ -109,7 +109,7 @@ pub fn apply_unavailable(headers: &mut HeaderMap, policies: &[Policy]) {
 pub enum ClientIpSource {
     /// The Lambda event's request context when there is one (`lambda`
     /// feature), Vercel's headers when the request came through the Vercel
-    /// runtime (a Vercel [`crate::serve::Platform`]), else the connection.
+    /// runtime (a Vercel [`crate::runtime::Platform`]), else the connection.
     #[default]
     Auto,
     /// Always Vercel's headers (tests of a Vercel deployment).
@@ -130,19 +130,19 @@ pub enum ClientIpSource {
 /// AWS Lambda (the `lambda` feature): API Gateway *appends* to
 /// `X-Forwarded-For` (the first entry is the client's claim), so the source
 /// IP of the event's request context is used instead; see
-/// [`crate::serve::lambda::client_ip`].
+/// [`crate::runtime::lambda_client_ip`].
 pub fn client_ip(parts: &Parts, source: ClientIpSource) -> Option<IpAddr> {
     let behind_vercel = match source {
         ClientIpSource::Auto => {
             #[cfg(feature = "lambda")]
-            if let Some(ip) = crate::serve::lambda::client_ip(parts) {
+            if let Some(ip) = crate::runtime::lambda_client_ip(parts) {
                 // A Lambda event: only its request context counts.
                 return ip;
             }
             parts
                 .extensions
-                .get::<crate::serve::Platform>()
-                .is_some_and(crate::serve::Platform::is_vercel)
+                .get::<crate::runtime::Platform>()
+                .is_some_and(crate::runtime::Platform::is_vercel)
         }
         ClientIpSource::Vercel => true,
         ClientIpSource::Connection => false,

@@ -85,6 +85,7 @@ fn live(slots: &HashMap<String, Slot>, key: &str, now_ms: i64) -> Option<Value> 
 
 fn plan(slots: &HashMap<String, Slot>, prefix: &str, item: &Item, now_ms: i64) -> Plan {
     let mut keys = keys(prefix, item, now_ms).into_iter();
+    // `keys` always yields the current window's key first.
     let key = keys.next().unwrap_or_default();
     match item.policy.algorithm {
         Algorithm::SlidingWindow { limit, window_ms } => {

@@ -38,7 +38,7 @@ use chrono::{DateTime, Utc};
 pub use cache::DEFAULT_CAPACITY as DEFAULT_DENY_CACHE_CAPACITY;
 pub use headers::{ClientIpSource, client_ip};
 pub use layer::{RateLimitLayer, RateLimitService, TrustSource, layer};
-pub use policies::{AccountFacts, SignedSource, TrustLevel, money_policy};
+pub use policies::{SignedSource, TrustLevel, money_policy};
 pub use policy::{Algorithm, FailMode, Identity, KeyKind, Policy};
 pub use signed::SignatureGate;
 
@@ -430,10 +430,9 @@ impl RateLimiter {
             self.stats.failed_closed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(error = %e, "rate limiter unavailable: refusing (fail closed)");
             self.report(e, "closed");
-            return Err(ApiError::Unavailable(
-                "rate_limiter_unavailable",
-                "rate limits cannot be checked right now; retry shortly".to_owned(),
-            ));
+            return Err(ApiError::LimiterUnavailable {
+                retry_after_seconds: UNAVAILABLE_RETRY_AFTER_SECONDS,
+            });
         }
         self.stats.failed_open.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(error = %e, "rate limiter unavailable: allowing (fail open)");

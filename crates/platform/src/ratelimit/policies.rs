@@ -258,8 +258,9 @@ impl SignedSource {
     }
 }
 
-/// How far a user is trusted with money, derived from account facts
-/// ([`TrustLevel::derive`]); nothing but `vip` is ever set by hand.
+/// How far a user is trusted with money. Derived in one place, the
+/// database's `app.trust_level` (tested in crates/routes/tests/trust_levels.rs);
+/// this is its answer, parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum TrustLevel {
     Basic,
@@ -268,46 +269,7 @@ pub enum TrustLevel {
     Vip,
 }
 
-/// What trust is derived from. Loading these from Postgres is the money
-/// path's job; the rules are here so they can be tested without a database.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct AccountFacts {
-    pub email_verified: bool,
-    pub account_age_days: u32,
-    /// Purchases whose payment succeeded and was not refunded.
-    pub settled_purchases: u32,
-    pub chargebacks: u32,
-    /// An admin's explicit grant.
-    pub vip_grant: bool,
-}
-
-/// Account age needed for `verified`.
-pub const VERIFIED_MIN_AGE_DAYS: u32 = 7;
-/// Account age needed for `trusted`.
-pub const TRUSTED_MIN_AGE_DAYS: u32 = 30;
-
 impl TrustLevel {
-    /// The rules, in order: any chargeback → `basic` (even over a vip
-    /// grant: a disputed payment must be looked at first); a vip grant →
-    /// `vip`; 30 days and a settled purchase → `trusted`; a verified e-mail
-    /// and 7 days → `verified`; else `basic`.
-    ///
-    /// `trusted` does not require a verified e-mail: a settled card payment
-    /// is a stronger signal than a clicked link.
-    pub fn derive(facts: &AccountFacts) -> TrustLevel {
-        if facts.chargebacks > 0 {
-            TrustLevel::Basic
-        } else if facts.vip_grant {
-            TrustLevel::Vip
-        } else if facts.account_age_days >= TRUSTED_MIN_AGE_DAYS && facts.settled_purchases >= 1 {
-            TrustLevel::Trusted
-        } else if facts.email_verified && facts.account_age_days >= VERIFIED_MIN_AGE_DAYS {
-            TrustLevel::Verified
-        } else {
-            TrustLevel::Basic
-        }
-    }
-
     /// Parses `app.trust_level`'s answer; anything unknown is `basic`,
     /// the strictest.
     pub fn parse(level: &str) -> TrustLevel {
@@ -342,82 +304,6 @@ pub const fn money_policy(level: TrustLevel) -> Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn facts() -> AccountFacts {
-        AccountFacts::default()
-    }
-
-    #[test]
-    fn a_new_account_is_basic() {
-        assert_eq!(TrustLevel::derive(&facts()), TrustLevel::Basic);
-    }
-
-    #[test]
-    fn verified_needs_email_and_seven_days() {
-        let f = AccountFacts {
-            email_verified: true,
-            account_age_days: 7,
-            ..facts()
-        };
-        assert_eq!(TrustLevel::derive(&f), TrustLevel::Verified);
-        let young = AccountFacts {
-            account_age_days: 6,
-            ..f
-        };
-        assert_eq!(TrustLevel::derive(&young), TrustLevel::Basic);
-        let unverified = AccountFacts {
-            email_verified: false,
-            ..f
-        };
-        assert_eq!(TrustLevel::derive(&unverified), TrustLevel::Basic);
-    }
-
-    #[test]
-    fn trusted_needs_thirty_days_and_a_settled_purchase() {
-        let f = AccountFacts {
-            email_verified: true,
-            account_age_days: 30,
-            settled_purchases: 1,
-            ..facts()
-        };
-        assert_eq!(TrustLevel::derive(&f), TrustLevel::Trusted);
-        let no_purchase = AccountFacts {
-            settled_purchases: 0,
-            ..f
-        };
-        assert_eq!(TrustLevel::derive(&no_purchase), TrustLevel::Verified);
-        let young = AccountFacts {
-            account_age_days: 29,
-            ..f
-        };
-        assert_eq!(TrustLevel::derive(&young), TrustLevel::Verified);
-    }
-
-    #[test]
-    fn vip_is_a_grant() {
-        let f = AccountFacts {
-            vip_grant: true,
-            ..facts()
-        };
-        assert_eq!(TrustLevel::derive(&f), TrustLevel::Vip);
-    }
-
-    #[test]
-    fn a_chargeback_drops_everyone_to_basic() {
-        let upgraded = AccountFacts {
-            email_verified: true,
-            account_age_days: 400,
-            settled_purchases: 12,
-            vip_grant: true,
-            chargebacks: 0,
-        };
-        assert_eq!(TrustLevel::derive(&upgraded), TrustLevel::Vip);
-        let disputed = AccountFacts {
-            chargebacks: 1,
-            ..upgraded
-        };
-        assert_eq!(TrustLevel::derive(&disputed), TrustLevel::Basic);
-    }
 
     #[test]
     fn money_limits_grow_with_trust() {

@@ -153,6 +153,8 @@ impl<S: Send + Sync> FromRequestParts<S> for SignatureGate {
             .extensions
             .get::<SignatureGate>()
             .cloned()
+            // No rate-limit layer (`RATE_LIMITS=off`): the documented
+            // pass-through gate.
             .unwrap_or_default())
     }
 }
