@@ -3,6 +3,13 @@
 //! audit, the same buckets in Rust and SQL, and that no request (and no SQL
 //! as `authenticated`) can change a flag.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::as_conversions
+)]
+
 mod common;
 
 use std::sync::Arc;

@@ -7,6 +7,13 @@
 //! below what the old ones did (given per test). Each test also checks the
 //! results, so a cheap wrong answer fails too.
 
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::as_conversions
+)]
+
 use serde_json::Value;
 use sqlx::{Connection as _, PgConnection};
 use stagepass_platform::testing::TestDb;
