@@ -458,7 +458,8 @@ impl Rng {
     }
 
     fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[usize::try_from(self.range(0, u64::try_from(items.len()).expect("length") - 1)).expect("index")]
+        &items[usize::try_from(self.range(0, u64::try_from(items.len()).expect("length") - 1))
+            .expect("index")]
     }
 }
 
