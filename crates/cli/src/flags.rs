@@ -188,12 +188,21 @@ pub async fn apply(pool: &PgPool, change: &FlagChange, operator: &str) -> Result
 }
 
 fn explain(e: &sqlx::Error, key: &str) -> crate::error::BoxError {
-    match db::sqlstate(e).as_deref() {
-        Some("SP061") => "--reason: 1-500 characters, no control characters".into(),
-        Some("SP062") => format!("flag {key} already exists (use `flags set`)").into(),
-        Some("SP063") => format!("flag {key} does not exist (use `flags create`)").into(),
-        Some("SP064") => format!("invalid flag fields: {e}").into(),
-        Some("42883") | Some("3F000") | Some("42P01") => {
+    use stagepass_ledger::sqlstate::{self, Refusal};
+    match sqlstate::raised(e).map(|r| r.refusal) {
+        Some(Refusal::InvalidFlagReason) => {
+            "--reason: 1-500 characters, no control characters".into()
+        }
+        Some(Refusal::FlagExists) => format!("flag {key} already exists (use `flags set`)").into(),
+        Some(Refusal::UnknownFlag) => {
+            format!("flag {key} does not exist (use `flags create`)").into()
+        }
+        Some(Refusal::InvalidFlagFields) => format!("invalid flag fields: {e}").into(),
+        _ if matches!(
+            db::sqlstate(e).as_deref(),
+            Some("42883" | "3F000" | "42P01")
+        ) =>
+        {
             "the flag tables do not exist: run `stagepass migrate` first".into()
         }
         _ => format!("changing the flag: {e}").into(),

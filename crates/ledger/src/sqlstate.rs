@@ -1,5 +1,6 @@
-//! The SQLSTATEs the money functions raise (`raise … using errcode = 'SPnnn'`
-//! in `migrations/*.sql`): one table, read by every Rust matcher
+//! The SQLSTATEs our SQL functions raise (`raise … using errcode = 'SPnnn'`
+//! in `migrations/*.sql`: the money functions, and the feature flags' admin
+//! functions): one table, read by every Rust matcher
 //! ([`LedgerError`](crate::LedgerError), [`ClassError`](crate::classes::ClassError),
 //! [`PurchaseError`](crate::purchases::PurchaseError)). A test checks that
 //! the table and the migrations name the same codes.
@@ -40,10 +41,16 @@ pub enum Refusal {
     SelfGrant,
     AdminRequired,
     UnknownUser,
+    /// Feature flags (migration 18, ADR 0016): not an admin.
+    FlagAdminRequired,
+    InvalidFlagReason,
+    FlagExists,
+    UnknownFlag,
+    InvalidFlagFields,
 }
 
 /// Every SQLSTATE of ours, with its meaning.
-pub const TABLE: [(&str, Refusal); 30] = [
+pub const TABLE: [(&str, Refusal); 35] = [
     ("SP000", Refusal::Invariant),
     ("SP001", Refusal::InsufficientFunds),
     ("SP002", Refusal::AlreadyApplied),
@@ -74,6 +81,11 @@ pub const TABLE: [(&str, Refusal); 30] = [
     ("SP052", Refusal::SelfGrant),
     ("SP053", Refusal::AdminRequired),
     ("SP054", Refusal::UnknownUser),
+    ("SP060", Refusal::FlagAdminRequired),
+    ("SP061", Refusal::InvalidFlagReason),
+    ("SP062", Refusal::FlagExists),
+    ("SP063", Refusal::UnknownFlag),
+    ("SP064", Refusal::InvalidFlagFields),
 ];
 
 /// Postgres' own codes the ledger reads.

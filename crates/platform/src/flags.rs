@@ -31,7 +31,7 @@ use crate::http::{ApiError, FieldError};
 use crate::time::Clock;
 
 /// The problem code of a gated route whose flag is off for the caller (403).
-pub const FEATURE_DISABLED: &str = "feature_disabled";
+pub const FEATURE_DISABLED: &str = crate::http::codes::FEATURE_DISABLED;
 /// Buckets per flag: a rollout is given in basis points (500 = 5 %).
 pub const BUCKETS: u32 = 10_000;
 /// Most user ids on an allow or deny list.

@@ -16,10 +16,11 @@ use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use stagepass_ledger::sqlstate::{self, Refusal};
 use stagepass_platform::auth::AuthUser;
 use stagepass_platform::db;
 use stagepass_platform::flags::{self, FlagFields};
-use stagepass_platform::http::{ApiError, ApiResult, FieldError, JsonBody};
+use stagepass_platform::http::{ApiError, ApiResult, FieldError, JsonBody, codes};
 use stagepass_platform::serve::{Function, Limits};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -197,19 +198,24 @@ fn path_key(key: &str) -> Result<(), ApiError> {
     }
 }
 
-/// The SQLSTATEs of migration 18's flag functions.
+/// The SQLSTATEs of migration 18's flag functions (`ledger::sqlstate`, the
+/// one table of our codes).
 fn explain(e: sqlx::Error) -> ApiError {
-    match db::sqlstate(&e).as_deref() {
-        Some("SP060") => ApiError::Forbidden("admin_required"),
-        Some("SP061") => ApiError::field(
+    let Some(raised) = sqlstate::raised(&e) else {
+        return e.into();
+    };
+    match raised.refusal {
+        Refusal::FlagAdminRequired => ApiError::Forbidden(codes::ADMIN_REQUIRED),
+        Refusal::InvalidFlagReason => ApiError::field(
             "reason",
             "1–500 characters, not blank, no control characters",
         ),
-        Some("SP062") => {
-            ApiError::Conflict("flag_exists", "a flag with this key already exists".into())
-        }
-        Some("SP063") => ApiError::NotFound,
-        Some("SP064") => ApiError::field("body", "a field is out of range"),
+        Refusal::FlagExists => ApiError::Conflict(
+            codes::FLAG_EXISTS,
+            "a flag with this key already exists".into(),
+        ),
+        Refusal::UnknownFlag => ApiError::NotFound,
+        Refusal::InvalidFlagFields => ApiError::field("body", "a field is out of range"),
         _ => e.into(),
     }
 }

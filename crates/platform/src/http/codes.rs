@@ -38,6 +38,8 @@ codes! {
     NOT_CLASS_OWNER = "not_class_owner";
     CORS_ORIGIN_NOT_ALLOWED = "cors_origin_not_allowed";
     CORS_REQUEST_NOT_ALLOWED = "cors_request_not_allowed";
+    /// The route's feature flag is off for the caller (ADR 0016).
+    FEATURE_DISABLED = "feature_disabled";
 
     // 409
     HANDLE_TAKEN = "handle_taken";
@@ -51,6 +53,7 @@ codes! {
     NOT_ENROLLED = "not_enrolled";
     PRICE_LOCKED = "price_locked";
     RESCHEDULE_TOO_SOON = "reschedule_too_soon";
+    FLAG_EXISTS = "flag_exists";
 
     // 422
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused";
