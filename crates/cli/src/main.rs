@@ -9,6 +9,7 @@
 //! - `check-env`: validates a deployment's environment per function, without printing values.
 //! - `bench cold-start`: cold start, binary size, warm throughput and memory of the release binaries.
 //! - `bench tips`, `bench enroll-race`: money scenarios through release functions, with invariant checks.
+//! - `bench me`: warm `GET /api/v1/me` against pgbench running the same transaction (issue 13).
 //! - `bench crash`: SIGKILL during money requests, retried with the same keys: 0 lost, 0 doubled.
 //!
 //! Arguments are parsed by hand ([`args`]) to keep the build small.
@@ -75,6 +76,14 @@ USAGE:
       Tips/s and p50/p99 through the release v1_tips with many fans tipping one
       creator (hot) and across pairs, the ledger invariants after each, and
       pgbench on the same Postgres as the baseline.
+  stagepass bench me [--json] [--seconds S] [--connections C] [--pool P] [--bin-dir DIR]
+      Warm GET /api/v1/me through the v1_me binary (--bin-dir, default
+      $CARGO_TARGET_DIR/release) with C keep-alive connections (default 32) and
+      DATABASE_MAX_CONNECTIONS=P (default 4) for S seconds (default 10) on a
+      throwaway database: requests/s, p50/p99, statuses; then pgbench -M prepared,
+      P clients, running today's five-statement transaction of the route as
+      stagepass_app on the same database, and the ratio (issue 13: >= 1.5x).
+      Exit 1 on any non-200 answer or a failed pgbench transaction.
   stagepass bench enroll-race [--json] [--runs N] [--connections C] [--fans N] [--seats S]
                               [--bin-dir DIR]
       N fans (default 1000) racing for the S seats (default 100) of one class at
@@ -241,6 +250,7 @@ fn bench_command(rest: &[String]) -> Result<ExitCode> {
     match rest.first().map(String::as_str) {
         Some("tips") => return bench_tips(&rest[1..]),
         Some("enroll-race") => return bench_enroll_race(&rest[1..]),
+        Some("me") => return bench_me(&rest[1..]),
         Some("crash") => return bench_crash(&rest[1..]),
         Some("soak") => return bench_soak(&rest[1..]),
         _ => {}
@@ -365,6 +375,41 @@ fn bench_tips(rest: &[String]) -> Result<ExitCode> {
         },
     };
     current_thread()?.block_on(bench::tips::run(opts))
+}
+
+/// `stagepass bench me`: warm `GET /api/v1/me` with its pgbench baseline
+/// (see `bench/me.rs`).
+fn bench_me(rest: &[String]) -> Result<ExitCode> {
+    let p = parse(
+        rest,
+        &["--seconds", "--connections", "--pool", "--bin-dir"],
+        &["--json"],
+    )?;
+    no_positionals(&p)?;
+    let number = |name: &str, default: usize, max: usize| -> Result<usize> {
+        match p.value(name) {
+            None => Ok(default),
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if (1..=max).contains(&n) => Ok(n),
+                _ => fail(format!("{name} must be an integer from 1 to {max}")),
+            },
+        }
+    };
+    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    let opts = bench::me::MeOptions {
+        json: p.switch("--json"),
+        seconds: u64::try_from(number("--seconds", 10, 600)?).unwrap_or(10),
+        connections: number("--connections", 32, 1024)?,
+        // DATABASE_MAX_CONNECTIONS accepts 1 to 32.
+        pool: number("--pool", 4, 32)?,
+        bin_dir: p
+            .value("--bin-dir")
+            .map(Into::into)
+            .unwrap_or_else(|| std::path::Path::new(&target).join("release")),
+    };
+    // One thread, like the other benchmarks: the load generator takes at
+    // most one core from the function and Postgres.
+    current_thread()?.block_on(bench::me::run(opts))
 }
 
 /// `stagepass bench enroll-race`: fans racing for one class's seats (see

@@ -15,6 +15,7 @@ pub mod crash;
 pub mod enroll_race;
 mod http;
 mod load;
+pub mod me;
 mod money;
 mod report;
 pub mod soak;
