@@ -658,7 +658,10 @@ mod tests {
         fn load(&self) -> BoxFuture<'_, Result<Vec<FlagRule>, ApiError>> {
             Box::pin(async move {
                 if self.0.down.load(Ordering::SeqCst) {
-                    return Err(ApiError::Unavailable("database_unavailable", "down".into()));
+                    return Err(ApiError::Unavailable(
+                        crate::http::codes::DATABASE_UNAVAILABLE,
+                        "down".into(),
+                    ));
                 }
                 Ok(self.0.rules.lock().unwrap().clone())
             })
