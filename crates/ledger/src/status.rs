@@ -6,8 +6,10 @@
 //! enum. `crates/routes/tests/sql_rules.rs` proves each enum's values equal
 //! its check constraint's, in order.
 
-/// Declares a status enum stored in a `text` column. The crate using it needs
-/// `serde`, `sqlx` and `utoipa` as dependencies.
+/// Declares a status enum stored in a `text` column. Each `$text` must be the
+/// variant's name in snake_case (serde and OpenAPI spell it so; the
+/// round-trip test checks the ledger's, `sql_rules.rs` the SQL). The crate
+/// using it needs `serde`, `sqlx` and `utoipa` as dependencies.
 #[macro_export]
 macro_rules! text_enum {
     (
@@ -21,8 +23,12 @@ macro_rules! text_enum {
             Debug, Clone, Copy, PartialEq, Eq, Hash,
             ::serde::Serialize, ::serde::Deserialize, ::utoipa::ToSchema,
         )]
+        // `rename_all` rather than a `rename` per variant: utoipa does not
+        // see a `rename` whose value comes from a macro fragment. The test
+        // below proves each snake_case name is the SQL text.
+        #[serde(rename_all = "snake_case")]
         pub enum $name {
-            $( $(#[$vmeta])* #[serde(rename = $text)] $variant, )+
+            $( $(#[$vmeta])* $variant, )+
         }
 
         impl $name {

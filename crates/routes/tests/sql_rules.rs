@@ -314,41 +314,58 @@ async fn allowed_values(app: &TestApp, table: &str, constraint: &str) -> Vec<Str
         .collect()
 }
 
-fn texts<T: Copy>(all: &[T], as_str: fn(T) -> &'static str) -> Vec<String> {
-    all.iter().map(|&v| as_str(v).to_owned()).collect()
+/// Each value's text, after checking that JSON spells it the same way.
+fn texts<T: Copy + serde::Serialize>(all: &[T], as_str: fn(T) -> &'static str) -> Vec<String> {
+    all.iter()
+        .map(|&v| {
+            let text = as_str(v);
+            assert_eq!(serde_json::to_value(v).unwrap(), serde_json::json!(text));
+            text.to_owned()
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_status_enums_are_the_sql_check_constraints() {
     let app = TestApp::new().await;
+    let openapi: serde_json::Value =
+        serde_json::from_str(stagepass_routes::openapi::document()).expect("the document is JSON");
     let cases = [
         (
+            "ClassStatus",
             "classes",
             "classes_status_check",
             texts(ClassStatus::ALL, ClassStatus::as_str),
         ),
         (
+            "EnrollmentStatus",
             "enrollments",
             "enrollments_status_check",
             texts(EnrollmentStatus::ALL, EnrollmentStatus::as_str),
         ),
         (
+            "PurchaseStatus",
             "purchases",
             "purchases_status_check",
             texts(PurchaseStatus::ALL, PurchaseStatus::as_str),
         ),
         (
+            "CalendarEventStatus",
             "calendar_events",
             "calendar_events_status_check",
             texts(CalendarEventStatus::ALL, CalendarEventStatus::as_str),
         ),
     ];
-    for (table, constraint, rust) in cases {
-        assert_eq!(
-            allowed_values(&app, table, constraint).await,
-            rust,
-            "app.{table}.status"
-        );
+    for (component, table, constraint, rust) in cases {
+        let sql = allowed_values(&app, table, constraint).await;
+        assert_eq!(sql, rust, "app.{table}.status");
+        // The OpenAPI document lists the same values (the enrolment status
+        // is not in any response, so not in the document).
+        let schema = &openapi["components"]["schemas"][component];
+        if table != "enrollments" {
+            assert_eq!(schema["type"], "string", "{component}: {schema}");
+            assert_eq!(schema["enum"], serde_json::json!(sql), "{component}");
+        }
     }
     // Every status check constraint of schema app is one of the above: a
     // new status column needs its enum (and a line here).
