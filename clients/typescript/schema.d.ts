@@ -584,12 +584,16 @@ export interface components {
             source_kind: string;
             /** Format: date-time */
             starts_at: string;
-            /** @description `confirmed` or `cancelled`. */
-            status: string;
+            status: components["schemas"]["CalendarEventStatus"];
             title: string;
             /** Format: date-time */
             updated_at: string;
         };
+        /**
+         * @description `app.calendar_events.status` (check `calendar_events_status_check`).
+         * @enum {string}
+         */
+        CalendarEventStatus: "confirmed" | "cancelled";
         /** @description The outcome of a cancellation. */
         Cancellation: {
             /**
@@ -628,8 +632,7 @@ export interface components {
             sequence: number;
             /** Format: date-time */
             starts_at: string;
-            /** @description `scheduled`, `cancelled` or `settled`. */
-            status: string;
+            status: components["schemas"]["ClassStatus"];
             /** @description IANA zone the creator scheduled in, for display. */
             time_zone: string;
             title: string;
@@ -695,6 +698,11 @@ export interface components {
             /** Format: date-time */
             starts_at: string;
         };
+        /**
+         * @description `app.classes.status` (check `classes_status_check`).
+         * @enum {string}
+         */
+        ClassStatus: "scheduled" | "cancelled" | "settled";
         /** @description What one delivery run did. */
         Delivery: {
             /**
@@ -1029,7 +1037,7 @@ export interface components {
             /** Format: uuid */
             purchase_id: string;
             /** @description `pending` until Stripe reports the payment. */
-            status: string;
+            status: components["schemas"]["PurchaseStatus"];
             /**
              * Format: int64
              * @description Tokens credited when the payment succeeds.
@@ -1043,6 +1051,11 @@ export interface components {
              */
             package: "starter" | "small" | "medium" | "large" | "xl" | "xxl" | "mega";
         };
+        /**
+         * @description `app.purchases.status` (check `purchases_status_check`).
+         * @enum {string}
+         */
+        PurchaseStatus: "pending" | "succeeded" | "failed" | "canceled" | "refunded" | "disputed";
         Ready: {
             /** Format: double */
             database_latency_ms: number;

@@ -14,6 +14,32 @@ use uuid::Uuid;
 
 use crate::{ClassId, EnrollmentId, LedgerError, UserId};
 
+crate::text_enum! {
+    /// `app.classes.status` (check `classes_status_check`).
+    pub enum ClassStatus {
+        /// Open until it starts (enrolment closes at the start).
+        Scheduled = "scheduled",
+        /// Cancelled by its creator; every seat refunded.
+        Cancelled = "cancelled",
+        /// Ended and paid to its creator.
+        Settled = "settled",
+    }
+}
+
+crate::text_enum! {
+    /// `app.enrollments.status` (check `enrollments_status_check`).
+    pub enum EnrollmentStatus {
+        /// Holds a seat.
+        Enrolled = "enrolled",
+        /// The fan withdrew (refunded before the cut-off).
+        Withdrawn = "withdrawn",
+        /// The class was cancelled; the price went back to the fan.
+        Refunded = "refunded",
+        /// The class settled; the price went to the creator.
+        Settled = "settled",
+    }
+}
+
 /// A class as the API returns it (`app.class_view`).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
 pub struct Class {
@@ -28,8 +54,7 @@ pub struct Class {
     pub duration_minutes: i32,
     pub capacity: i32,
     pub price_tokens: i64,
-    /// `scheduled`, `cancelled` or `settled`.
-    pub status: String,
+    pub status: ClassStatus,
     pub seats_taken: i32,
     /// Bumped on every change.
     pub sequence: i32,

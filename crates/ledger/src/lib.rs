@@ -7,6 +7,7 @@ mod ids;
 pub mod packages;
 pub mod purchases;
 pub mod sqlstate;
+pub mod status;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};

@@ -11,6 +11,24 @@ use uuid::Uuid;
 
 use crate::{Cents, LedgerError, PurchaseId, UserId};
 
+crate::text_enum! {
+    /// `app.purchases.status` (check `purchases_status_check`).
+    pub enum PurchaseStatus {
+        /// Created; Stripe has not reported the payment yet.
+        Pending = "pending",
+        /// Paid; the tokens are credited.
+        Succeeded = "succeeded",
+        /// The payment failed.
+        Failed = "failed",
+        /// The PaymentIntent was canceled (Stripe's spelling).
+        Canceled = "canceled",
+        /// Refunded in full; the tokens were clawed back.
+        Refunded = "refunded",
+        /// Disputed (a chargeback); the tokens were clawed back.
+        Disputed = "disputed",
+    }
+}
+
 /// The caller's purchase as `app.begin_purchase` found or created it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct PurchaseStart {
@@ -19,7 +37,7 @@ pub struct PurchaseStart {
     pub price_cents: i64,
     pub payment_intent_id: Option<String>,
     pub client_secret: Option<String>,
-    pub status: String,
+    pub status: PurchaseStatus,
     /// Another request is creating this purchase's PaymentIntent right now.
     pub busy: bool,
 }
@@ -132,7 +150,11 @@ pub async fn fail(
 ) -> Result<(), PurchaseError> {
     sqlx::query("select app.fail_purchase($1, $2)")
         .bind(payment_intent)
-        .bind(if canceled { "canceled" } else { "failed" })
+        .bind(if canceled {
+            PurchaseStatus::Canceled
+        } else {
+            PurchaseStatus::Failed
+        })
         .execute(conn)
         .await?;
     Ok(())

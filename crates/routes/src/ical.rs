@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, Utc};
 
-use crate::schedule::CalendarEvent;
+use crate::schedule::{CalendarEvent, CalendarEventStatus};
 
 /// One event of the feed: the schedule's event and when it was made.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -52,8 +52,8 @@ pub fn calendar(events: &[FeedEvent]) -> String {
 
 fn push_event(out: &mut String, feed_event: &FeedEvent) {
     let e = &feed_event.event;
-    let (status, note) = match (e.status.as_str(), e.role.as_str()) {
-        ("cancelled", _) => ("CANCELLED", "This class was cancelled."),
+    let (status, note) = match (e.status, e.role.as_str()) {
+        (CalendarEventStatus::Cancelled, _) => ("CANCELLED", "This class was cancelled."),
         (_, "host") => ("CONFIRMED", "You are hosting this class on Stagepass."),
         _ => ("CONFIRMED", "You are attending this class on Stagepass."),
     };

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use stagepass_integrations::stripe::{CreatePaymentIntent, StripeClient};
 use stagepass_ledger::UserId;
 use stagepass_ledger::packages;
-use stagepass_ledger::purchases::{self, purchase_id};
+use stagepass_ledger::purchases::{self, PurchaseStatus, purchase_id};
 use stagepass_platform::auth::AuthUser;
 use stagepass_platform::config::StripeApiConfig;
 use stagepass_platform::db;
@@ -94,7 +94,7 @@ pub struct PurchaseCreated {
     /// For Stripe.js `confirmCardPayment`.
     pub client_secret: Option<String>,
     /// `pending` until Stripe reports the payment.
-    pub status: String,
+    pub status: PurchaseStatus,
 }
 
 #[utoipa::path(post, path = "/api/v1/tokens/purchases", tag = "tokens", security(("bearer" = [])),
@@ -172,7 +172,7 @@ pub async fn create_purchase(
         price_cents: start.price_cents,
         payment_intent_id: intent.id.clone(),
         client_secret: intent.client_secret.clone(),
-        status: "pending".to_owned(),
+        status: PurchaseStatus::Pending,
     };
     let body = serde_json::to_value(&created).map_err(ApiError::internal)?;
     let mut tx = db::begin_user(&state.api.pool, user.claims()).await?;

@@ -110,6 +110,16 @@ pub struct ScheduleQuery {
     pub to: Option<String>,
 }
 
+stagepass_ledger::text_enum! {
+    /// `app.calendar_events.status` (check `calendar_events_status_check`).
+    pub enum CalendarEventStatus {
+        /// The class takes place.
+        Confirmed = "confirmed",
+        /// The class was cancelled (or the seat given up).
+        Cancelled = "cancelled",
+    }
+}
+
 /// One calendar copy of a class.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, sqlx::FromRow)]
 pub struct CalendarEvent {
@@ -122,8 +132,7 @@ pub struct CalendarEvent {
     pub title: String,
     pub starts_at: DateTime<Utc>,
     pub ends_at: DateTime<Utc>,
-    /// `confirmed` or `cancelled`.
-    pub status: String,
+    pub status: CalendarEventStatus,
     /// Bumped on every change of the event.
     pub sequence: i32,
     pub updated_at: DateTime<Utc>,

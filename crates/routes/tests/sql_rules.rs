@@ -2,12 +2,16 @@
 //!
 //! - Trust levels are derived in one place, `app.trust_level` (the limiter's
 //!   money policy and the daily spending limit read it). A Rust copy of the
-//!   rules, `TrustLevel::derive`, was tested but never used; it is gone. The
-//!   account's age is set by backdating `app.users.created_at`.
+//!   rules, `TrustLevel::derive`, was tested but never used; it is gone. An
+//!   account's age is made by moving the test clock after it signs up
+//!   (nothing is backdated).
 //! - Amount bounds: the API validates with the ledger's constants
 //!   (`MIN_TIP`/`MAX_TIP`, `MIN_GRANT`/`MAX_GRANT`, `MAX_REASON_CHARS`), and
 //!   the OpenAPI document reads them too; the SQL functions keep their own
 //!   check. Here the SQL's bounds are proven equal to the constants.
+//! - Status columns: each is `text` with a check constraint listing its
+//!   values, and a Rust enum (`ledger::status::text_enum!`) reads it. Here
+//!   each enum's values are proven equal to its constraint's, in order.
 
 #![allow(
     clippy::unwrap_used,
@@ -19,8 +23,11 @@
 mod common;
 
 use common::{TestApp, claims_for};
+use stagepass_ledger::classes::{ClassStatus, EnrollmentStatus};
 use stagepass_ledger::grants::{MAX_GRANT, MAX_REASON_CHARS, MIN_GRANT};
+use stagepass_ledger::purchases::PurchaseStatus;
 use stagepass_ledger::{LedgerError, MAX_TIP, MIN_TIP};
+use stagepass_routes::schedule::CalendarEventStatus;
 use uuid::Uuid;
 
 #[derive(Clone, Copy, Default)]
@@ -33,31 +40,48 @@ struct Facts {
     vip_grant: bool,
 }
 
-/// A user with `facts`, and the level `app.trust_level` derives for them.
-async fn level(app: &TestApp, facts: Facts) -> String {
-    let user = app.signed_in_user().await;
+/// Users whose accounts are `ages[i]` days old by `app.now()`, in the order
+/// asked. Nothing is backdated: the oldest signs up first, and the test
+/// clock moves forward between sign-ups (`TestDb::advance_clock`), so every
+/// `created_at` is what the column's default wrote. Leaves the clock at the
+/// youngest account's sign-up.
+async fn users_aged(app: &TestApp, ages: &[i32]) -> Vec<Uuid> {
+    let mut order: Vec<usize> = (0..ages.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(ages[i]));
+    let mut ids = vec![Uuid::nil(); ages.len()];
+    let mut previous: Option<i32> = None;
+    for i in order {
+        if let Some(older) = previous {
+            let days = older - ages[i];
+            if days > 0 {
+                app.db
+                    .advance_clock(chrono::Duration::days(i64::from(days)))
+                    .await;
+            }
+        }
+        previous = Some(ages[i]);
+        ids[i] = app.signed_in_user().await.id;
+    }
+    ids
+}
+
+/// Gives `user` the facts other than age, and returns the level
+/// `app.trust_level` derives for them.
+async fn level(app: &TestApp, user: Uuid, facts: Facts) -> String {
     let db = &app.db.admin_pool;
     sqlx::query(
-        "update app.users set created_at = now() - make_interval(days => $2) where id = $1",
-    )
-    .bind(user.id)
-    .bind(facts.age_days)
-    .execute(db)
-    .await
-    .expect("age");
-    sqlx::query(
         "update app.user_private set email_verified = $2, \
-           vip_granted_at = case when $3 then now() end where user_id = $1",
+           vip_granted_at = case when $3 then app.now() end where user_id = $1",
     )
-    .bind(user.id)
+    .bind(user)
     .bind(facts.email_verified)
     .bind(facts.vip_grant)
     .execute(db)
     .await
     .expect("private facts");
     for (status, n) in [
-        ("succeeded", facts.settled_purchases),
-        ("disputed", facts.chargebacks),
+        (PurchaseStatus::Succeeded, facts.settled_purchases),
+        (PurchaseStatus::Disputed, facts.chargebacks),
     ] {
         for _ in 0..n {
             sqlx::query(
@@ -65,7 +89,7 @@ async fn level(app: &TestApp, facts: Facts) -> String {
                  values ($1, $2, 'starter', 50, 500, $3)",
             )
             .bind(Uuid::new_v4())
-            .bind(user.id)
+            .bind(user)
             .bind(status)
             .execute(db)
             .await
@@ -73,7 +97,7 @@ async fn level(app: &TestApp, facts: Facts) -> String {
         }
     }
     sqlx::query_scalar("select app.trust_level($1)")
-        .bind(user.id)
+        .bind(user)
         .fetch_one(db)
         .await
         .expect("trust level")
@@ -170,8 +194,10 @@ async fn trust_levels_follow_the_rules_in_order() {
             "basic",
         ),
     ];
-    for (case, facts, expected) in cases {
-        assert_eq!(level(&app, facts).await, expected, "{case}");
+    let ages: Vec<i32> = cases.iter().map(|(_, facts, _)| facts.age_days).collect();
+    let users = users_aged(&app, &ages).await;
+    for ((case, facts, expected), user) in cases.into_iter().zip(users) {
+        assert_eq!(level(&app, user, facts).await, expected, "{case}");
     }
 }
 
@@ -261,4 +287,105 @@ async fn the_sql_grant_bounds_are_the_ledger_constants() {
     assert!(matches!(e, LedgerError::UnknownUser), "{e:?}");
     let e = grant_refusal(&app, MIN_GRANT, &format!("{longest}é")).await;
     assert!(matches!(e, LedgerError::InvalidReason), "{e:?}");
+}
+
+/// The values `app.<table>`'s check constraint `constraint` allows, in the
+/// order it lists them (`status = ANY (ARRAY['a'::text, 'b'::text])`).
+async fn allowed_values(app: &TestApp, table: &str, constraint: &str) -> Vec<String> {
+    let definition: String = sqlx::query_scalar(
+        "select pg_get_constraintdef(c.oid) from pg_constraint c \
+         where c.conrelid = $1::regclass and c.conname = $2 and c.contype = 'c'",
+    )
+    .bind(format!("app.{table}"))
+    .bind(constraint)
+    .fetch_one(&app.db.admin_pool)
+    .await
+    .unwrap_or_else(|e| panic!("check constraint {constraint} on app.{table}: {e}"));
+    assert!(
+        definition.contains("status = ANY (ARRAY["),
+        "{constraint} is not a list of statuses: {definition}"
+    );
+    // The quoted literals are every other piece between single quotes.
+    definition
+        .split('\'')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Each value's text, after checking that JSON spells it the same way.
+fn texts<T: Copy + serde::Serialize>(all: &[T], as_str: fn(T) -> &'static str) -> Vec<String> {
+    all.iter()
+        .map(|&v| {
+            let text = as_str(v);
+            assert_eq!(serde_json::to_value(v).unwrap(), serde_json::json!(text));
+            text.to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_status_enums_are_the_sql_check_constraints() {
+    let app = TestApp::new().await;
+    let openapi: serde_json::Value =
+        serde_json::from_str(stagepass_routes::openapi::document()).expect("the document is JSON");
+    let cases = [
+        (
+            "ClassStatus",
+            "classes",
+            "classes_status_check",
+            texts(ClassStatus::ALL, ClassStatus::as_str),
+        ),
+        (
+            "EnrollmentStatus",
+            "enrollments",
+            "enrollments_status_check",
+            texts(EnrollmentStatus::ALL, EnrollmentStatus::as_str),
+        ),
+        (
+            "PurchaseStatus",
+            "purchases",
+            "purchases_status_check",
+            texts(PurchaseStatus::ALL, PurchaseStatus::as_str),
+        ),
+        (
+            "CalendarEventStatus",
+            "calendar_events",
+            "calendar_events_status_check",
+            texts(CalendarEventStatus::ALL, CalendarEventStatus::as_str),
+        ),
+    ];
+    for (component, table, constraint, rust) in cases {
+        let sql = allowed_values(&app, table, constraint).await;
+        assert_eq!(sql, rust, "app.{table}.status");
+        // The OpenAPI document lists the same values (the enrolment status
+        // is not in any response, so not in the document).
+        let schema = &openapi["components"]["schemas"][component];
+        if table != "enrollments" {
+            assert_eq!(schema["type"], "string", "{component}: {schema}");
+            assert_eq!(schema["enum"], serde_json::json!(sql), "{component}");
+        }
+    }
+    // Every status check constraint of schema app is one of the above: a
+    // new status column needs its enum (and a line here).
+    let mut checked: Vec<String> = sqlx::query_scalar(
+        "select c.conname::text from pg_constraint c \
+           join pg_attribute a on a.attrelid = c.conrelid and a.attnum = any (c.conkey) \
+         where c.contype = 'c' and c.connamespace = 'app'::regnamespace \
+           and a.attname = 'status' order by 1",
+    )
+    .fetch_all(&app.db.admin_pool)
+    .await
+    .expect("status constraints");
+    checked.sort();
+    assert_eq!(
+        checked,
+        [
+            "calendar_events_status_check",
+            "classes_status_check",
+            "enrollments_status_check",
+            "purchases_status_check",
+        ]
+    );
 }

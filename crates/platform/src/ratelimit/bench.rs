@@ -227,7 +227,15 @@ async fn serve(limiter: Arc<RateLimiter>) -> Result<SocketAddr, String> {
         .map_err(|e| e.to_string())?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     tokio::spawn(async move {
-        let _ = crate::serve::serve_local(listener, app, std::future::pending()).await;
+        // The leaf `local` server, not `serve::serve_local` (its one-line
+        // wrapper): `ratelimit` does not depend on `serve` (ADR 0015).
+        let _ = crate::local::serve(
+            listener,
+            app,
+            std::future::pending(),
+            crate::local::HEADER_READ_TIMEOUT,
+        )
+        .await;
     });
     Ok(addr)
 }
