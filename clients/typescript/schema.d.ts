@@ -529,6 +529,12 @@ export interface components {
             accounts_checked: number;
             /** @description Accounts whose stored balance differs from the sum of their entries. */
             drifted_accounts: string[];
+            /**
+             * @description Hourly spending totals (`ledger.spend_hours`, read by the 24-hour
+             *     spending window) that differ from the spending debits they sum,
+             *     as `account@hour`, over the last 25 hours.
+             */
+            drifted_spend_hours: string[];
             /** Format: int64 */
             journals_checked: number;
             /**

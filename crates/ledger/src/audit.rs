@@ -20,6 +20,10 @@ pub struct AuditReport {
     /// Promotional journals without their `app.token_grants` audit row, or
     /// whose amount differs from it (every grant is audited).
     pub unaudited_grants: Vec<String>,
+    /// Hourly spending totals (`ledger.spend_hours`, read by the 24-hour
+    /// spending window) that differ from the spending debits they sum,
+    /// as `account@hour`, over the last 25 hours.
+    pub drifted_spend_hours: Vec<String>,
     /// The sum of every balance (must be 0).
     pub total_balance: i64,
     pub journals_checked: i64,
@@ -32,6 +36,7 @@ impl AuditReport {
             && self.drifted_accounts.is_empty()
             && self.sign_violations.is_empty()
             && self.unaudited_grants.is_empty()
+            && self.drifted_spend_hours.is_empty()
             && self.total_balance == 0
     }
 }
@@ -74,6 +79,23 @@ pub async fn audit(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> 
     )
     .fetch_all(&mut *conn)
     .await?;
+    // The hourly spending totals against the debits they sum (both ways:
+    // a total without debits, debits without their total).
+    let drifted_spend_hours: Vec<String> = sqlx::query_scalar(
+        "with d as ( \
+           select e.account_id, date_trunc('hour', e.created_at) as hour, -sum(e.amount) as spent \
+             from ledger.entries e join ledger.journals j on j.id = e.journal_id \
+            where e.amount < 0 and ledger.is_spending(j.kind) \
+              and e.created_at >= date_trunc('hour', app.now() - interval '25 hours') \
+            group by 1, 2), \
+         h as (select account_id, hour, spent from ledger.spend_hours \
+                where hour >= date_trunc('hour', app.now() - interval '25 hours')) \
+         select coalesce(d.account_id, h.account_id)::text || '@' || coalesce(d.hour, h.hour)::text \
+           from d full join h on h.account_id = d.account_id and h.hour = d.hour \
+          where d.spent is distinct from h.spent limit 100",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
     let (total_balance, accounts_checked): (i64, i64) =
         sqlx::query_as("select coalesce(sum(balance), 0)::bigint, count(*) from ledger.accounts")
             .fetch_one(&mut *conn)
@@ -86,6 +108,7 @@ pub async fn audit(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> 
         drifted_accounts,
         sign_violations,
         unaudited_grants,
+        drifted_spend_hours,
         total_balance,
         journals_checked,
         accounts_checked,

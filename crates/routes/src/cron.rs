@@ -4,7 +4,8 @@
 //! - `ledger-audit`: recomputes every balance from its entries and checks
 //!   every journal sums to zero; a violation is reported (500, so Sentry
 //!   sees it) and returned.
-//! - `cleanup`: removes expired idempotency records and outbox rows
+//! - `cleanup`: removes expired idempotency records, hourly spending totals
+//!   older than the spending window and outbox rows
 //!   delivered more than 7 days ago.
 //! - `reconcile-purchases`: asks Stripe about purchases still pending after
 //!   15 minutes and applies the outcome, so a lost webhook never loses tokens.
@@ -210,7 +211,11 @@ pub async fn cleanup(
             .execute(&mut *tx)
             .await?
             .rows_affected();
-    let removed = removed + delivered;
+    // Hourly spending totals older than the 24-hour window (migration 19).
+    let hours: i64 = sqlx::query_scalar("select ledger.prune_spend_hours()")
+        .fetch_one(&mut *tx)
+        .await?;
+    let removed = removed + delivered + u64::try_from(hours).unwrap_or(0);
     tx.commit().await?;
     Ok(Json(JobRun {
         skipped: false,

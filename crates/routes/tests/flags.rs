@@ -248,7 +248,7 @@ async fn rust_and_sql_agree_on_every_bucket_and_every_answer() {
             sqlx::query_as("select u, app.flag_bucket($1, u) from unnest($2::uuid[]) u")
                 .bind(key)
                 .bind(&users)
-                .fetch_all(&app.db.app_pool)
+                .fetch_all(&app.db.admin_pool)
                 .await
                 .expect("buckets");
         assert_eq!(sql.len(), users.len());
@@ -287,7 +287,7 @@ async fn rust_and_sql_agree_on_every_bucket_and_every_answer() {
                     .bind(&filter)
                     .bind(role)
                     .bind(&users[..200])
-                    .fetch_all(&app.db.app_pool)
+                    .fetch_all(&app.db.admin_pool)
                     .await
                     .expect("evaluate");
                     for (u, on) in sql {
@@ -313,7 +313,7 @@ async fn raising_the_rollout_keeps_the_first_users_in_end_to_end() {
     let users: Vec<Uuid> = (0..4000).map(|_| Uuid::new_v4()).collect();
     let on = |app: &TestApp| {
         let users = users.clone();
-        let pool = app.db.app_pool.clone();
+        let pool = app.db.admin_pool.clone();
         async move {
             let rows: Vec<(Uuid, bool)> =
                 sqlx::query_as("select u, app.flag_on('gradual', u) from unnest($1::uuid[]) u")
@@ -509,10 +509,14 @@ async fn no_request_of_a_non_admin_changes_a_flag() {
     );
 }
 
-/// The functions' login switched to `authenticated` with `user`'s claims,
-/// as every request runs; `sql` must fail with permission denied.
+/// A session switched to `authenticated` with `user`'s claims, as every
+/// request runs (the privileges checked are the role's); `sql` must fail
+/// with permission denied. A direct connection (the superuser's, switched
+/// down): the SQL-level checks here are about the role, and the
+/// transaction-pooler run (scripts/ci/pgbouncer.sh) routes only the
+/// functions' login through PgBouncer.
 async fn denied_as(app: &TestApp, user: Uuid, sql: &str) -> String {
-    let mut tx = app.db.app_pool.begin().await.expect("begin");
+    let mut tx = app.db.admin_pool.begin().await.expect("begin");
     let claims = format!(r#"{{"sub":"{user}","role":"authenticated"}}"#);
     sqlx::query(
         "select set_config('request.jwt.claims', $1, true), set_config('role', 'authenticated', true)",
