@@ -58,6 +58,9 @@ pub fn bucket(key: &str, user: Uuid) -> u32 {
     u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]) % BUCKETS
 }
 
+/// [`valid_key`] as a JSON-Schema pattern (the OpenAPI document's).
+pub const KEY_PATTERN: &str = "^[a-z][a-z0-9_]{1,39}$";
+
 /// Whether `key` is a flag key: 2–40 of `a-z`, `0-9`, `_`, starting with a letter.
 pub fn valid_key(key: &str) -> bool {
     let b = key.as_bytes();

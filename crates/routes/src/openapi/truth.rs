@@ -347,6 +347,11 @@ fn operation(path: &str, op: &mut Map<String, Value>, limits: Option<Limits>) {
             {
                 p["schema"]["pattern"] = json!(plain_text(""));
             }
+            // A flag's key in the path: the key rule (`flags::valid_key`);
+            // anything else is a 400 naming the field.
+            if p["in"] == "path" && p["name"] == "key" && path.starts_with("/api/v1/admin/flags/") {
+                p["schema"]["pattern"] = json!(stagepass_platform::flags::KEY_PATTERN);
+            }
             if p["in"] == "header" && p["name"] == "Idempotency-Key" {
                 p["schema"] = json!({
                     "type": "string",
@@ -710,7 +715,7 @@ fn constrain(schemas: &mut Map<String, Value>) {
             schemas,
             "NewFlag",
             "key",
-            json!({ "pattern": "^[a-z][a-z0-9_]{1,39}$" }),
+            json!({ "pattern": stagepass_platform::flags::KEY_PATTERN }),
         );
         for schema in ["NewFlag", "FlagPatch"] {
             for field in ["description", "reason"] {
