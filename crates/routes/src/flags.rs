@@ -168,7 +168,7 @@ impl NewFlag {
 
 impl FlagPatch {
     fn parse(self) -> Result<(FlagFields, String), ApiError> {
-        let mut errors: Vec<FieldError> = reason_error(&self.reason).into_iter().collect();
+        let errors: Vec<FieldError> = reason_error(&self.reason).into_iter().collect();
         let fields = FlagFields {
             description: self.description,
             enabled: self.enabled,
@@ -177,13 +177,16 @@ impl FlagPatch {
             deny_users: self.deny_users,
             roles: roles(self.roles),
         };
+        let fields = finish(errors, fields)?;
+        // Well-formed but nothing to do: 422 (the document allows a body of
+        // `reason` alone; the change it asks for is empty).
         if fields.is_empty() {
-            errors.push(FieldError {
-                field: "body".into(),
-                message: "give at least one field to change besides reason".into(),
-            });
+            return Err(ApiError::Unprocessable(
+                codes::NOTHING_TO_CHANGE,
+                "give at least one field to change besides reason".into(),
+            ));
         }
-        Ok((finish(errors, fields)?, self.reason))
+        Ok((fields, self.reason))
     }
 }
 

@@ -64,6 +64,8 @@ codes! {
     DAILY_LIMIT_EXCEEDED = "daily_limit_exceeded";
     SELF_GRANT = "self_grant";
     OWN_CLASS = "own_class";
+    /// A change that changes nothing (a flag patch with only a reason).
+    NOTHING_TO_CHANGE = "nothing_to_change";
 
     // 503
     DATABASE_BUSY = "database_busy";
