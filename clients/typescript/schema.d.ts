@@ -1803,7 +1803,7 @@ export interface operations {
                     "application/json": components["schemas"]["FeatureFlag"];
                 };
             };
-            /** @description validation_failed (key, description, rollout_basis_points, allow_users, deny_users, roles, reason, body) */
+            /** @description validation_failed (key, description, rollout_basis_points, allow_users, deny_users, roles, reason) */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -1833,6 +1833,15 @@ export interface operations {
             };
             413: components["responses"]["PayloadTooLarge"];
             415: components["responses"]["UnsupportedMediaType"];
+            /** @description nothing_to_change: no field to change besides reason */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
             429: components["responses"]["TooManyRequests"];
             503: components["responses"]["ServiceUnavailable"];
         };

@@ -315,9 +315,10 @@ pub async fn get_flag(
     params(("key" = String, Path, description = "the flag's key")),
     request_body = FlagPatch,
     responses((status = 200, description = "the flag after the change (unchanged and not recorded when nothing differs)", body = FeatureFlag),
-              (status = 400, description = "validation_failed (key, description, rollout_basis_points, allow_users, deny_users, roles, reason, body)", body = crate::openapi::Problem),
+              (status = 400, description = "validation_failed (key, description, rollout_basis_points, allow_users, deny_users, roles, reason)", body = crate::openapi::Problem),
               (status = 403, description = "admin_required: the caller is not an admin in the database", body = crate::openapi::Problem),
-              (status = 404, description = "no such flag", body = crate::openapi::Problem)))]
+              (status = 404, description = "no such flag", body = crate::openapi::Problem),
+              (status = 422, description = "nothing_to_change: no field to change besides reason", body = crate::openapi::Problem)))]
 pub async fn patch_flag(
     State(api): State<UserApi>,
     user: AuthUser,
