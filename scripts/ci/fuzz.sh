@@ -56,6 +56,7 @@ trap cleanup EXIT
 PIDS+=($!)
 
 random() { head -c 24 /dev/urandom | base64 | tr -dc 'A-Za-z0-9'; }
+hex32() { head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \n'; }
 DEV_PID= BASE= TOKENS=
 
 # start_dev NAME RATE_LIMITS: `stagepass dev` on a free port with a fresh
@@ -75,6 +76,7 @@ start_dev() {
     ABLY_API_KEY="fuzzapp.fuzzkey:$(random)" ABLY_API_BASE="http://127.0.0.1:9" \
     QSTASH_TOKEN="$(random)" QSTASH_URL="http://127.0.0.1:9" \
     QSTASH_CURRENT_SIGNING_KEY="sig_$(random)" QSTASH_NEXT_SIGNING_KEY="sig_$(random)" \
+    AGORA_APP_ID="$(hex32)" AGORA_APP_CERTIFICATE="$(hex32)" \
     RUST_LOG=warn \
     "$BIN" dev --tokens-file "$TOKENS" >"$OUT/$name-dev.log" 2>&1 &
   DEV_PID=$!

@@ -95,3 +95,7 @@ id!(
     /// A promotional grant (`app.token_grants.id`).
     GrantId
 );
+id!(
+    /// A paid call (`app.calls.id`).
+    CallId
+);

@@ -1,6 +1,7 @@
 //! The token ledger's typed door. See README.md.
 
 pub mod audit;
+pub mod calls;
 pub mod classes;
 pub mod grants;
 mod ids;
@@ -15,7 +16,7 @@ use sqlx::PgConnection;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-pub use ids::{ClassId, EnrollmentId, GrantId, PurchaseId, TipId, UserId};
+pub use ids::{CallId, ClassId, EnrollmentId, GrantId, PurchaseId, TipId, UserId};
 
 /// The smallest and largest tip, in tokens. `app.tip` refuses others with
 /// SQLSTATE SP010 (a test checks its bounds equal these); the API's

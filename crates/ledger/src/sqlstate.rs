@@ -47,10 +47,21 @@ pub enum Refusal {
     FlagExists,
     UnknownFlag,
     InvalidFlagFields,
+    /// Calls (migration 20, ADR 0018).
+    CallsCreatorRequired,
+    CallPriceOutOfRange,
+    CreatorNotTakingCalls,
+    CallAlreadyOpen,
+    OwnCall,
+    CallNotFound,
+    CallWrongState,
+    CallRangOut,
+    CreatorInCall,
+    WrongCallParty,
 }
 
 /// Every SQLSTATE of ours, with its meaning.
-pub const TABLE: [(&str, Refusal); 35] = [
+pub const TABLE: [(&str, Refusal); 45] = [
     ("SP000", Refusal::Invariant),
     ("SP001", Refusal::InsufficientFunds),
     ("SP002", Refusal::AlreadyApplied),
@@ -86,6 +97,16 @@ pub const TABLE: [(&str, Refusal); 35] = [
     ("SP062", Refusal::FlagExists),
     ("SP063", Refusal::UnknownFlag),
     ("SP064", Refusal::InvalidFlagFields),
+    ("SP070", Refusal::CallsCreatorRequired),
+    ("SP071", Refusal::CallPriceOutOfRange),
+    ("SP072", Refusal::CreatorNotTakingCalls),
+    ("SP073", Refusal::CallAlreadyOpen),
+    ("SP074", Refusal::OwnCall),
+    ("SP075", Refusal::CallNotFound),
+    ("SP076", Refusal::CallWrongState),
+    ("SP077", Refusal::CallRangOut),
+    ("SP078", Refusal::CreatorInCall),
+    ("SP079", Refusal::WrongCallParty),
 ];
 
 /// Postgres' own codes the ledger reads.

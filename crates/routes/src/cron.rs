@@ -13,6 +13,12 @@
 //!   creators (every 5 minutes).
 //! - `deliver-outbox`: delivers realtime messages and jobs that were not
 //!   delivered right after their request (every minute; ADR 0007).
+//! - `bill-calls`: the per-minute sweep of paid calls (ADR 0018): charges
+//!   every minute that has started, tops escrows up, ends silent, unfunded
+//!   and unjoined calls and expires unanswered ones. No lock: concurrent
+//!   runs take disjoint calls (`SKIP LOCKED`) and minutes are charged by
+//!   index, so a duplicated, late or skipped run charges exactly what is
+//!   due.
 
 use crate::problems::OrProblem;
 use axum::extract::State;
@@ -24,6 +30,7 @@ use sqlx::PgPool;
 use stagepass_integrations::stripe::{PaymentIntentStatus, StripeClient};
 use stagepass_ledger::Cents;
 use stagepass_ledger::audit::{AuditReport, audit};
+use stagepass_ledger::calls;
 use stagepass_ledger::classes;
 use stagepass_ledger::purchases;
 use stagepass_platform::config::{CronConfig, DbConfig, Secret, StripeApiConfig};
@@ -134,6 +141,84 @@ pub const DELIVER_OUTBOX: Function = Function {
         )
     },
 };
+
+pub const BILL_CALLS: Function = Function {
+    name: "cron_bill_calls",
+    limits: Limits::Signed(SignedSource::VercelCron),
+    paths: &["/api/cron/bill-calls"],
+    build: |l, r| {
+        let state = cron_state(l, r);
+        let outbox = Outbox::load(l, r, state.as_ref().map(|s| s.pool.clone()));
+        let state = OutboxState {
+            cron: state?,
+            outbox: outbox?,
+        };
+        Some(
+            Router::new()
+                .route("/api/cron/bill-calls", get(bill_calls))
+                .with_state(state),
+        )
+    },
+};
+
+/// Calls advanced per transaction, and transactions per run: 5,000 due
+/// calls go in one sweep (issue 11's benchmark), more in the next rounds.
+const CALLS_BATCH: i32 = 5000;
+const CALLS_ROUNDS: usize = 4;
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CallSweepRun {
+    /// Calls that had something due.
+    pub swept_calls: i64,
+    /// Minutes charged (escrow → creator).
+    pub charged_minutes: i64,
+}
+
+#[utoipa::path(get, path = "/api/cron/bill-calls", tag = "cron", security(("cron" = [])),
+    responses((status = 200, body = CallSweepRun), (status = 401, body = crate::openapi::Problem)))]
+pub async fn bill_calls(
+    State(s): State<OutboxState>,
+    platform: stagepass_platform::serve::PlatformHandle,
+    gate: SignatureGate,
+    headers: HeaderMap,
+) -> ApiResult<Json<CallSweepRun>> {
+    gate.admit(cron::authorize(&headers, &s.cron.secret))
+        .await?;
+    let mut run = CallSweepRun {
+        swept_calls: 0,
+        charged_minutes: 0,
+    };
+    for _ in 0..CALLS_ROUNDS {
+        let swept = sweep_calls_once(&s.cron.pool, None).await?;
+        run.swept_calls += i64::from(swept.swept_calls);
+        run.charged_minutes += i64::from(swept.charged_minutes);
+        if swept.swept_calls < CALLS_BATCH {
+            break;
+        }
+    }
+    if run.swept_calls > 0 {
+        s.outbox.kick(&platform);
+    }
+    Ok(Json(run))
+}
+
+/// One sweep transaction (all due calls, or only `only`), retried whole on
+/// a deadlock with a tip or another sweep.
+pub async fn sweep_calls_once(
+    pool: &PgPool,
+    only: Option<stagepass_ledger::CallId>,
+) -> ApiResult<calls::Sweep> {
+    crate::retry::on_deadlock(|| async move {
+        let mut tx = db::begin_service(pool).await?;
+        let swept = match calls::sweep(&mut tx, CALLS_BATCH, only).await {
+            Err(e) if e.is_deadlock() => return Err(crate::retry::deadlocked(tx).await),
+            other => other.or_problem()?,
+        };
+        tx.commit().await?;
+        Ok(swept)
+    })
+    .await
+}
 
 #[derive(Clone)]
 pub struct OutboxState {

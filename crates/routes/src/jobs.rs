@@ -28,6 +28,21 @@ use uuid::Uuid;
 use crate::outbox::Outbox;
 
 const CLASS_REMINDER_PATH: &str = "/api/jobs/class-reminder";
+const CALL_TICK_PATH: &str = "/api/jobs/call-tick";
+
+pub const CALL_TICK: Function = Function {
+    name: "jobs_call_tick",
+    limits: Limits::Signed(SignedSource::Qstash),
+    paths: &[CALL_TICK_PATH],
+    build: |l, r| {
+        let state = JobState::load(l, r)?;
+        Some(
+            Router::new()
+                .route(CALL_TICK_PATH, post(call_tick))
+                .with_state(state),
+        )
+    },
+};
 
 pub const CLASS_REMINDER: Function = Function {
     name: "jobs_class_reminder",
@@ -48,6 +63,7 @@ pub const CLASS_REMINDER: Function = Function {
 pub fn path_of(name: &str) -> Option<&'static str> {
     match name {
         "class-reminder" => Some(CLASS_REMINDER_PATH),
+        "call-tick" => Some(CALL_TICK_PATH),
         _ => None,
     }
 }
@@ -59,6 +75,11 @@ pub async fn run(pool: &PgPool, name: &str, payload: &serde_json::Value) -> ApiR
             let message = ClassReminder::deserialize(payload)
                 .map_err(|e| ApiError::BadRequest(format!("not a class-reminder message: {e}")))?;
             remind(pool, &message).await
+        }
+        "call-tick" => {
+            let message = CallTick::deserialize(payload)
+                .map_err(|e| ApiError::BadRequest(format!("not a call-tick message: {e}")))?;
+            tick(pool, &message).await
         }
         other => Err(ApiError::BadRequest(format!("unknown job {other}"))),
     }
@@ -151,6 +172,50 @@ pub async fn class_reminder(
         .map_err(|e| ApiError::BadRequest(format!("not a class-reminder message: {e}")))?;
     let outcome = remind(&s.pool, &message).await?;
     if outcome == "sent" {
+        s.outbox.kick(&platform);
+    }
+    Ok(Json(JobOutcome { outcome }))
+}
+
+/// A call-tick message: the call to advance.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CallTick {
+    pub call_id: Uuid,
+}
+
+async fn tick(pool: &PgPool, message: &CallTick) -> ApiResult<String> {
+    let swept =
+        crate::cron::sweep_calls_once(pool, Some(stagepass_ledger::CallId::new(message.call_id)))
+            .await?;
+    Ok(if swept.swept_calls > 0 {
+        "advanced".to_owned()
+    } else {
+        "nothing_due".to_owned()
+    })
+}
+
+/// QStash callback: advance one call (its 30 s warning, its end when the
+/// funded time runs out).
+#[utoipa::path(post, path = "/api/jobs/call-tick", tag = "jobs",
+    security(("qstash" = [])),
+    request_body = CallTick,
+    responses((status = 200, description = "`advanced`, or `nothing_due`", body = JobOutcome),
+              (status = 400, body = crate::openapi::Problem),
+              (status = 401, description = "invalid_qstash_signature", body = crate::openapi::Problem)))]
+pub async fn call_tick(
+    State(s): State<JobState>,
+    platform: PlatformHandle,
+    gate: SignatureGate,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<JobOutcome>> {
+    gate.admit(s.verify(CALL_TICK_PATH, &headers, &body))
+        .await?;
+    let message: CallTick = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("not a call-tick message: {e}")))?;
+    let outcome = tick(&s.pool, &message).await?;
+    if outcome == "advanced" {
         s.outbox.kick(&platform);
     }
     Ok(Json(JobOutcome { outcome }))

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod auth_hook;
+pub mod calls;
 pub mod classes;
 pub mod cron;
 pub mod flags;
@@ -51,6 +52,13 @@ pub const FUNCTIONS: &[Function] = &[
     classes::ENROLLMENTS,
     classes::ENROLLMENT_ME,
     classes::CANCEL,
+    calls::REQUEST,
+    calls::ITEM,
+    calls::ACTION,
+    calls::TOKEN,
+    calls::MY_CALLS,
+    calls::SETTINGS,
+    calls::CREATOR_SETTINGS,
     schedule::FUNCTION,
     schedule::FEED,
     schedule::FEED_TOKEN,
@@ -62,4 +70,6 @@ pub const FUNCTIONS: &[Function] = &[
     cron::RECONCILE_PURCHASES,
     cron::SETTLE_CLASSES,
     cron::DELIVER_OUTBOX,
+    cron::BILL_CALLS,
+    jobs::CALL_TICK,
 ];

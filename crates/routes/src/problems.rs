@@ -4,6 +4,7 @@
 //! `ledger_call(..).await.or_problem()?`.
 
 use stagepass_ledger::LedgerError;
+use stagepass_ledger::calls::CallError;
 use stagepass_ledger::classes::ClassError;
 use stagepass_ledger::purchases::PurchaseError;
 use stagepass_platform::http::codes;
@@ -77,6 +78,25 @@ impl IntoProblem for ClassError {
     }
 }
 
+impl IntoProblem for CallError {
+    fn into_problem(self) -> ApiError {
+        let detail = self.to_string();
+        match self {
+            CallError::NotCreator => ApiError::Forbidden(codes::CREATOR_REQUIRED),
+            CallError::PriceOutOfRange => ApiError::field("price_per_minute", detail),
+            CallError::NotTakingCalls => ApiError::Unprocessable(codes::NOT_TAKING_CALLS, detail),
+            CallError::AlreadyOpen => ApiError::Conflict(codes::CALL_ALREADY_OPEN, detail),
+            CallError::OwnCall => ApiError::Unprocessable(codes::OWN_CALL, detail),
+            CallError::NotFound => ApiError::NotFound,
+            CallError::WrongState(_) => ApiError::Conflict(codes::CALL_STATE_CONFLICT, detail),
+            CallError::RangOut => ApiError::Conflict(codes::CALL_RANG_OUT, detail),
+            CallError::CreatorBusy => ApiError::Conflict(codes::CREATOR_BUSY, detail),
+            CallError::WrongParty(_) => ApiError::Forbidden(codes::WRONG_CALL_PARTY),
+            CallError::Ledger(l) => l.into_problem(),
+        }
+    }
+}
+
 impl IntoProblem for PurchaseError {
     fn into_problem(self) -> ApiError {
         match self {
@@ -118,6 +138,16 @@ mod tests {
                 ClassError::NotOwner.into_problem(),
                 StatusCode::FORBIDDEN,
                 "not_class_owner",
+            ),
+            (
+                CallError::RangOut.into_problem(),
+                StatusCode::CONFLICT,
+                "call_rang_out",
+            ),
+            (
+                CallError::WrongParty("x".into()).into_problem(),
+                StatusCode::FORBIDDEN,
+                "wrong_call_party",
             ),
             (
                 PurchaseError::KeyConflict.into_problem(),

@@ -355,7 +355,7 @@ async fn the_daily_spend_reads_hourly_totals() {
                from ledger.entries e join ledger.journals j on j.id = e.journal_id \
               where e.account_id = '{wallet}' and e.amount < 0 \
                 and e.created_at > app.now() - interval '24 hours' \
-                and j.kind in ('tip', 'class_enrollment', 'call_minute')"
+                and j.kind in ('tip', 'class_enrollment', 'call_minute', 'call_hold')"
         ),
     )
     .await;
@@ -395,7 +395,7 @@ async fn the_daily_spend_is_exact_as_time_moves() {
         from ledger.entries e join ledger.journals j on j.id = e.journal_id \
         where e.account_id = ledger.account_of('wallet', $1) and e.amount < 0 \
           and e.created_at > app.now() - interval '24 hours' \
-          and j.kind in ('tip', 'class_enrollment', 'call_minute')";
+          and j.kind in ('tip', 'class_enrollment', 'call_minute', 'call_hold')";
     let windowed = "select ledger.spent_last_24h(ledger.account_of('wallet', $1))";
     let mut checked = 0;
     for step in 0_i64..90 {

@@ -70,7 +70,7 @@ const LOW_DAILY_LIMIT: i64 = 1_500;
 const TIPS_ROUTE: &str = "POST /api/v1/tips";
 const MAX_MESSAGE_CHARS: usize = 280;
 /// Journal kinds that spend from a wallet (`ledger.spent_last_24h`).
-const SPEND_KINDS: [&str; 3] = ["tip", "class_enrollment", "call_minute"];
+const SPEND_KINDS: [&str; 4] = ["tip", "class_enrollment", "call_minute", "call_hold"];
 /// Entries kept in a failure report.
 const LOG_TAIL: usize = 40;
 

@@ -23,6 +23,7 @@
 mod common;
 
 use common::{TestApp, claims_for};
+use stagepass_ledger::calls::{CallMedia, CallStatus, EndReason};
 use stagepass_ledger::classes::{ClassStatus, EnrollmentStatus};
 use stagepass_ledger::grants::{MAX_GRANT, MAX_REASON_CHARS, MIN_GRANT};
 use stagepass_ledger::purchases::PurchaseStatus;
@@ -302,7 +303,7 @@ async fn allowed_values(app: &TestApp, table: &str, constraint: &str) -> Vec<Str
     .await
     .unwrap_or_else(|e| panic!("check constraint {constraint} on app.{table}: {e}"));
     assert!(
-        definition.contains("status = ANY (ARRAY["),
+        definition.contains(" = ANY (ARRAY["),
         "{constraint} is not a list of statuses: {definition}"
     );
     // The quoted literals are every other piece between single quotes.
@@ -355,6 +356,24 @@ async fn the_status_enums_are_the_sql_check_constraints() {
             "calendar_events_status_check",
             texts(CalendarEventStatus::ALL, CalendarEventStatus::as_str),
         ),
+        (
+            "CallStatus",
+            "calls",
+            "calls_status_check",
+            texts(CallStatus::ALL, CallStatus::as_str),
+        ),
+        (
+            "CallMedia",
+            "calls",
+            "calls_media_check",
+            texts(CallMedia::ALL, CallMedia::as_str),
+        ),
+        (
+            "EndReason",
+            "calls",
+            "calls_end_reason_check",
+            texts(EndReason::ALL, EndReason::as_str),
+        ),
     ];
     for (component, table, constraint, rust) in cases {
         let sql = allowed_values(&app, table, constraint).await;
@@ -373,7 +392,8 @@ async fn the_status_enums_are_the_sql_check_constraints() {
         "select c.conname::text from pg_constraint c \
            join pg_attribute a on a.attrelid = c.conrelid and a.attnum = any (c.conkey) \
          where c.contype = 'c' and c.connamespace = 'app'::regnamespace \
-           and a.attname = 'status' order by 1",
+           and a.attname = 'status' \
+           and pg_get_constraintdef(c.oid) like '%status = ANY (ARRAY[%' order by 1",
     )
     .fetch_all(&app.db.admin_pool)
     .await
@@ -383,6 +403,7 @@ async fn the_status_enums_are_the_sql_check_constraints() {
         checked,
         [
             "calendar_events_status_check",
+            "calls_status_check",
             "classes_status_check",
             "enrollments_status_check",
             "purchases_status_check",

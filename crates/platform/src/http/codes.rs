@@ -40,6 +40,9 @@ codes! {
     CORS_REQUEST_NOT_ALLOWED = "cors_request_not_allowed";
     /// The route's feature flag is off for the caller (ADR 0016).
     FEATURE_DISABLED = "feature_disabled";
+    /// Only the other party may do this to a call (the creator answers,
+    /// the fan cancels a request).
+    WRONG_CALL_PARTY = "wrong_call_party";
 
     // 409
     HANDLE_TAKEN = "handle_taken";
@@ -54,6 +57,14 @@ codes! {
     PRICE_LOCKED = "price_locked";
     RESCHEDULE_TOO_SOON = "reschedule_too_soon";
     FLAG_EXISTS = "flag_exists";
+    /// The call is not in a state this action applies to.
+    CALL_STATE_CONFLICT = "call_state_conflict";
+    /// The creator did not answer within 2 minutes.
+    CALL_RANG_OUT = "call_rang_out";
+    /// The creator is already in another call.
+    CREATOR_BUSY = "creator_busy";
+    /// The fan already has a ringing, accepted or active call.
+    CALL_ALREADY_OPEN = "call_already_open";
 
     // 422
     IDEMPOTENCY_KEY_REUSED = "idempotency_key_reused";
@@ -64,6 +75,9 @@ codes! {
     DAILY_LIMIT_EXCEEDED = "daily_limit_exceeded";
     SELF_GRANT = "self_grant";
     OWN_CLASS = "own_class";
+    /// The creator does not take calls (of this kind).
+    NOT_TAKING_CALLS = "not_taking_calls";
+    OWN_CALL = "own_call";
     /// A change that changes nothing (a flag patch with only a reason).
     NOTHING_TO_CHANGE = "nothing_to_change";
 

@@ -64,8 +64,15 @@ pub fn test_env(database_url: &str) -> Vec<(&'static str, String)> {
         ("QSTASH_CURRENT_SIGNING_KEY", QSTASH_CURRENT_KEY.to_owned()),
         ("QSTASH_NEXT_SIGNING_KEY", QSTASH_NEXT_KEY.to_owned()),
         ("QSTASH_URL", "http://127.0.0.1:9".to_owned()),
+        ("AGORA_APP_ID", AGORA_APP_ID.to_owned()),
+        ("AGORA_APP_CERTIFICATE", AGORA_APP_CERTIFICATE.to_owned()),
     ]
 }
+
+/// Agora's own test inputs (reference §1.2): tokens are checked by
+/// decoding them with this certificate.
+pub const AGORA_APP_ID: &str = "970CA35de60c44645bbae8a215061b33";
+pub const AGORA_APP_CERTIFICATE: &str = "5CFd2fd1755d40ecb72977518be15d3b";
 
 pub const PUBLIC_BASE_URL: &str = "https://api.stagepass.test";
 /// `name:secret`; the secret signs realtime tokens.
