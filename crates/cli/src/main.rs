@@ -10,6 +10,7 @@
 //! - `bench cold-start`: cold start, binary size, warm throughput and memory of the release binaries.
 //! - `bench tips`, `bench enroll-race`: money scenarios through release functions, with invariant checks.
 //! - `bench me`: warm `GET /api/v1/me` against pgbench running the same transaction (issue 13).
+//! - `bench calls`: one billing sweep of many active calls against pgbench's single-row inserts (issue 11).
 //! - `bench crash`: SIGKILL during money requests, retried with the same keys: 0 lost, 0 doubled.
 //!
 //! Arguments are parsed by hand ([`args`]) to keep the build small.
@@ -77,6 +78,7 @@ USAGE:
       creator (hot) and across pairs, the ledger invariants after each, and
       pgbench on the same Postgres as the baseline.
   stagepass bench me [--json] [--seconds S] [--connections C] [--pool P] [--bin-dir DIR]
+  stagepass bench calls [--json] [--calls N]
       Warm GET /api/v1/me through the v1_me binary (--bin-dir, default
       $CARGO_TARGET_DIR/release) with C keep-alive connections (default 32) and
       DATABASE_MAX_CONNECTIONS=P (default 4) for S seconds (default 10) on a
@@ -251,6 +253,7 @@ fn bench_command(rest: &[String]) -> Result<ExitCode> {
         Some("tips") => return bench_tips(&rest[1..]),
         Some("enroll-race") => return bench_enroll_race(&rest[1..]),
         Some("me") => return bench_me(&rest[1..]),
+        Some("calls") => return bench_calls(&rest[1..]),
         Some("crash") => return bench_crash(&rest[1..]),
         Some("soak") => return bench_soak(&rest[1..]),
         _ => {}
@@ -410,6 +413,25 @@ fn bench_me(rest: &[String]) -> Result<ExitCode> {
     // One thread, like the other benchmarks: the load generator takes at
     // most one core from the function and Postgres.
     current_thread()?.block_on(bench::me::run(opts))
+}
+
+/// `stagepass bench calls`: one billing sweep over many active calls
+/// against pgbench's single-row inserts (see `bench/calls.rs`).
+fn bench_calls(rest: &[String]) -> Result<ExitCode> {
+    let p = parse(rest, &["--calls"], &["--json"])?;
+    no_positionals(&p)?;
+    let calls = match p.value("--calls") {
+        None => 5000,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=100_000).contains(&n) => n,
+            _ => return fail("--calls must be an integer from 1 to 100000"),
+        },
+    };
+    let opts = bench::calls::CallsOptions {
+        json: p.switch("--json"),
+        calls,
+    };
+    current_thread()?.block_on(bench::calls::run(opts))
 }
 
 /// `stagepass bench enroll-race`: fans racing for one class's seats (see

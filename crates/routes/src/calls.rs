@@ -322,7 +322,14 @@ pub async fn call_action(
         crate::me::ensure_user(&mut tx).await?;
         let call = match calls::act(&mut tx, id, action).await {
             Err(e) if e.is_deadlock() => return Err(retry::deadlocked(tx).await),
-            other => other.or_problem()?,
+            // Rolled back before answering: the call's row lock is gone by
+            // the time the client sees the refusal (a dropped transaction
+            // rolls back a moment later, and the sweep skips locked calls).
+            Err(e) => {
+                tx.rollback().await?;
+                return Err(e).or_problem().map_err(retry::Retry::Fail);
+            }
+            Ok(call) => call,
         };
         tx.commit().await?;
         Ok(Json(call))
@@ -390,7 +397,11 @@ pub async fn call_token(
         let mut tx = db::begin_user(&api.pool, user.claims()).await?;
         let grant = match calls::join_grant(&mut tx, id).await {
             Err(e) if e.is_deadlock() => return Err(retry::deadlocked(tx).await),
-            other => other.or_problem()?,
+            Err(e) => {
+                tx.rollback().await?;
+                return Err(e).or_problem().map_err(retry::Retry::Fail);
+            }
+            Ok(grant) => grant,
         };
         tx.commit().await?;
         Ok(grant)

@@ -11,6 +11,7 @@
 //! Every child process is owned by a guard that kills it on drop, and every
 //! loop is bounded by time, so the benchmark always stops by itself.
 
+pub mod calls;
 pub mod crash;
 pub mod enroll_race;
 mod http;
