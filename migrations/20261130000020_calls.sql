@@ -47,7 +47,10 @@ create table app.call_config (
   -- Silence after which a call ends at its last sign of life (SPEC: 120 s).
   heartbeat_timeout_seconds  integer not null default 120 constraint call_config_heartbeat check (heartbeat_timeout_seconds between 30 and 600),
   -- Agora join privilege beyond the funded time (reference §2.2: ≤ 3 min).
-  token_grace_seconds        integer not null default 60 constraint call_config_grace check (token_grace_seconds between 0 and 180)
+  token_grace_seconds        integer not null default 60 constraint call_config_grace check (token_grace_seconds between 0 and 180),
+  -- Agora reported a party left (not by quitting): the call ends at the
+  -- leave unless they rejoin within this (reference §1.5: about 60 s).
+  leave_grace_seconds        integer not null default 60 constraint call_config_leave_grace check (leave_grace_seconds between 10 and 600)
 );
 insert into app.call_config default values;
 alter table app.call_config enable row level security;
@@ -96,6 +99,12 @@ create table app.calls (
   -- Last heartbeat (or join) of each party.
   fan_seen_at        timestamptz,
   creator_seen_at    timestamptz,
+  -- Agora said the party left the channel (not by quitting), and the
+  -- last event sequence of each party's client (older events are ignored).
+  fan_left_at        timestamptz,
+  creator_left_at    timestamptz,
+  fan_client_seq     bigint,
+  creator_client_seq bigint,
   -- Minutes paid into escrow so far (held or charged), and charged to the creator.
   funded_minutes     integer not null default 0,
   billed_minutes     integer not null default 0,
@@ -518,8 +527,10 @@ begin
              and c.funded_minutes - greatest(c.billed_minutes, least(c.funded_minutes, x.started)) < 1,
            false
       from app.calls c,
+           -- least() skips nulls: a leave Agora reported also bounds it.
            lateral (select app.call_minutes_started(c.started_at,
-                      least(app.now(), greatest(c.fan_seen_at, c.creator_seen_at))) as started) x
+                      least(app.now(), greatest(c.fan_seen_at, c.creator_seen_at),
+                            c.fan_left_at, c.creator_left_at)) as started) x
      where c.id in (select id from pg_temp.call_ids) and c.status = 'active';
     delete from pg_temp.call_step where new_billed = billed and not wants_topup;
     update pg_temp.call_step t
@@ -579,7 +590,9 @@ begin
                    or (x.status = 'active'
                        and (app.now() - greatest(x.fan_seen_at, x.creator_seen_at)
                               >= make_interval(secs => cfg.heartbeat_timeout_seconds)
-                            or (x.funding_failed_at is not null and app.now() >= app.call_funded_until(x)))))
+                            or (x.funding_failed_at is not null and app.now() >= app.call_funded_until(x))
+                            or app.now() - least(x.fan_left_at, x.creator_left_at)
+                              >= make_interval(secs => cfg.leave_grace_seconds))))
             order by x.id loop
     if k.status = 'ringing' and app.now() >= k.ring_until then
       update app.calls set status = 'expired', sequence = sequence + 1 where id = k.id;
@@ -589,6 +602,9 @@ begin
           and app.now() - greatest(k.fan_seen_at, k.creator_seen_at)
               >= make_interval(secs => cfg.heartbeat_timeout_seconds) then
       perform app.end_call(k.id, 'heartbeat_timeout', null, greatest(k.fan_seen_at, k.creator_seen_at));
+    elsif k.status = 'active' and app.now() - least(k.fan_left_at, k.creator_left_at)
+                                  >= make_interval(secs => cfg.leave_grace_seconds) then
+      perform app.end_call(k.id, 'left_channel', null, least(k.fan_left_at, k.creator_left_at));
     elsif k.status = 'active' and k.funding_failed_at is not null
           and app.now() >= app.call_funded_until(k) then
       perform app.end_call(k.id, 'funds_exhausted', null, app.call_funded_until(k));
@@ -751,6 +767,8 @@ begin
            creator_joined_at = case when is_fan then creator_joined_at else coalesce(creator_joined_at, app.now()) end,
            fan_seen_at = case when is_fan then app.now() else fan_seen_at end,
            creator_seen_at = case when is_fan then creator_seen_at else app.now() end,
+           fan_left_at = case when is_fan then null else fan_left_at end,
+           creator_left_at = case when is_fan then creator_left_at else null end,
            sequence = case when (case when is_fan then fan_joined_at else creator_joined_at end) is null
                            then sequence + 1 else sequence end
      where id = p_call
@@ -834,6 +852,7 @@ begin
             or (c.status = 'active'
                 and (app.call_minutes_started(c.started_at, app.now()) > c.billed_minutes
                      or c.funding_failed_at is not null
+                     or least(c.fan_left_at, c.creator_left_at) is not null
                      or app.now() - greatest(c.fan_seen_at, c.creator_seen_at)
                         >= make_interval(secs => (select heartbeat_timeout_seconds from app.call_config)))))
      order by c.id
@@ -844,3 +863,99 @@ end
 $$;
 revoke all on function app.sweep_calls(integer, uuid) from public;
 grant execute on function app.sweep_calls(integer, uuid) to stagepass_service;
+
+-- Agora's channel events (NCS, reference §1.5), recorded once per noticeId
+-- (Agora resends up to 3 times, and may duplicate or reorder events). They
+-- corroborate; the billing clock is ours. What they change: a party's
+-- leave that is not a quit (timeout, ban, new device, token expiry, …)
+-- ends the call at the leave unless the party rejoins within
+-- `leave_grace_seconds`; a rejoin clears it. Events older than the last
+-- seen `clientSeq` of that party's client change nothing.
+create table app.agora_notices (
+  notice_id    text primary key constraint agora_notices_id_length check (char_length(notice_id) between 1 and 200),
+  event_type   integer not null,
+  channel      text,
+  uid          bigint,
+  outcome      text not null,
+  received_at  timestamptz not null default app.now()
+);
+create index agora_notices_received on app.agora_notices (received_at);
+alter table app.agora_notices enable row level security;
+alter table app.agora_notices force row level security;
+grant select, insert, delete on app.agora_notices to stagepass_service;
+create policy agora_notices_service on app.agora_notices for all to stagepass_service using (true) with check (true);
+
+-- Applies one notice (service path); returns what it did: 'duplicate',
+-- 'ignored' (not an RTC join/leave of a call's party), 'stale' (an older
+-- clientSeq), 'joined', 'left' (the grace starts), 'quit'.
+create function app.apply_agora_notice(
+  p_notice_id text, p_product integer, p_event integer, p_channel text, p_uid bigint,
+  p_client_seq bigint, p_reason integer
+) returns text
+  language plpgsql security definer set search_path = '' as $$
+declare
+  c app.calls;
+  is_fan boolean;
+  last_seq bigint;
+  outcome text;
+begin
+  -- 101/102 channel create/destroy; 103/104 host, 105/106 audience,
+  -- 107/108 communication-profile join/leave.
+  if p_product is distinct from 1 or p_event not in (103, 104, 105, 106, 107, 108)
+     or p_channel is null or p_uid is null then
+    outcome := 'ignored';
+  else
+    select * into c from app.calls where channel = p_channel for update;
+    if not found or p_uid not in (c.fan_uid, c.creator_uid) or c.status not in ('accepted', 'active') then
+      outcome := 'ignored';
+    else
+      is_fan := p_uid = c.fan_uid;
+      last_seq := case when is_fan then c.fan_client_seq else c.creator_client_seq end;
+      if p_client_seq is not null and last_seq is not null and p_client_seq <= last_seq then
+        outcome := 'stale';
+      elsif p_event in (103, 105, 107) then
+        outcome := 'joined';
+        update app.calls
+           set fan_left_at = case when is_fan then null else fan_left_at end,
+               creator_left_at = case when is_fan then creator_left_at else null end,
+               fan_client_seq = case when is_fan then coalesce(p_client_seq, fan_client_seq) else fan_client_seq end,
+               creator_client_seq = case when is_fan then creator_client_seq else coalesce(p_client_seq, creator_client_seq) end
+         where id = c.id;
+      else
+        -- Reason 1 is a quit: the client hangs up through the API (or goes
+        -- silent and times out); every other reason starts the grace.
+        outcome := case when p_reason = 1 then 'quit' else 'left' end;
+        update app.calls
+           set fan_left_at = case when is_fan and p_reason is distinct from 1
+                                  then coalesce(fan_left_at, app.now()) else fan_left_at end,
+               creator_left_at = case when not is_fan and p_reason is distinct from 1
+                                      then coalesce(creator_left_at, app.now()) else creator_left_at end,
+               fan_client_seq = case when is_fan then coalesce(p_client_seq, fan_client_seq) else fan_client_seq end,
+               creator_client_seq = case when is_fan then creator_client_seq else coalesce(p_client_seq, creator_client_seq) end
+         where id = c.id;
+      end if;
+    end if;
+  end if;
+  insert into app.agora_notices (notice_id, event_type, channel, uid, outcome)
+    values (p_notice_id, p_event, p_channel, p_uid, outcome)
+    on conflict (notice_id) do nothing;
+  if not found then
+    -- A concurrent delivery of the same notice got there first: nothing
+    -- of this one counts.
+    raise exception 'duplicate notice' using errcode = 'SP080';
+  end if;
+  return outcome;
+end
+$$;
+revoke all on function app.apply_agora_notice(text, integer, integer, text, bigint, bigint, integer) from public;
+grant execute on function app.apply_agora_notice(text, integer, integer, text, bigint, bigint, integer) to stagepass_service;
+
+-- Notices are kept 7 days (Agora retries within minutes); the cleanup cron
+-- prunes older ones.
+create function app.prune_agora_notices() returns bigint
+  language sql security definer set search_path = '' as $$
+  with gone as (delete from app.agora_notices where received_at < app.now() - interval '7 days' returning 1)
+  select count(*) from gone
+$$;
+revoke all on function app.prune_agora_notices() from public;
+grant execute on function app.prune_agora_notices() to stagepass_service;

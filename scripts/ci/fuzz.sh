@@ -76,7 +76,7 @@ start_dev() {
     ABLY_API_KEY="fuzzapp.fuzzkey:$(random)" ABLY_API_BASE="http://127.0.0.1:9" \
     QSTASH_TOKEN="$(random)" QSTASH_URL="http://127.0.0.1:9" \
     QSTASH_CURRENT_SIGNING_KEY="sig_$(random)" QSTASH_NEXT_SIGNING_KEY="sig_$(random)" \
-    AGORA_APP_ID="$(hex32)" AGORA_APP_CERTIFICATE="$(hex32)" \
+    AGORA_APP_ID="$(hex32)" AGORA_APP_CERTIFICATE="$(hex32)" AGORA_NOTIFICATION_SECRET="$(random)" \
     RUST_LOG=warn \
     "$BIN" dev --tokens-file "$TOKENS" >"$OUT/$name-dev.log" 2>&1 &
   DEV_PID=$!

@@ -352,3 +352,54 @@ pub async fn sweep(
             .await?,
     )
 }
+
+/// What an Agora notice did (`app.apply_agora_notice`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoticeOutcome {
+    /// Applied (or recorded as irrelevant): `joined`, `left`, `quit`,
+    /// `stale`, `ignored`.
+    Applied(String),
+    /// This noticeId was applied before; nothing changed.
+    Duplicate,
+}
+
+/// One Agora channel event, as the notification webhook read it.
+#[derive(Debug, Clone)]
+pub struct ChannelEvent<'a> {
+    pub notice_id: &'a str,
+    pub product_id: i64,
+    pub event_type: i64,
+    pub channel: Option<&'a str>,
+    pub uid: Option<i64>,
+    pub client_seq: Option<i64>,
+    pub reason: Option<i64>,
+}
+
+/// Service path: applies one Agora notice exactly once (by noticeId).
+pub async fn apply_notice(
+    conn: &mut PgConnection,
+    event: &ChannelEvent<'_>,
+) -> Result<NoticeOutcome, CallError> {
+    let small = |v: i64| i32::try_from(v).unwrap_or(i32::MAX);
+    let result: Result<String, sqlx::Error> =
+        sqlx::query_scalar("select app.apply_agora_notice($1, $2, $3, $4, $5, $6, $7)")
+            .bind(event.notice_id)
+            .bind(small(event.product_id))
+            .bind(small(event.event_type))
+            .bind(event.channel)
+            .bind(event.uid)
+            .bind(event.client_seq)
+            .bind(event.reason.map(small))
+            .fetch_one(conn)
+            .await;
+    match result {
+        Ok(outcome) => Ok(NoticeOutcome::Applied(outcome)),
+        Err(e)
+            if crate::sqlstate::raised(&e).map(|r| r.refusal)
+                == Some(crate::sqlstate::Refusal::DuplicateNotice) =>
+        {
+            Ok(NoticeOutcome::Duplicate)
+        }
+        Err(e) => Err(e.into()),
+    }
+}

@@ -58,10 +58,12 @@ pub enum Refusal {
     CallRangOut,
     CreatorInCall,
     WrongCallParty,
+    /// An Agora notice another delivery already applied.
+    DuplicateNotice,
 }
 
 /// Every SQLSTATE of ours, with its meaning.
-pub const TABLE: [(&str, Refusal); 45] = [
+pub const TABLE: [(&str, Refusal); 46] = [
     ("SP000", Refusal::Invariant),
     ("SP001", Refusal::InsufficientFunds),
     ("SP002", Refusal::AlreadyApplied),
@@ -107,6 +109,7 @@ pub const TABLE: [(&str, Refusal); 45] = [
     ("SP077", Refusal::CallRangOut),
     ("SP078", Refusal::CreatorInCall),
     ("SP079", Refusal::WrongCallParty),
+    ("SP080", Refusal::DuplicateNotice),
 ];
 
 /// Postgres' own codes the ledger reads.

@@ -1085,6 +1085,34 @@ impl CronConfig {
     }
 }
 
+/// Agora's notification (NCS) secret: signs the channel events Agora sends
+/// to `POST /api/webhooks/agora` (`Agora-Signature-V2`). Loaded only by
+/// that function.
+#[derive(Debug, Clone)]
+pub struct AgoraNotificationConfig {
+    pub secret: Secret,
+}
+
+impl AgoraNotificationConfig {
+    pub fn load(l: &mut Loader) -> Option<AgoraNotificationConfig> {
+        let secret = l.required_secret(
+            "AGORA_NOTIFICATION_SECRET",
+            "Agora console → your project → Notifications → the secret shown for the \
+             webhook of /api/webhooks/agora",
+            |v| {
+                if v.len() < 16 {
+                    Err("must be at least 16 characters")
+                } else if !v.bytes().all(|b| b.is_ascii_graphic()) {
+                    Err("must be visible ASCII characters without spaces")
+                } else {
+                    Ok(())
+                }
+            },
+        )?;
+        Some(AgoraNotificationConfig { secret })
+    }
+}
+
 /// A third-party base URL: defaults to the real service.
 fn base_url(l: &mut Loader, name: &'static str, default: &str) -> Option<url::Url> {
     match l.get(name) {

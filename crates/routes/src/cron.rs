@@ -300,7 +300,14 @@ pub async fn cleanup(
     let hours: i64 = sqlx::query_scalar("select ledger.prune_spend_hours()")
         .fetch_one(&mut *tx)
         .await?;
-    let removed = removed + delivered + u64::try_from(hours).unwrap_or(0);
+    // Agora notices older than a week (Agora's retries end within minutes).
+    let notices: i64 = sqlx::query_scalar("select app.prune_agora_notices()")
+        .fetch_one(&mut *tx)
+        .await?;
+    let removed = removed
+        + delivered
+        + u64::try_from(hours).unwrap_or(0)
+        + u64::try_from(notices).unwrap_or(0);
     tx.commit().await?;
     Ok(Json(JobRun {
         skipped: false,

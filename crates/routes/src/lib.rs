@@ -65,6 +65,7 @@ pub const FUNCTIONS: &[Function] = &[
     realtime::FUNCTION,
     jobs::CLASS_REMINDER,
     webhooks::STRIPE,
+    webhooks::AGORA,
     cron::LEDGER_AUDIT,
     cron::CLEANUP,
     cron::RECONCILE_PURCHASES,

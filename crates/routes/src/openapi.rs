@@ -85,6 +85,7 @@ pub struct Problem {
         crate::jobs::class_reminder,
         crate::jobs::call_tick,
         crate::webhooks::stripe_webhook,
+        crate::webhooks::agora_webhook,
         crate::cron::ledger_audit,
         crate::cron::cleanup,
         crate::cron::reconcile_purchases,

@@ -1,4 +1,6 @@
 //! `POST /api/webhooks/stripe` — Stripe's events, each applied exactly once.
+//! `POST /api/webhooks/agora` — Agora's channel events of paid calls (see
+//! [`agora_webhook`]).
 //!
 //! The raw body is verified before anything parses it (SPEC §6, defect 3);
 //! the event id is recorded **in the same transaction as the effect**, so a
@@ -195,4 +197,91 @@ pub async fn apply(conn: &mut PgConnection, event: &Event) -> Result<String, Api
         }
         EventKind::Other => Ok("ignored".into()),
     }
+}
+
+pub const AGORA: Function = Function {
+    name: "webhooks_agora",
+    limits: Limits::Signed(SignedSource::Agora),
+    paths: &["/api/webhooks/agora"],
+    build: |l, r| {
+        let db = DbConfig::load(l);
+        let hook = stagepass_platform::config::AgoraNotificationConfig::load(l);
+        let pool = db.and_then(|db| r.db(&db));
+        let state = AgoraWebhookState {
+            pool: pool?,
+            secret: hook?.secret,
+        };
+        Some(
+            Router::new()
+                .route("/api/webhooks/agora", post(agora_webhook))
+                .with_state(state),
+        )
+    },
+};
+
+#[derive(Clone)]
+pub struct AgoraWebhookState {
+    pub pool: sqlx::PgPool,
+    pub secret: Secret,
+}
+
+/// Agora's channel events (NCS) for the paid calls: the raw body's
+/// `Agora-Signature-V2` (HMAC-SHA256, constant-time comparison) is checked
+/// before anything is parsed; each `noticeId` is applied once, in one short
+/// transaction, and answered 200 at once (Agora wants an answer within
+/// 10 s). A leave that is not a quit ends the call at the leave unless the
+/// party rejoins within 60 s; duplicated, reordered (older `clientSeq`) and
+/// irrelevant events change nothing. The events corroborate; the billing
+/// clock stays the database's (ADR 0018).
+#[utoipa::path(post, path = "/api/webhooks/agora", tag = "webhooks",
+    params(("Agora-Signature-V2" = String, Header, description = "hex HMAC-SHA256 of the raw body with the notification secret")),
+    request_body(content = serde_json::Value, description = "an Agora notification, verified on the raw bytes"),
+    responses(
+        (status = 200, body = Received),
+        (status = 400, description = "a verified body that is not a notification", body = crate::openapi::Problem),
+        (status = 401, description = "missing or bad signature (`invalid_signature`)", body = crate::openapi::Problem),
+        (status = 429, description = "too many bad signatures from this client IP (`unsigned`), or Agora's own budget spent", body = crate::openapi::Problem)))]
+pub async fn agora_webhook(
+    State(state): State<AgoraWebhookState>,
+    gate: SignatureGate,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult<Json<Received>> {
+    use stagepass_integrations::agora::notify;
+    use stagepass_ledger::calls::{self, ChannelEvent, NoticeOutcome};
+    let signature = headers
+        .get(notify::SIGNATURE_HEADER)
+        .and_then(|v| v.to_str().ok());
+    gate.admit(
+        notify::verify(&body, signature, &state.secret).map_err(|e| {
+            tracing::warn!(error = %e, "refused an Agora notification");
+            ApiError::Unauthenticated(codes::INVALID_SIGNATURE)
+        }),
+    )
+    .await?;
+    let notice = notify::parse(&body).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let event = ChannelEvent {
+        notice_id: &notice.notice_id,
+        product_id: notice.product_id,
+        event_type: notice.event_type,
+        channel: notice.payload.channel_name.as_deref(),
+        uid: notice.payload.uid,
+        client_seq: notice.payload.client_seq,
+        reason: notice.payload.reason,
+    };
+    let mut tx = db::begin_service(&state.pool).await?;
+    let outcome = calls::apply_notice(&mut tx, &event).await.or_problem()?;
+    tx.commit().await?;
+    Ok(Json(match outcome {
+        NoticeOutcome::Duplicate => Received {
+            received: true,
+            duplicate: true,
+            outcome: "duplicate".into(),
+        },
+        NoticeOutcome::Applied(outcome) => Received {
+            received: true,
+            duplicate: false,
+            outcome,
+        },
+    }))
 }

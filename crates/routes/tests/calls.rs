@@ -751,3 +751,197 @@ async fn a_creator_is_in_one_call_at_a_time() {
     assert_eq!(mine.json()["calls"].as_array().unwrap().len(), 2);
     assert_calls_clean(&app).await;
 }
+
+/// Sends an Agora notification signed with `secret`.
+async fn notify(app: &TestApp, body: &Value, secret: &str) -> TestResponse {
+    let raw = serde_json::to_vec(body).unwrap();
+    let signature = agora::notify::sign(&raw, &secret.to_owned().into());
+    app.post("/api/webhooks/agora")
+        .header("agora-signature-v2", &signature)
+        .raw_body("application/json", raw)
+        .send()
+        .await
+}
+
+fn channel_event(
+    notice: &str,
+    event: i64,
+    call: &str,
+    uid: i64,
+    seq: i64,
+    reason: Option<i64>,
+) -> Value {
+    let mut payload = json!({
+        "channelName": format!("call_{}", call.replace('-', "")),
+        "uid": uid, "platform": 1, "clientSeq": seq, "ts": 1_700_000_000,
+    });
+    if let Some(r) = reason {
+        payload["reason"] = json!(r);
+        payload["duration"] = json!(42);
+    }
+    json!({ "noticeId": notice, "productId": 1, "eventType": event,
+            "notifyMs": 1_700_000_000_000_i64, "sid": "s", "payload": payload })
+}
+
+async fn uids(app: &TestApp, call: &str) -> (i64, i64) {
+    sqlx::query_as("select fan_uid, creator_uid from app.calls where id = $1::uuid")
+        .bind(call)
+        .fetch_one(&app.db.admin_pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agora_notifications_need_the_signature_and_count_once() {
+    let app = calls_app().await;
+    let c = calling_creator(&app, 10).await;
+    let fan = fan_with(&app, 1000).await;
+    let call = connected(&app, &fan, &c).await;
+    let (fan_uid, _) = uids(&app, &call).await;
+    let leave = channel_event("n-1", 104, &call, fan_uid, 7, Some(2));
+
+    // Forged: another secret, a tampered body, no header, garbage.
+    notify(&app, &leave, "not-the-agora-secret-at-all-0000")
+        .await
+        .assert_problem(StatusCode::UNAUTHORIZED, "invalid_signature");
+    let raw = serde_json::to_vec(&leave).unwrap();
+    let good = agora::notify::sign(&raw, &common::AGORA_NOTIFICATION_SECRET.to_owned().into());
+    let mut tampered = leave.clone();
+    tampered["payload"]["reason"] = json!(1);
+    app.post("/api/webhooks/agora")
+        .header("agora-signature-v2", &good)
+        .raw_body("application/json", serde_json::to_vec(&tampered).unwrap())
+        .send()
+        .await
+        .assert_problem(StatusCode::UNAUTHORIZED, "invalid_signature");
+    app.post("/api/webhooks/agora")
+        .raw_body("application/json", raw.clone())
+        .send()
+        .await
+        .assert_problem(StatusCode::UNAUTHORIZED, "invalid_signature");
+    app.post("/api/webhooks/agora")
+        .header("agora-signature-v2", "00")
+        .raw_body("application/json", raw.clone())
+        .send()
+        .await
+        .assert_problem(StatusCode::UNAUTHORIZED, "invalid_signature");
+    let recorded = || async {
+        sqlx::query_scalar::<_, i64>("select count(*) from app.agora_notices")
+            .fetch_one(&app.db.admin_pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(recorded().await, 0, "nothing forged is recorded");
+
+    // Genuine, then redelivered (twice at once, then once more).
+    let first = notify(&app, &leave, common::AGORA_NOTIFICATION_SECRET).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+    assert_eq!(first.json()["outcome"], "left");
+    let (a, b) = tokio::join!(
+        notify(&app, &leave, common::AGORA_NOTIFICATION_SECRET),
+        notify(&app, &leave, common::AGORA_NOTIFICATION_SECRET)
+    );
+    for r in [
+        a,
+        b,
+        notify(&app, &leave, common::AGORA_NOTIFICATION_SECRET).await,
+    ] {
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.json()["duplicate"], true);
+    }
+    assert_eq!(recorded().await, 1);
+    // A verified body that is not a notification is a 400.
+    let junk = json!({ "hello": "world" });
+    notify(&app, &junk, common::AGORA_NOTIFICATION_SECRET)
+        .await
+        .assert_problem(StatusCode::BAD_REQUEST, "bad_request");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_party_who_drops_out_ends_the_call_at_the_leave_unless_they_rejoin() {
+    let app = calls_app().await;
+    let c = calling_creator(&app, 10).await;
+    let fan = fan_with(&app, 1000).await;
+    let secret = common::AGORA_NOTIFICATION_SECRET;
+
+    // Rejoined within the grace: the call goes on.
+    let call = connected(&app, &fan, &c).await;
+    let (fan_uid, creator_uid) = uids(&app, &call).await;
+    notify(
+        &app,
+        &channel_event("a-1", 104, &call, fan_uid, 10, Some(2)),
+        secret,
+    )
+    .await;
+    app.db.advance_clock(Duration::seconds(20)).await;
+    let rejoin = notify(
+        &app,
+        &channel_event("a-2", 103, &call, fan_uid, 11, None),
+        secret,
+    )
+    .await;
+    assert_eq!(rejoin.json()["outcome"], "joined");
+    // An older leave arriving late is stale and changes nothing.
+    let stale = notify(
+        &app,
+        &channel_event("a-0", 104, &call, fan_uid, 9, Some(2)),
+        secret,
+    )
+    .await;
+    assert_eq!(stale.json()["outcome"], "stale");
+    // A quit is the client's own leave: it hangs up through the API.
+    let quit = notify(
+        &app,
+        &channel_event("a-3", 104, &call, creator_uid, 4, Some(1)),
+        secret,
+    )
+    .await;
+    assert_eq!(quit.json()["outcome"], "quit");
+    app.db.advance_clock(Duration::seconds(50)).await;
+    ok(&app, &c, &call, "heartbeat").await;
+    sweep(&app).await;
+    assert_eq!(get(&app, &fan, &call).await["status"], "active");
+    ok(&app, &fan, &call, "hang-up").await;
+
+    // Dropped (timeout) at +10 s and never back; the creator keeps
+    // heartbeating. No minute after the leave is charged; the call ends at
+    // the leave once the 60 s grace is over.
+    let call = connected(&app, &fan, &c).await;
+    let (fan_uid, _) = uids(&app, &call).await;
+    app.db.advance_clock(Duration::seconds(10)).await;
+    notify(
+        &app,
+        &channel_event("b-1", 104, &call, fan_uid, 3, Some(2)),
+        secret,
+    )
+    .await;
+    app.db.advance_clock(Duration::seconds(55)).await;
+    let still = ok(&app, &c, &call, "heartbeat").await;
+    assert_eq!(still["status"], "active");
+    assert_eq!(
+        still["billed_minutes"], 1,
+        "minute 2 started after the leave"
+    );
+    app.db.advance_clock(Duration::seconds(10)).await;
+    sweep(&app).await;
+    let ended = get(&app, &fan, &call).await;
+    assert_eq!(ended["status"], "ended");
+    assert_eq!(ended["end_reason"], "left_channel");
+    assert_eq!(ended["billed_minutes"], 1);
+    // Events about an ended call, another channel or another product are
+    // recorded and ignored.
+    let late = notify(
+        &app,
+        &channel_event("b-2", 103, &call, fan_uid, 4, None),
+        secret,
+    )
+    .await;
+    assert_eq!(late.json()["outcome"], "ignored");
+    let mut other = channel_event("b-3", 104, &call, fan_uid, 5, Some(2));
+    other["productId"] = json!(3);
+    assert_eq!(
+        notify(&app, &other, secret).await.json()["outcome"],
+        "ignored"
+    );
+    assert_calls_clean(&app).await;
+}

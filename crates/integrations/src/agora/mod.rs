@@ -29,6 +29,7 @@
 //! so other tokens are checked by decoding ([`decode`]). ADR 0017.
 
 mod decode;
+pub mod notify;
 #[cfg(test)]
 mod tests;
 

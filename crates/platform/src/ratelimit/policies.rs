@@ -156,6 +156,10 @@ pub const SUPABASE_AUTH_HOOK: Policy = signed("supabase_auth", 200, 2_000);
 /// Verified QStash callbacks (class reminders): classes cluster on the hour,
 /// so hundreds of reminders can fall due in the same second.
 pub const QSTASH_CALLBACKS: Policy = signed("qstash", 50, 500);
+/// Verified Agora notifications (channel events of paid calls): each call
+/// causes a handful (joins, leaves, retries of each up to 3 times); 50 / s
+/// with a 500 burst covers thousands of calls starting on the hour.
+pub const AGORA_EVENTS: Policy = signed("agora", 50, 500);
 /// Verified Vercel Cron calls: five jobs, at most one run a minute each,
 /// plus an operator's manual runs.
 pub const VERCEL_CRON: Policy = signed("cron", 1, 20);
@@ -175,6 +179,7 @@ pub const ALL: &[Policy] = &[
     STRIPE_EVENTS,
     SUPABASE_AUTH_HOOK,
     QSTASH_CALLBACKS,
+    AGORA_EVENTS,
     VERCEL_CRON,
 ];
 
@@ -199,6 +204,7 @@ pub mod routes {
     pub const STRIPE: &[Policy] = &[STRIPE_EVENTS, UNSIGNED];
     pub const SUPABASE_AUTH: &[Policy] = &[SUPABASE_AUTH_HOOK, UNSIGNED];
     pub const QSTASH: &[Policy] = &[QSTASH_CALLBACKS, UNSIGNED];
+    pub const AGORA: &[Policy] = &[AGORA_EVENTS, UNSIGNED];
     pub const CRON: &[Policy] = &[VERCEL_CRON, UNSIGNED];
 }
 
@@ -216,14 +222,18 @@ pub enum SignedSource {
     Qstash,
     /// Vercel Cron (`Bearer $CRON_SECRET`).
     VercelCron,
+    /// Agora's channel-event notifications (`Agora-Signature-V2`,
+    /// HMAC-SHA256 over the body).
+    Agora,
 }
 
 impl SignedSource {
-    pub const ALL: [SignedSource; 4] = [
+    pub const ALL: [SignedSource; 5] = [
         SignedSource::Stripe,
         SignedSource::SupabaseAuth,
         SignedSource::Qstash,
         SignedSource::VercelCron,
+        SignedSource::Agora,
     ];
 
     /// The source's name: the subject of its budget's key.
@@ -233,6 +243,7 @@ impl SignedSource {
             SignedSource::SupabaseAuth => "supabase-auth",
             SignedSource::Qstash => "qstash",
             SignedSource::VercelCron => "vercel-cron",
+            SignedSource::Agora => "agora",
         }
     }
 
@@ -243,6 +254,7 @@ impl SignedSource {
             SignedSource::SupabaseAuth => SUPABASE_AUTH_HOOK,
             SignedSource::Qstash => QSTASH_CALLBACKS,
             SignedSource::VercelCron => VERCEL_CRON,
+            SignedSource::Agora => AGORA_EVENTS,
         }
     }
 
@@ -254,6 +266,7 @@ impl SignedSource {
             SignedSource::SupabaseAuth => routes::SUPABASE_AUTH,
             SignedSource::Qstash => routes::QSTASH,
             SignedSource::VercelCron => routes::CRON,
+            SignedSource::Agora => routes::AGORA,
         }
     }
 }

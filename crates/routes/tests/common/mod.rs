@@ -66,6 +66,10 @@ pub fn test_env(database_url: &str) -> Vec<(&'static str, String)> {
         ("QSTASH_URL", "http://127.0.0.1:9".to_owned()),
         ("AGORA_APP_ID", AGORA_APP_ID.to_owned()),
         ("AGORA_APP_CERTIFICATE", AGORA_APP_CERTIFICATE.to_owned()),
+        (
+            "AGORA_NOTIFICATION_SECRET",
+            AGORA_NOTIFICATION_SECRET.to_owned(),
+        ),
     ]
 }
 
@@ -73,6 +77,8 @@ pub fn test_env(database_url: &str) -> Vec<(&'static str, String)> {
 /// decoding them with this certificate.
 pub const AGORA_APP_ID: &str = "970CA35de60c44645bbae8a215061b33";
 pub const AGORA_APP_CERTIFICATE: &str = "5CFd2fd1755d40ecb72977518be15d3b";
+
+pub const AGORA_NOTIFICATION_SECRET: &str = "agora-ncs-secret-for-tests-0123";
 
 pub const PUBLIC_BASE_URL: &str = "https://api.stagepass.test";
 /// `name:secret`; the secret signs realtime tokens.
