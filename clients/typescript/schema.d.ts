@@ -4,6 +4,22 @@
  */
 
 export interface paths {
+    "/api/cron/bill-calls": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["bill_calls"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/cron/cleanup": {
         parameters: {
             query?: never;
@@ -118,6 +134,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/jobs/call-tick": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * QStash callback: advance one call (its 30 s warning, its end when the
+         *     funded time runs out).
+         */
+        post: operations["call_tick"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/jobs/class-reminder": {
         parameters: {
             query?: never;
@@ -210,6 +246,89 @@ export interface paths {
         put?: never;
         /** Supabase custom access token hook (Standard Webhooks signature). */
         post: operations["access_token_hook_doc"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/calls": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * The fan asks for a call. The price is the creator's current price,
+         *     snapshotted on the call (the request carries none). Refused when the
+         *     fan could not fund the first minutes (2 by default), is in debt, or is
+         *     over the daily spending limit; nothing is held until the creator
+         *     accepts.
+         */
+        post: operations["request_call"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/calls/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** One call the caller is a party to. */
+        get: operations["get_call"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/calls/{id}/token": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * The caller's Agora token for the call: only for its two parties, only
+         *     while accepted or active, publisher role, joining and staying until the
+         *     funded time ends plus a grace (at most 2 h).
+         */
+        post: operations["call_token"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/calls/{id}/{action}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * A party acts on a call. Each action is one transaction and idempotent
+         *     by state: repeating one that already happened returns the call as it
+         *     is; one that no longer applies is 409 `call_state_conflict` (an ended
+         *     call tells a heartbeating client to leave).
+         */
+        post: operations["call_action"];
         delete?: never;
         options?: never;
         head?: never;
@@ -316,6 +435,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/creators/{id}/call-settings": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * A creator's call settings, as their profile shows them (404 when the
+         *     user is not a creator or has set none).
+         */
+        get: operations["creator_call_settings"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/me": {
         parameters: {
             query?: never;
@@ -330,6 +469,48 @@ export interface paths {
         options?: never;
         head?: never;
         patch: operations["patch_me"];
+        trace?: never;
+    };
+    "/api/v1/me/call-settings": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** The caller's own call settings (404 until a creator sets them). */
+        get: operations["my_call_settings"];
+        /**
+         * The creator sets their price per minute and which calls they take. A
+         *     new price applies to calls asked for from now on; a call keeps the
+         *     price it was asked at.
+         */
+        put: operations["put_call_settings"];
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/me/calls": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The caller's calls, as fan or creator, newest first (a creator sees the
+         *     requests ringing for them here).
+         */
+        get: operations["my_calls"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
         trace?: never;
     };
     "/api/v1/openapi.json": {
@@ -503,6 +684,32 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/webhooks/agora": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Agora's channel events (NCS) for the paid calls: the raw body's
+         *     `Agora-Signature-V2` (HMAC-SHA256, constant-time comparison) is checked
+         *     before anything is parsed; each `noticeId` is applied once, in one short
+         *     transaction, and answered 200 at once (Agora wants an answer within
+         *     10 s). A leave that is not a quit ends the call at the leave unless the
+         *     party rejoins within 60 s; duplicated, reordered (older `clientSeq`) and
+         *     irrelevant events change nothing. The events corroborate; the billing
+         *     clock stays the database's (ADR 0018).
+         */
+        post: operations["agora_webhook"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/webhooks/stripe": {
         parameters: {
             query?: never;
@@ -600,6 +807,198 @@ export interface components {
          * @enum {string}
          */
         CalendarEventStatus: "confirmed" | "cancelled";
+        /** @description A call as the API returns it (`app.call_view`), to either party. */
+        Call: {
+            /** Format: date-time */
+            accepted_at?: string | null;
+            /**
+             * Format: int32
+             * @description Minutes charged to the creator's benefit.
+             */
+            billed_minutes: number;
+            /** @description The Agora channel of this call. */
+            channel: string;
+            /** Format: int64 */
+            charged_tokens: number;
+            /** Format: date-time */
+            created_at: string;
+            /** Format: uuid */
+            creator_id: string;
+            /** Format: date-time */
+            creator_joined_at?: string | null;
+            end_reason?: null | components["schemas"]["EndReason"];
+            /** Format: date-time */
+            ended_at?: string | null;
+            /**
+             * Format: uuid
+             * @description The party who hung up.
+             */
+            ended_by?: string | null;
+            /**
+             * @description The fan could not fund another minute: the call ends at
+             *     `funded_until`.
+             */
+            ending_for_funds: boolean;
+            /** Format: uuid */
+            fan_id: string;
+            /** Format: date-time */
+            fan_joined_at?: string | null;
+            /**
+             * Format: int32
+             * @description Minutes the fan has paid into the call (held or charged).
+             */
+            funded_minutes: number;
+            /**
+             * Format: date-time
+             * @description Until when the call is paid for (accepted or active calls); the
+             *     Agora token's join privilege follows it.
+             */
+            funded_until?: string | null;
+            /**
+             * Format: int64
+             * @description Tokens held in escrow for minutes not started yet.
+             */
+            held_tokens: number;
+            /** Format: uuid */
+            id: string;
+            /**
+             * Format: date-time
+             * @description Until when both parties must have joined.
+             */
+            join_until?: string | null;
+            /**
+             * Format: date-time
+             * @description The later of the two parties' last heartbeat or join.
+             */
+            last_seen_at?: string | null;
+            media: components["schemas"]["CallMedia"];
+            /**
+             * Format: int64
+             * @description The creator's price when the fan asked; every minute costs this.
+             */
+            price_per_minute: number;
+            /**
+             * Format: int64
+             * @description Escrow returned to the fan when the call ended.
+             */
+            refunded_tokens?: number | null;
+            /** Format: date-time */
+            requested_at: string;
+            /**
+             * Format: date-time
+             * @description Until when the creator may answer.
+             */
+            ring_until: string;
+            /**
+             * Format: int32
+             * @description Bumped on every change of state; `call.updated` carries it.
+             */
+            sequence: number;
+            /**
+             * Format: date-time
+             * @description When both had joined: minute 1 started.
+             */
+            started_at?: string | null;
+            status: components["schemas"]["CallStatus"];
+            /** Format: date-time */
+            updated_at: string;
+        };
+        /**
+         * @description What a party does to a call (the last path segment).
+         * @enum {string}
+         */
+        CallAction: "accept" | "decline" | "cancel" | "join" | "heartbeat" | "hang-up";
+        /**
+         * @description `app.calls.media` (check `calls_media_check`).
+         * @enum {string}
+         */
+        CallMedia: "audio" | "video";
+        CallPage: {
+            calls: components["schemas"]["Call"][];
+        };
+        /** @description A fan asks a creator for a call. */
+        CallRequest: {
+            /**
+             * Format: uuid
+             * @description The creator to call.
+             */
+            creator_id: string;
+            /** @description `audio` or `video`. */
+            media: components["schemas"]["CallMedia"];
+        };
+        /**
+         * @description A creator's call settings (`app.call_settings`): public to signed-in
+         *     users.
+         */
+        CallSettings: {
+            audio_enabled: boolean;
+            /** Format: uuid */
+            creator_id: string;
+            /**
+             * Format: int64
+             * @description Tokens per started minute (1–10,000).
+             */
+            price_per_minute: number;
+            /** Format: date-time */
+            updated_at: string;
+            video_enabled: boolean;
+        };
+        /** @description A creator's call settings. */
+        CallSettingsInput: {
+            audio_enabled: boolean;
+            /**
+             * Format: int64
+             * @description Tokens per started minute, 1–10,000.
+             */
+            price_per_minute: number;
+            video_enabled: boolean;
+        };
+        /**
+         * @description `app.calls.status` (check `calls_status_check`).
+         * @enum {string}
+         */
+        CallStatus: "ringing" | "accepted" | "active" | "ended" | "declined" | "cancelled" | "expired";
+        CallSweepRun: {
+            /**
+             * Format: int64
+             * @description Minutes charged (escrow → creator).
+             */
+            charged_minutes: number;
+            /**
+             * Format: int64
+             * @description Calls that had something due.
+             */
+            swept_calls: number;
+        };
+        /** @description A call-tick message: the call to advance. */
+        CallTick: {
+            /** Format: uuid */
+            call_id: string;
+        };
+        /** @description An Agora RTC token (AccessToken2, "007") for one party of one call. */
+        CallToken: {
+            /** @description The project's App ID (public). */
+            app_id: string;
+            /** @description The call's own channel: the token is valid for no other. */
+            channel: string;
+            /**
+             * Format: date-time
+             * @description When Agora drops the caller: the funded time plus a short grace.
+             *     Ask again before then (after each top-up the funded time grows).
+             */
+            expires_at: string;
+            /**
+             * Format: date-time
+             * @description Until when the call is paid for.
+             */
+            funded_until: string;
+            token: string;
+            /**
+             * Format: int32
+             * @description The caller's uid in the channel (server-assigned, never 0).
+             */
+            uid: number;
+        };
         /** @description The outcome of a cancellation. */
         Cancellation: {
             /**
@@ -727,6 +1126,11 @@ export interface components {
              */
             skipped: number;
         };
+        /**
+         * @description `app.calls.end_reason` (check `calls_end_reason_check`).
+         * @enum {string}
+         */
+        EndReason: "hung_up" | "heartbeat_timeout" | "funds_exhausted" | "not_joined" | "left_channel";
         /** @description The outcome of an enrolment. */
         Enrollment: {
             /**
@@ -1349,6 +1753,40 @@ export interface components {
 }
 export type $defs = Record<string, never>;
 export interface operations {
+    bill_calls: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CallSweepRun"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: {
+                headers: {
+                    "WWW-Authenticate": components["headers"]["WWW-Authenticate"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
     cleanup: {
         parameters: {
             query?: never;
@@ -1581,6 +2019,54 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+        };
+    };
+    call_tick: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["CallTick"];
+            };
+        };
+        responses: {
+            /** @description `advanced`, or `nothing_due` */
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["JobOutcome"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description invalid_qstash_signature */
+            401: {
+                headers: {
+                    "WWW-Authenticate": components["headers"]["WWW-Authenticate"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            415: components["responses"]["UnsupportedMediaType"];
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
         };
     };
     class_reminder: {
@@ -2028,6 +2514,262 @@ export interface operations {
             503: components["responses"]["ServiceUnavailable"];
         };
     };
+    request_call: {
+        parameters: {
+            query?: never;
+            header: {
+                /** @description 1–255 visible ASCII characters */
+                "Idempotency-Key": string;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["CallRequest"];
+            };
+        };
+        responses: {
+            201: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Call"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            401: components["responses"]["Unauthorized"];
+            /** @description feature_disabled */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description call_already_open, idempotency_in_progress */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            415: components["responses"]["UnsupportedMediaType"];
+            /** @description not_taking_calls, own_call, insufficient_funds, daily_limit_exceeded, account_in_debt, idempotency_key_reused */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
+    get_call: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description the call's id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Call"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            401: components["responses"]["Unauthorized"];
+            /** @description feature_disabled */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
+    call_token: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description the call's id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CallToken"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            401: components["responses"]["Unauthorized"];
+            /** @description feature_disabled */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description call_state_conflict: not accepted or active */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
+    call_action: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description the call's id */
+                id: string;
+                /** @description accept, decline (creator); cancel (fan); join, heartbeat, hang-up (either) */
+                action: components["schemas"]["CallAction"];
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Call"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            401: components["responses"]["Unauthorized"];
+            /** @description wrong_call_party, feature_disabled */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description call_state_conflict, call_rang_out, creator_busy */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            /** @description insufficient_funds, daily_limit_exceeded, account_in_debt (the fan's, on accept) */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
     list_classes: {
         parameters: {
             query?: {
@@ -2379,6 +3121,59 @@ export interface operations {
             503: components["responses"]["ServiceUnavailable"];
         };
     };
+    creator_call_settings: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description the creator's user id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CallSettings"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            401: components["responses"]["Unauthorized"];
+            /** @description feature_disabled */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
     get_me: {
         parameters: {
             query?: never;
@@ -2456,6 +3251,146 @@ export interface operations {
             };
             413: components["responses"]["PayloadTooLarge"];
             415: components["responses"]["UnsupportedMediaType"];
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
+    my_call_settings: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CallSettings"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: components["responses"]["Unauthorized"];
+            /** @description feature_disabled */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
+    put_call_settings: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["CallSettingsInput"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CallSettings"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            401: components["responses"]["Unauthorized"];
+            /** @description creator_required, feature_disabled */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            415: components["responses"]["UnsupportedMediaType"];
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
+    my_calls: {
+        parameters: {
+            query?: {
+                /**
+                 * @description Only calls created before this instant (the last `created_at` of
+                 *     the previous page).
+                 */
+                before?: string;
+                /** @description 1–50, default 20. */
+                limit?: number;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CallPage"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            401: components["responses"]["Unauthorized"];
+            /** @description feature_disabled */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
             429: components["responses"]["TooManyRequests"];
             503: components["responses"]["ServiceUnavailable"];
         };
@@ -2859,6 +3794,69 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+        };
+    };
+    agora_webhook: {
+        parameters: {
+            query?: never;
+            header: {
+                /** @description hex HMAC-SHA256 of the raw body with the notification secret */
+                "Agora-Signature-V2": string;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        /** @description an Agora notification, verified on the raw bytes */
+        requestBody: {
+            content: {
+                "application/json": unknown;
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Received"];
+                };
+            };
+            /** @description a verified body that is not a notification */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description missing or bad signature (`invalid_signature`) */
+            401: {
+                headers: {
+                    "WWW-Authenticate": components["headers"]["WWW-Authenticate"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            415: components["responses"]["UnsupportedMediaType"];
+            /** @description too many bad signatures from this client IP (`unsigned`), or Agora's own budget spent */
+            429: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    "Retry-After": components["headers"]["Retry-After"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            503: components["responses"]["ServiceUnavailable"];
         };
     };
     stripe_webhook: {

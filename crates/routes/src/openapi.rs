@@ -95,7 +95,7 @@ pub struct Problem {
         access_token_hook_doc,
         openapi_doc,
     ),
-    components(schemas(Problem)),
+    components(schemas(Problem, crate::calls::CallAction)),
     modifiers(&BearerAuth),
 )]
 pub struct ApiDoc;
