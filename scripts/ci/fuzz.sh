@@ -77,7 +77,7 @@ start_dev() {
     QSTASH_TOKEN="$(random)" QSTASH_URL="http://127.0.0.1:9" \
     QSTASH_CURRENT_SIGNING_KEY="sig_$(random)" QSTASH_NEXT_SIGNING_KEY="sig_$(random)" \
     AGORA_APP_ID="$(hex32)" AGORA_APP_CERTIFICATE="$(hex32)" AGORA_NOTIFICATION_SECRET="$(random)" \
-    RUST_LOG=warn \
+    RUST_LOG=warn FLAGS_CACHE_SECONDS=1 \
     "$BIN" dev --tokens-file "$TOKENS" >"$OUT/$name-dev.log" 2>&1 &
   DEV_PID=$!
   PIDS+=("$DEV_PID")
@@ -127,8 +127,22 @@ fuzz_as() {
   sed -n '/= SUMMARY =/,$p' "$OUT/$label.log"
 }
 
+# Flags seeded off would keep the fuzzer at 403 feature_disabled: turn the
+# call routes on for everyone (as an admin would) and give the demo
+# creator call settings, so requests reach the call handlers.
+enable_calls() {
+  curl -fsS -o /dev/null -X PATCH "$BASE/api/v1/admin/flags/calls" \
+    -H "Authorization: Bearer $(token admin)" -H 'Content-Type: application/json' \
+    -d '{"enabled":true,"rollout_basis_points":10000,"reason":"fuzz the call routes"}'
+  sleep 1.2 # FLAGS_CACHE_SECONDS
+  curl -fsS -o /dev/null -X PUT "$BASE/api/v1/me/call-settings" \
+    -H "Authorization: Bearer $(token creator)" -H 'Content-Type: application/json' \
+    -d '{"price_per_minute":5,"audio_enabled":true,"video_enabled":true}'
+}
+
 # Rate limits off: the fuzzer reaches the handlers rather than 429s.
 start_dev handlers off
+enable_calls
 fuzz_as creator creator "$SECONDS_PER_TOKEN"
 fuzz_as fan fan "$SECONDS_PER_TOKEN"
 # The admin routes answer 403 to the others; the admin's pass comes last,
