@@ -945,3 +945,108 @@ async fn a_party_who_drops_out_ends_the_call_at_the_leave_unless_they_rejoin() {
     );
     assert_calls_clean(&app).await;
 }
+
+/// `n` active calls 61 s in (minute 1 charged, minute 2 held, both seen
+/// now) between fresh fans and creators, seeded in SQL as the call
+/// functions leave them.
+async fn seed_active_calls(app: &TestApp, n: i64) {
+    let mut tx = app.db.admin_pool.begin().await.unwrap();
+    let steps = [
+        "create temporary table pairs on commit drop as \
+           select gen_random_uuid() as fan, gen_random_uuid() as creator, \
+                  gen_random_uuid() as call from generate_series(1, $1::bigint)",
+        "insert into app.users (id) select fan from pairs where $1::bigint > 0",
+        "insert into app.users (id, role) select creator, 'creator' from pairs where $1::bigint > 0",
+        "select ledger.post_many(array_agg('purchase'::text), array_agg('seed-' || fan), \
+           array_agg(ledger.singleton('stripe_clearing')), array_agg(ledger.account_of('wallet', fan)), \
+           array_agg(1000::bigint), array_agg(0::bigint)) from pairs where $1::bigint > 0",
+        "insert into app.calls (id, fan_id, creator_id, media, price_per_minute, status, channel, \
+           fan_uid, creator_uid, ring_until, accepted_at, join_until, fan_joined_at, creator_joined_at, \
+           started_at, fan_seen_at, creator_seen_at, funded_minutes, billed_minutes) \
+         select call, fan, creator, 'audio', 10, 'active', 'call_' || replace(call::text, '-', ''), \
+           nextval('app.agora_uids'), nextval('app.agora_uids'), app.now(), app.now(), app.now(), \
+           app.now() - interval '61 seconds', app.now() - interval '61 seconds', \
+           app.now() - interval '61 seconds', app.now(), app.now(), 2, 1 from pairs where $1::bigint > 0",
+        "insert into ledger.accounts (kind, owner_id, reference) \
+           select 'escrow', fan, 'call:' || call from pairs where $1::bigint > 0",
+        "select ledger.post_many(array_agg('call_hold'::text), array_agg(call || ':2'), \
+           array_agg(ledger.account_of('wallet', fan)), array_agg(ledger.call_escrow(call)), \
+           array_agg(20::bigint), array_agg(0::bigint)) from pairs where $1::bigint > 0",
+        "select ledger.post_many(array_agg('call_minute'::text), array_agg(call || ':1'), \
+           array_agg(ledger.call_escrow(call)), array_agg(ledger.account_of('wallet', creator)), \
+           array_agg(10::bigint), array_agg(0::bigint)) from pairs where $1::bigint > 0",
+    ];
+    for sql in steps {
+        sqlx::query(sql).bind(n).execute(&mut *tx).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
+/// (calls billed `minutes`, calls billed otherwise) among active calls.
+async fn billed(app: &TestApp, minutes: i32) -> (i64, i64) {
+    sqlx::query_as(
+        "select count(*) filter (where billed_minutes = $1), count(*) filter (where billed_minutes <> $1) \
+           from app.calls where status = 'active'",
+    )
+    .bind(minutes)
+    .fetch_one(&app.db.admin_pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sweep_killed_at_any_point_changes_nothing_and_the_next_one_bills_exactly_once() {
+    let app = calls_app().await;
+    seed_active_calls(&app, 600).await;
+    let mut killed = 0;
+    // Each round kills the sweep's database backend after a different
+    // delay: mid-statement, between statements, or after the commit.
+    for (round, delay_ms) in [5_u64, 40, 90, 160, 400].into_iter().enumerate() {
+        let minute = i32::try_from(round).unwrap() + 2;
+        let pool = app.db.app_pool.clone();
+        let (tell_pid, pid) = tokio::sync::oneshot::channel::<i32>();
+        let running = tokio::spawn(async move {
+            let mut tx = stagepass_platform::db::begin_service(&pool).await?;
+            let pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
+                .fetch_one(&mut *tx)
+                .await?;
+            let _ = tell_pid.send(pid);
+            sqlx::query("select * from app.sweep_calls(5000)")
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok::<(), sqlx::Error>(())
+        });
+        let pid = pid.await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+        sqlx::query("select pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(&app.db.admin_pool)
+            .await
+            .unwrap();
+        let outcome = running.await.unwrap();
+        let (done, not_done) = billed(&app, minute).await;
+        if outcome.is_ok() {
+            assert_eq!((done, not_done), (600, 0), "round {round}: committed whole");
+        } else {
+            killed += 1;
+            assert_eq!(
+                done, 0,
+                "round {round}: killed, nothing may be left half done"
+            );
+        }
+        assert_calls_clean(&app).await;
+        // The next sweep (the cron route) bills exactly what is still due.
+        sweep(&app).await;
+        assert_eq!(billed(&app, minute).await, (600, 0), "round {round}");
+        assert_eq!(sweep(&app).await["charged_minutes"], 0);
+        assert_calls_clean(&app).await;
+        // The next minute.
+        app.db.advance_clock(Duration::seconds(60)).await;
+        sqlx::query("update app.calls set fan_seen_at = app.now() where status = 'active'")
+            .execute(&app.db.admin_pool)
+            .await
+            .unwrap();
+    }
+    assert!(killed >= 2, "only {killed} of 5 sweeps were killed mid-way");
+}
