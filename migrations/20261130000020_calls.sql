@@ -236,7 +236,7 @@ $$;
 create function ledger.post_many(
   p_kinds text[], p_refs text[], p_from uuid[], p_to uuid[], p_amounts bigint[], p_fees bigint[]
 ) returns integer
-  language plpgsql security definer set search_path = '' set client_min_messages = warning as $$
+  language plpgsql security definer set search_path = '' set client_min_messages = warning set jit = off as $$
 declare
   revenue uuid := ledger.singleton('platform_revenue');
   n integer := coalesce(array_length(p_refs, 1), 0);
@@ -440,6 +440,12 @@ begin
      or p_media not in ('audio', 'video') then
     raise exception 'this creator does not take % calls', p_media using errcode = 'SP072';
   end if;
+  -- The fan's open call, if it is over by now (rung out, never joined,
+  -- silent, unfunded), is ended first, so only a live one refuses the
+  -- request. Its row is locked before any wallet (the lock order).
+  perform app.advance_calls(array(
+    select x.id from app.calls x where x.fan_id = caller and x.status in ('ringing', 'accepted', 'active')
+     order by x.id for update));
   perform 1 from app.calls where fan_id = caller and status in ('ringing', 'accepted', 'active');
   if found then
     raise exception 'you already have an open call' using errcode = 'SP073';
@@ -476,7 +482,7 @@ revoke all on function app.lock_party_call(uuid) from public;
 -- unanswered), in a few set-based statements. The caller has locked the
 -- calls' rows. Returns the minutes charged.
 create function app.advance_calls(p_ids uuid[]) returns integer
-  language plpgsql security definer set search_path = '' set client_min_messages = warning as $$
+  language plpgsql security definer set search_path = '' set client_min_messages = warning set jit = off as $$
 declare
   cfg app.call_config;
   fee_bps integer;
@@ -668,7 +674,8 @@ revoke all on function app.end_call(uuid, text, uuid, timestamptz) from public;
 -- The creator answers a ringing call. Accepting holds the first minutes
 -- from the fan's wallet (refused, and nothing moves, when the fan cannot
 -- pay them: SP001/SP003/SP004), and opens the join window. SP076: the call
--- is no longer ringing (or its 2 minutes ran out: SP077); SP078: the creator
+-- is no longer ringing (a call whose 2 minutes ran out is expired now and
+-- returned, so the expiry commits; the caller answers 409); SP078: the creator
 -- is already in a call; SP079: only the creator answers.
 -- An answer repeated with the same meaning returns the call unchanged.
 create function app.answer_call(p_call uuid, p_accept boolean) returns setof app.call_view
@@ -689,7 +696,11 @@ begin
     raise exception 'the call is %', c.status using errcode = 'SP076';
   end if;
   if app.now() >= c.ring_until then
-    raise exception 'the call rang out' using errcode = 'SP077';
+    -- Rung out: recorded now (not left to the sweep); the caller sees
+    -- the status and answers 409 call_rang_out after committing it.
+    update app.calls set status = 'expired', sequence = sequence + 1 where id = p_call;
+    return query select * from app.call_view where id = p_call;
+    return;
   end if;
   if not p_accept then
     update app.calls set status = 'declined', sequence = sequence + 1 where id = p_call;
@@ -754,12 +765,17 @@ declare
   is_fan boolean;
 begin
   is_fan := c.fan_id = me;
+  if c.status not in ('accepted', 'active') then
+    raise exception 'the call is %', c.status using errcode = 'SP076';
+  end if;
   -- Whatever is already over ends first (a late heartbeat never revives a
-  -- call that timed out or ran out of funds).
+  -- call that timed out or ran out of funds). That end is returned, not
+  -- raised, so it commits: the caller answers 409 with the call ended.
   perform app.advance_calls(array[p_call]);
   select * into c from app.calls where id = p_call;
   if c.status not in ('accepted', 'active') then
-    raise exception 'the call is %', c.status using errcode = 'SP076';
+    return query select * from app.call_view where id = p_call;
+    return;
   end if;
   if p_join then
     update app.calls
@@ -817,18 +833,20 @@ grant execute on function app.hang_up_call(uuid) to authenticated;
 -- is funded (the Agora token's join privilege follows it). SP076 unless
 -- accepted or active.
 create function app.call_join_grant(p_call uuid)
-  returns table (channel text, uid bigint, funded_until timestamptz, issued_at timestamptz, grace_seconds integer)
+  returns table (channel text, uid bigint, funded_until timestamptz, issued_at timestamptz, grace_seconds integer,
+                 status text)
   language plpgsql security definer set search_path = '' as $$
 declare
   c app.calls := app.lock_party_call(p_call);
 begin
-  perform app.advance_calls(array[p_call]);
-  select * into c from app.calls where id = p_call;
   if c.status not in ('accepted', 'active') then
     raise exception 'the call is %', c.status using errcode = 'SP076';
   end if;
+  -- An end this finds is returned (status), not raised, so it commits.
+  perform app.advance_calls(array[p_call]);
+  select * into c from app.calls where id = p_call;
   return query select c.channel, case when c.fan_id = auth.uid() then c.fan_uid else c.creator_uid end,
-    app.call_funded_until(c), app.now(), (select token_grace_seconds from app.call_config);
+    app.call_funded_until(c), app.now(), (select token_grace_seconds from app.call_config), c.status;
 end
 $$;
 revoke all on function app.call_join_grant(uuid) from public;

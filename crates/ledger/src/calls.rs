@@ -131,6 +131,8 @@ pub struct Call {
 /// funded time, all read from the database's clock in one transaction.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct JoinGrant {
+    /// The call's status after the look (an end it found is committed).
+    pub status: CallStatus,
     pub channel: String,
     pub uid: i64,
     pub funded_until: Option<DateTime<Utc>>,
@@ -138,7 +140,8 @@ pub struct JoinGrant {
     pub grace_seconds: i32,
 }
 
-/// Every reason a call operation is refused (SQLSTATEs SP070–SP079), plus
+/// Every reason a call operation is refused (SQLSTATEs SP070–SP079, and
+/// [`outcome`] for an end the operation found and committed), plus
 /// the ledger's refusals of the hold (funds, debt, daily limit).
 #[derive(Debug, thiserror::Error)]
 pub enum CallError {
@@ -190,7 +193,6 @@ impl From<sqlx::Error> for CallError {
             Refusal::OwnCall => CallError::OwnCall,
             Refusal::CallNotFound => CallError::NotFound,
             Refusal::CallWrongState => CallError::WrongState(raised.message.to_owned()),
-            Refusal::CallRangOut => CallError::RangOut,
             Refusal::CreatorInCall => CallError::CreatorBusy,
             Refusal::WrongCallParty => CallError::WrongParty(raised.message.to_owned()),
             _ => CallError::Ledger(LedgerError::from(e)),
@@ -273,7 +275,34 @@ pub enum Action {
     HangUp,
 }
 
-/// Applies `action` to `call` as the caller; returns the call after it.
+/// Whether the call after `action` is what the action asked for. An action
+/// that found the call over (rung out, timed out, out of funds) records
+/// that end and returns the call rather than raising, so the end commits;
+/// this turns it into the refusal the caller answers with, after the
+/// commit.
+pub fn outcome(action: Action, call: &Call) -> Result<(), CallError> {
+    let live = matches!(call.status, CallStatus::Accepted | CallStatus::Active);
+    let ok = match action {
+        Action::Accept => live,
+        Action::Decline => call.status == CallStatus::Declined,
+        Action::Cancel => call.status == CallStatus::Cancelled,
+        Action::Join | Action::Heartbeat => live,
+        Action::HangUp => call.status == CallStatus::Ended,
+    };
+    if ok {
+        Ok(())
+    } else if call.status == CallStatus::Expired {
+        Err(CallError::RangOut)
+    } else {
+        Err(CallError::WrongState(format!(
+            "the call is {}",
+            call.status
+        )))
+    }
+}
+
+/// Applies `action` to `call` as the caller; returns the call after it
+/// (check it with [`outcome`] once the transaction is committed).
 pub async fn act(conn: &mut PgConnection, call: CallId, action: Action) -> Result<Call, CallError> {
     let sql = match action {
         Action::Accept => "select * from app.answer_call($1, true)",

@@ -55,7 +55,6 @@ pub enum Refusal {
     OwnCall,
     CallNotFound,
     CallWrongState,
-    CallRangOut,
     CreatorInCall,
     WrongCallParty,
     /// An Agora notice another delivery already applied.
@@ -63,7 +62,7 @@ pub enum Refusal {
 }
 
 /// Every SQLSTATE of ours, with its meaning.
-pub const TABLE: [(&str, Refusal); 46] = [
+pub const TABLE: [(&str, Refusal); 45] = [
     ("SP000", Refusal::Invariant),
     ("SP001", Refusal::InsufficientFunds),
     ("SP002", Refusal::AlreadyApplied),
@@ -106,7 +105,6 @@ pub const TABLE: [(&str, Refusal); 46] = [
     ("SP074", Refusal::OwnCall),
     ("SP075", Refusal::CallNotFound),
     ("SP076", Refusal::CallWrongState),
-    ("SP077", Refusal::CallRangOut),
     ("SP078", Refusal::CreatorInCall),
     ("SP079", Refusal::WrongCallParty),
     ("SP080", Refusal::DuplicateNotice),

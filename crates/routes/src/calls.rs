@@ -22,7 +22,8 @@ use http::StatusCode;
 use serde::{Deserialize, Serialize};
 use stagepass_integrations::agora::{self, AgoraCredentials, RtcTokenRequest};
 use stagepass_ledger::calls::{
-    self, Action, Call, CallMedia, CallSettings, MAX_PRICE_PER_MINUTE, MIN_PRICE_PER_MINUTE,
+    self, Action, Call, CallError, CallMedia, CallSettings, CallStatus, MAX_PRICE_PER_MINUTE,
+    MIN_PRICE_PER_MINUTE,
 };
 use stagepass_ledger::{CallId, UserId};
 use stagepass_platform::auth::Verifier;
@@ -317,7 +318,7 @@ pub async fn call_action(
     let action = CallAction::parse(&action)?.action();
     let (api, user) = (&api, &user);
     // Charges and refunds credit wallets a concurrent tip may hold.
-    retry::on_deadlock(|| async move {
+    let call = retry::on_deadlock(|| async move {
         let mut tx = db::begin_user(&api.pool, user.claims()).await?;
         crate::me::ensure_user(&mut tx).await?;
         let call = match calls::act(&mut tx, id, action).await {
@@ -332,10 +333,14 @@ pub async fn call_action(
             Ok(call) => call,
         };
         tx.commit().await?;
-        Ok(Json(call))
+        Ok(call)
     })
-    .await
-    .inspect(|_| api.kick(&platform))
+    .await?;
+    api.kick(&platform);
+    // An end the action found is committed above; the caller still learns
+    // that its action did not apply.
+    calls::outcome(action, &call).or_problem()?;
+    Ok(Json(call))
 }
 
 #[derive(Clone)]
@@ -409,6 +414,13 @@ pub async fn call_token(
     .await?;
     // Looking at the call may have charged a minute or ended it.
     s.api.kick(&platform);
+    if !matches!(grant.status, CallStatus::Accepted | CallStatus::Active) {
+        return Err(CallError::WrongState(format!(
+            "the call is {}",
+            grant.status
+        )))
+        .or_problem();
+    }
     let funded_until = grant
         .funded_until
         .ok_or_else(|| ApiError::Internal("an accepted call without funded time".into()))?;

@@ -531,7 +531,11 @@ async fn an_unanswered_call_rings_out_after_two_minutes() {
     act(&app, &c, &call, "accept")
         .await
         .assert_problem(StatusCode::CONFLICT, "call_rang_out");
-    assert_eq!(get(&app, &fan, &call).await["status"], "ringing");
+    // The late answer recorded the expiry (it is not left to the sweep).
+    assert_eq!(get(&app, &fan, &call).await["status"], "expired");
+    act(&app, &c, &call, "accept")
+        .await
+        .assert_problem(StatusCode::CONFLICT, "call_state_conflict");
     sweep(&app).await;
     assert_eq!(get(&app, &fan, &call).await["status"], "expired");
     assert_eq!(wallet(&app, fan.id).await, 100);
