@@ -44,6 +44,15 @@ fn binary(name: &str) -> &'static str {
         "v1_realtime_token" => env!("CARGO_BIN_EXE_v1_realtime_token"),
         "jobs_class_reminder" => env!("CARGO_BIN_EXE_jobs_class_reminder"),
         "cron_deliver_outbox" => env!("CARGO_BIN_EXE_cron_deliver_outbox"),
+        "v1_calls" => env!("CARGO_BIN_EXE_v1_calls"),
+        "v1_calls_id" => env!("CARGO_BIN_EXE_v1_calls_id"),
+        "v1_calls_action" => env!("CARGO_BIN_EXE_v1_calls_action"),
+        "v1_calls_token" => env!("CARGO_BIN_EXE_v1_calls_token"),
+        "v1_me_calls" => env!("CARGO_BIN_EXE_v1_me_calls"),
+        "v1_me_call_settings" => env!("CARGO_BIN_EXE_v1_me_call_settings"),
+        "v1_creators_call_settings" => env!("CARGO_BIN_EXE_v1_creators_call_settings"),
+        "cron_bill_calls" => env!("CARGO_BIN_EXE_cron_bill_calls"),
+        "jobs_call_tick" => env!("CARGO_BIN_EXE_jobs_call_tick"),
         other => panic!("unknown function binary {other}"),
     }
 }
@@ -165,7 +174,13 @@ pub async fn wait_for_port(port: u16) {
     panic!("nothing listens on port {port}");
 }
 
-/// The environment of a function that needs the database and auth.
+/// Agora's own test inputs (reference §1.2, as in the route tests): the
+/// call token function signs with them, the tests decode with them.
+pub const AGORA_APP_ID: &str = "970CA35de60c44645bbae8a215061b33";
+pub const AGORA_APP_CERTIFICATE: &str = "5CFd2fd1755d40ecb72977518be15d3b";
+
+/// The environment of a function that needs the database and auth (and
+/// Agora's test credentials, read only by the call token function).
 pub fn env_for(db: &TestDb) -> Vec<(&'static str, &'static str)> {
     // Leaked once per test: the values must outlive the spawned process's env.
     let url: &'static str = Box::leak(db.app_url().into_boxed_str());
@@ -174,6 +189,8 @@ pub fn env_for(db: &TestDb) -> Vec<(&'static str, &'static str)> {
         ("DATABASE_URL", url),
         ("SUPABASE_URL", TEST_ISSUER_BASE),
         ("SUPABASE_JWT_SECRET", TEST_JWT_SECRET),
+        ("AGORA_APP_ID", AGORA_APP_ID),
+        ("AGORA_APP_CERTIFICATE", AGORA_APP_CERTIFICATE),
     ]
 }
 

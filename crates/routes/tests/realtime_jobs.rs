@@ -127,6 +127,7 @@ fn schema_errors(schema: &Value, value: &Value, at: &str) -> Vec<String> {
         "maximum",
         "minLength",
         "maxLength",
+        "enum",
     ];
     for key in schema.as_object().expect("schema object").keys() {
         assert!(
@@ -144,6 +145,7 @@ fn schema_errors(schema: &Value, value: &Value, at: &str) -> Vec<String> {
             "object" => value.is_object(),
             "string" => value.is_string(),
             "integer" => value.is_i64() || value.is_u64(),
+            "boolean" => value.is_boolean(),
             "null" => value.is_null(),
             other => panic!("unsupported type {other} at {at}"),
         });
@@ -156,6 +158,12 @@ fn schema_errors(schema: &Value, value: &Value, at: &str) -> Vec<String> {
         && c != value
     {
         errors.push(format!("{at}: {value} is not {c}"));
+    }
+    if let Some(allowed) = schema.get("enum") {
+        let allowed = allowed.as_array().expect("enum is an array");
+        if !allowed.contains(value) {
+            errors.push(format!("{at}: {value} is not one of {allowed:?}"));
+        }
     }
     if let (Some(format), Some(s)) = (schema["format"].as_str(), value.as_str()) {
         let ok = match format {
@@ -231,6 +239,46 @@ fn the_schema_check_refuses_what_the_schemas_refuse() {
     data.as_object_mut().unwrap().remove("tip_id");
     let schema: Value = serde_json::from_str(stagepass_routes::openapi::REALTIME[0].2).unwrap();
     assert!(!schema_errors(&schema, &data, "data").is_empty());
+    // The call messages use `enum` and `boolean` too: both are checked.
+    let call_schema = |name: &str| -> Value {
+        let (_, _, file) = stagepass_routes::openapi::REALTIME
+            .iter()
+            .find(|(_, n, _)| *n == name)
+            .unwrap();
+        serde_json::from_str(file).unwrap()
+    };
+    let updated = json!({"call_id": Uuid::nil(), "status": "active", "fan_id": Uuid::nil(),
+        "creator_id": Uuid::nil(), "media": "video", "price_per_minute": 10, "sequence": 3,
+        "ring_until": "2026-11-30T04:00:00+00:00", "started_at": "2026-11-30T04:01:00.5+00:00",
+        "funded_until": null, "billed_minutes": 1, "ending_for_funds": false, "end_reason": null,
+        "seq": 7});
+    assert!(schema_errors(&call_schema("call.updated"), &updated, "data").is_empty());
+    for (field, bad) in [
+        ("status", json!("paused")),
+        ("media", json!("hologram")),
+        ("ending_for_funds", json!("false")),
+        ("end_reason", json!("bored")),
+        ("started_at", json!(5)),
+        ("sequence", json!(-1)),
+    ] {
+        let mut data = updated.clone();
+        data[field] = bad;
+        assert!(
+            !schema_errors(&call_schema("call.updated"), &data, "data").is_empty(),
+            "{field}"
+        );
+    }
+    let ending = json!({"call_id": Uuid::nil(), "ends_at": "2026-11-30T04:04:00+00:00",
+        "seconds_left": 30, "reason": "funds_exhausted", "seq": 9});
+    assert!(schema_errors(&call_schema("call.ending"), &ending, "data").is_empty());
+    for (field, bad) in [("seconds_left", json!(45)), ("reason", json!("hung_up"))] {
+        let mut data = ending.clone();
+        data[field] = bad;
+        assert!(
+            !schema_errors(&call_schema("call.ending"), &data, "data").is_empty(),
+            "{field}"
+        );
+    }
 }
 
 fn named<'a>(messages: &'a [Published], name: &str, channel: &str) -> Vec<&'a Published> {
@@ -1050,4 +1098,152 @@ async fn messages_of_concurrent_requests_all_go_out_after_their_responses() {
         .expect("balance messages");
     assert_eq!(last.data["balance"], 20);
     settled(&app).await;
+}
+
+/// A paid call told to both parties (issue 11): request → accept → both
+/// join → a fan with exactly 3 minutes of tokens runs out → the 60 s and
+/// 30 s warnings → the call ends with its funded time. Every `call.updated`
+/// and `call.ending` the code publishes matches its schema (checked by
+/// `published`), each party gets every revision of the call exactly under
+/// its message id, and both warnings.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_that_runs_out_of_funds_tells_both_parties_in_the_published_shapes() {
+    const PRICE: i64 = 10;
+    let fake = ably().await;
+    let app = app_with(&fake, None).await;
+    sqlx::query(
+        "update app.feature_flags set enabled = true, rollout_basis_points = 10000 \
+          where key = 'calls'",
+    )
+    .execute(&app.db.admin_pool)
+    .await
+    .expect("calls flag on");
+    let host = creator(&app).await;
+    let r = app
+        .put("/api/v1/me/call-settings")
+        .bearer(&host.token)
+        .json(&json!({"price_per_minute": PRICE, "audio_enabled": true, "video_enabled": true}))
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    let fan = fan_with(&app, 3 * PRICE).await;
+    let r = app
+        .post("/api/v1/calls")
+        .bearer(&fan.token)
+        .header("idempotency-key", "call-out-of-funds")
+        .json(&json!({"creator_id": host.id, "media": "audio"}))
+        .send()
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let call = r.json()["id"].as_str().expect("id").to_owned();
+    let act = |who: &User, action: &str| {
+        app.post(&format!("/api/v1/calls/{call}/{action}"))
+            .bearer(&who.token)
+            .send()
+    };
+    for (who, action) in [(&host, "accept"), (&host, "join"), (&fan, "join")] {
+        let r = act(who, action).await;
+        assert_eq!(r.status, StatusCode::OK, "{action}: {}", r.text());
+    }
+    // +60 s: minute 2 charged, minute 3 held with the fan's last tokens.
+    app.db.advance_clock(chrono::Duration::seconds(60)).await;
+    assert_eq!(act(&fan, "heartbeat").await.status, StatusCode::OK);
+    // +120 s: minute 3 charged, no minute 4: the 60 s warning.
+    app.db.advance_clock(chrono::Duration::seconds(60)).await;
+    let r = act(&host, "heartbeat").await;
+    assert_eq!(r.json()["ending_for_funds"], true, "{}", r.text());
+    // +150 s: the 30 s warning; +180 s: the end (the sweep does what the
+    // call-tick jobs would).
+    for _ in 0..2 {
+        app.db.advance_clock(chrono::Duration::seconds(30)).await;
+        let run = cron(&app, "/api/cron/bill-calls", Some(CRON_SECRET)).await;
+        assert_eq!(run.status, StatusCode::OK, "{}", run.text());
+    }
+    let (status, end_reason, sequence): (String, Option<String>, i32) =
+        sqlx::query_as("select status, end_reason, sequence from app.calls where id = $1::uuid")
+            .bind(&call)
+            .fetch_one(&app.db.admin_pool)
+            .await
+            .expect("call");
+    assert_eq!(
+        (status.as_str(), end_reason.as_deref()),
+        ("ended", Some("funds_exhausted"))
+    );
+    // Whatever the deliveries after the responses left (the job rows go to
+    // a QStash nobody runs here; realtime rows are independent of them).
+    let run = cron(&app, "/api/cron/deliver-outbox", Some(CRON_SECRET)).await;
+    assert_eq!(run.status, StatusCode::OK, "{}", run.text());
+
+    let parties = [fan.id, host.id];
+    let expected_ids = |party: Uuid| -> Vec<String> {
+        (0..=sequence)
+            .map(|s| format!("call:{call}:{s}:{party}"))
+            .collect()
+    };
+    let requests = fake
+        .wait_for(WAIT, |r| {
+            let m = published(r);
+            parties.iter().all(|p| {
+                let channel = format!("user:{p}");
+                let ids: std::collections::BTreeSet<&str> = named(&m, "call.updated", &channel)
+                    .iter()
+                    .map(|m| m.id.as_str())
+                    .collect();
+                expected_ids(*p).iter().all(|id| ids.contains(id.as_str()))
+                    && named(&m, "call.ending", &channel).len() >= 2
+            })
+        })
+        .await;
+    // `published` checked every message against its schema.
+    let messages = published(&requests);
+    for party in parties {
+        let channel = format!("user:{party}");
+        let updates = named(&messages, "call.updated", &channel);
+        let mut ids: Vec<String> = updates.iter().map(|m| m.id.clone()).collect();
+        ids.sort_by_key(|id| {
+            id.split(':')
+                .nth(2)
+                .and_then(|s| s.parse::<i32>().ok())
+                .unwrap_or(-1)
+        });
+        ids.dedup();
+        assert_eq!(ids, expected_ids(party), "every revision, to each party");
+        for m in &updates {
+            assert_eq!(m.data["call_id"], call.as_str());
+            assert_eq!(
+                m.id,
+                format!("call:{call}:{}:{party}", m.data["sequence"]),
+                "the id names the revision"
+            );
+        }
+        let statuses: Vec<&str> = updates
+            .iter()
+            .filter_map(|m| m.data["status"].as_str())
+            .collect();
+        for s in ["ringing", "accepted", "active", "ended"] {
+            assert!(statuses.contains(&s), "{channel}: no {s} in {statuses:?}");
+        }
+        let last = updates
+            .iter()
+            .max_by_key(|m| m.data["sequence"].as_i64())
+            .expect("updates");
+        assert_eq!(last.data["status"], "ended");
+        assert_eq!(last.data["end_reason"], "funds_exhausted");
+        assert_eq!(last.data["billed_minutes"], 3);
+        let mut warnings: Vec<i64> = named(&messages, "call.ending", &channel)
+            .iter()
+            .map(|m| {
+                assert_eq!(m.data["call_id"], call.as_str());
+                assert_eq!(
+                    m.id,
+                    format!("call.ending:{call}:{}:{party}", m.data["seconds_left"])
+                );
+                m.data["seconds_left"].as_i64().expect("seconds_left")
+            })
+            .collect();
+        warnings.sort_unstable();
+        warnings.dedup();
+        assert_eq!(warnings, [30, 60], "{channel}");
+    }
+    assert_ledger_clean(&app).await;
 }

@@ -5,7 +5,9 @@
 //! purchases and the Stripe events about them (delivered late, out of order,
 //! twice under one id, again under a new id), tips (invalid, refused,
 //! replayed, a key reused with another body, concurrent bursts racing for a
-//! fan's last tokens), and transactions whose process dies before they
+//! fan's last tokens), paid 1:1 calls (requested, answered, joined,
+//! heartbeating, hung up, swept by two billing crons at once, while the
+//! database clock moves), and transactions whose process dies before they
 //! commit. Everything goes through the real routers in process — auth,
 //! idempotency, the RLS transactions and the ledger's SQL — except the one
 //! call to Stripe, whose two short transactions around it are run here with
@@ -40,15 +42,18 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use chrono::{DateTime, Utc};
+
 use axum::http::StatusCode;
 use common::{CRON_SECRET, STRIPE_WEBHOOK_SECRET, TestApp, TestResponse, User};
 use serde_json::{Value, json};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use stagepass_integrations::stripe::webhook::{self, Event};
-use stagepass_ledger::TokenAmount;
 use stagepass_ledger::audit::AuditReport;
+use stagepass_ledger::calls::Action;
 use stagepass_ledger::packages::{PACKAGES, Package};
 use stagepass_ledger::purchases::{self, purchase_id};
+use stagepass_ledger::{CallId, TokenAmount};
 use stagepass_ledger::{MAX_TIP, MIN_TIP};
 use stagepass_platform::idempotency::{DEFAULT_TTL_HOURS, Idempotency, IdempotencyKey};
 use stagepass_routes::tips::TipRequest;
@@ -286,6 +291,34 @@ enum Op {
     Balance {
         user: usize,
     },
+    /// A fan asks a creator for a call (or replays their last request).
+    CallRequest {
+        fan: usize,
+        creator: usize,
+        replay: bool,
+    },
+    /// A party (or, rarely, someone else) acts on a call.
+    CallAct {
+        call: usize,
+        by: usize,
+        act: CallAct,
+    },
+    /// The database clock moves on.
+    Clock {
+        seconds: i64,
+    },
+    /// Two billing sweeps at once, and perhaps a heartbeat among them.
+    Sweeps {
+        heartbeat: Option<(usize, usize)>,
+    },
+    /// A call action's process dies mid-transaction; the client retries.
+    CrashCall {
+        call: usize,
+        by: usize,
+        act: CallAct,
+    },
+    /// A sweep's process dies mid-transaction; the next one runs.
+    CrashSweep,
 }
 
 // ------------------------------------------------------------------- model
@@ -767,7 +800,7 @@ fn now() -> i64 {
 // -------------------------------------------------------------- simulator
 
 /// How often each kind of operation is chosen.
-const MIX: [(OpKind, u64); 12] = [
+const MIX: [(OpKind, u64); 19] = [
     (OpKind::StartPurchase, 10),
     (OpKind::ForeignIntent, 1),
     (OpKind::Pay, 12),
@@ -780,6 +813,13 @@ const MIX: [(OpKind, u64); 12] = [
     (OpKind::CrashTip, 3),
     (OpKind::CrashWebhook, 2),
     (OpKind::Balance, 3),
+    (OpKind::CallRequest, 4),
+    (OpKind::CallAnswer, 3),
+    (OpKind::CallPresence, 10),
+    (OpKind::CallHangUp, 1),
+    (OpKind::Clock, 2),
+    (OpKind::Sweeps, 2),
+    (OpKind::CrashCall, 1),
 ];
 
 #[derive(Debug, Clone, Copy)]
@@ -796,6 +836,13 @@ enum OpKind {
     CrashTip,
     CrashWebhook,
     Balance,
+    CallRequest,
+    CallAnswer,
+    CallPresence,
+    CallHangUp,
+    Clock,
+    Sweeps,
+    CrashCall,
 }
 
 struct Sim {
@@ -817,6 +864,15 @@ struct Sim {
     /// debt account) per user.
     last_entry_id: i64,
     running: HashMap<Uuid, (i64, i64)>,
+    /// Every call as the database had it after the last step.
+    calls: Vec<CallRow>,
+    call_index: HashMap<Uuid, usize>,
+    /// Call requests that reached the effect (each leaves an idempotency
+    /// record), and the last one that rang: (fan, key, call).
+    call_records: i64,
+    last_request: Option<(usize, String, Uuid)>,
+    /// How far the database clock was moved (seconds).
+    clock_moved: i64,
 }
 
 macro_rules! ensure {
@@ -830,6 +886,29 @@ macro_rules! ensure {
 impl Sim {
     async fn new(seed: u64, verbose: bool) -> Sim {
         let app = TestApp::unlimited().await;
+        // Without this every call action spends 70–150 ms compiling a JIT
+        // plan in `app.advance_calls` (a fresh temporary table with no
+        // statistics, estimated at a million rows; reported, and pinned by
+        // an ignored test in tests/calls.rs), which would double the run.
+        // The connections the app opens from here on plan without JIT.
+        let db: String = sqlx::query_scalar("select current_database()")
+            .fetch_one(&app.db.admin_pool)
+            .await
+            .expect("database");
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "alter database \"{db}\" set jit = off"
+        )))
+        .execute(&app.db.admin_pool)
+        .await
+        .expect("jit off");
+        // The calls flag, on before the first request reads the flags.
+        sqlx::query(
+            "update app.feature_flags set enabled = true, rollout_basis_points = 10000 \
+              where key = 'calls'",
+        )
+        .execute(&app.db.admin_pool)
+        .await
+        .expect("calls flag on");
         let mut actors = Vec::new();
         let mut users = Vec::new();
         for i in 0..ACTORS {
@@ -860,6 +939,16 @@ impl Sim {
             });
             actors.push(user);
         }
+        // Paid calls: every creator takes them, each at its own price.
+        for (c, price) in CALL_PRICES.iter().enumerate() {
+            let r = app
+                .put("/api/v1/me/call-settings")
+                .bearer(&actors[FANS + c].token)
+                .json(&json!({"price_per_minute": price, "audio_enabled": true, "video_enabled": true}))
+                .send()
+                .await;
+            assert_eq!(r.status, StatusCode::OK, "call settings: {}", r.text());
+        }
         Sim {
             seed,
             step: 0,
@@ -879,6 +968,11 @@ impl Sim {
             stats: BTreeMap::new(),
             last_entry_id: 0,
             running: HashMap::new(),
+            calls: Vec::new(),
+            call_index: HashMap::new(),
+            call_records: 0,
+            last_request: None,
+            clock_moved: 0,
         }
     }
 
@@ -936,7 +1030,16 @@ impl Sim {
         }
     }
 
-    async fn finish(&self) {
+    async fn finish(&mut self) {
+        let calls = self.calls.clone();
+        for c in &calls {
+            let how = c.end_reason.as_deref().unwrap_or(c.status.as_str());
+            self.count(format!("calls {how}"));
+            *self
+                .stats
+                .entry("calls: minutes billed".into())
+                .or_default() += u64::try_from(c.billed_minutes).unwrap_or(0);
+        }
         for user in 0..ACTORS {
             self.check_balance_route(user).await;
         }
@@ -1014,6 +1117,46 @@ impl Sim {
             OpKind::Balance => Op::Balance {
                 user: self.rng.below(ACTORS),
             },
+            OpKind::CallRequest => self.propose_call_request(),
+            OpKind::CallAnswer => self.propose_call_act(&[
+                (CallAct::Accept, 70),
+                (CallAct::Decline, 15),
+                (CallAct::Cancel, 15),
+            ])?,
+            OpKind::CallPresence => self.propose_presence()?,
+            OpKind::CallHangUp => self.propose_call_act(&[(CallAct::HangUp, 1)])?,
+            OpKind::Clock => {
+                if self.clock_moved > MAX_CLOCK_SECONDS {
+                    return None;
+                }
+                Op::Clock {
+                    seconds: self.rng.pick(&[5, 15, 20, 30, 30, 45, 60, 61, 90, 125]),
+                }
+            }
+            OpKind::Sweeps => Op::Sweeps {
+                heartbeat: if self.rng.percent(50) {
+                    self.pick_call(true).map(|call| (call, self.party(call)))
+                } else {
+                    None
+                },
+            },
+            OpKind::CrashCall => {
+                if self.rng.percent(25) {
+                    Op::CrashSweep
+                } else {
+                    let act = self.rng.pick(&[
+                        CallAct::Accept,
+                        CallAct::Join,
+                        CallAct::Heartbeat,
+                        CallAct::HangUp,
+                        CallAct::Cancel,
+                    ]);
+                    match self.propose_call_act(&[(act, 1)])? {
+                        Op::CallAct { call, by, act } => Op::CrashCall { call, by, act },
+                        _ => unreachable!("a call action"),
+                    }
+                }
+            }
         })
     }
 
@@ -1266,6 +1409,33 @@ impl Sim {
                 self.check_balance_route(user).await;
                 Vec::new()
             }
+            Op::CallRequest {
+                fan,
+                creator,
+                replay,
+            } => self.call_request(fan, creator, replay).await,
+            Op::CallAct { call, by, act } => self.call_act(call, by, act).await,
+            Op::Clock { seconds } => {
+                self.app
+                    .db
+                    .advance_clock(chrono::Duration::seconds(seconds))
+                    .await;
+                self.clock_moved += seconds;
+                Vec::new()
+            }
+            Op::Sweeps { heartbeat } => self.sweeps(heartbeat).await,
+            Op::CrashCall { call, by, act } => {
+                self.die_mid_call(call, by, act).await;
+                self.count(format!("crash call {act:?}"));
+                self.check_invariants().await;
+                self.call_act(call, by, act).await
+            }
+            Op::CrashSweep => {
+                self.die_mid_sweep().await;
+                self.count("crash sweep");
+                self.check_invariants().await;
+                self.sweeps(None).await
+            }
         }
     }
 
@@ -1363,7 +1533,9 @@ impl Sim {
     async fn send(&self, call: &Call) -> TestResponse {
         match call {
             Call::Tip(tip) => self.send_tip(tip).await,
-            Call::Deliver { event } => send_event(&self.app, &self.world, *event).await,
+            Call::Deliver { event } => {
+                send_event(&self.app, &self.world, *event, self.clock_moved).await
+            }
         }
     }
 
@@ -1664,13 +1836,33 @@ impl Sim {
         self.check_purchases(&snapshot.purchases);
         self.check_counts(snapshot.counts);
         self.check_spend_history(&snapshot.entries);
+        ensure!(
+            self,
+            snapshot.call_problems.is_empty(),
+            "call invariants: {:#?}",
+            snapshot.call_problems
+        );
     }
 
     /// Every wallet and debt equals the model; Stripe clearing holds exactly
     /// what was issued and not taken back; no fee was taken (0 % default)
     /// and nothing is being paid out.
     fn check_accounts(&self, accounts: &[AccountRow]) {
-        let outstanding: i64 = self.model.users.iter().map(|u| u.wallet - u.debt).sum();
+        // Tokens issued and not taken back are in wallets (less debts) or
+        // held in the escrow of an open call.
+        let held: i64 = self
+            .calls
+            .iter()
+            .filter(|c| matches!(c.status.as_str(), "accepted" | "active"))
+            .map(|c| i64::from(c.funded_minutes - c.billed_minutes) * c.price_per_minute)
+            .sum();
+        let outstanding: i64 = self
+            .model
+            .users
+            .iter()
+            .map(|u| u.wallet - u.debt)
+            .sum::<i64>()
+            + held;
         let mut user_accounts = 0;
         for (owner, kind, balance) in accounts {
             let Some(owner) = owner else {
@@ -1759,6 +1951,7 @@ impl Sim {
             credits: i64::try_from(credits).expect("count"),
             events: i64::try_from(self.model.applied_events.len()).expect("count"),
             idempotency_records: i64::try_from(self.model.keys.len()).expect("count"),
+            call_records: self.call_records,
         };
         ensure!(
             self,
@@ -1848,11 +2041,13 @@ impl Sim {
             stale_balances == 0,
             "{stale_balances} wallets whose last balance.updated is not their balance"
         );
-        let rows: Vec<(Uuid, String, i16, Value)> =
-            sqlx::query_as("select user_id, key, status_code, response from app.idempotency_keys")
-                .fetch_all(&self.app.db.admin_pool)
-                .await
-                .expect("records");
+        let rows: Vec<(Uuid, String, i16, Value)> = sqlx::query_as(
+            "select user_id, key, status_code, response from app.idempotency_keys \
+                  where route = 'POST /api/v1/tips'",
+        )
+        .fetch_all(&self.app.db.admin_pool)
+        .await
+        .expect("records");
         ensure!(
             self,
             rows.len() == self.model.keys.len(),
@@ -1885,6 +2080,794 @@ impl Sim {
     }
 }
 
+// --------------------------------------------------------------- calls
+
+/// Each creator's price per minute.
+const CALL_PRICES: [i64; CREATORS] = [5, 12, 40];
+/// Minutes held on accept (`app.call_config`).
+const HOLD_MINUTES: i64 = 2;
+/// Silence after which an active call ends (`app.call_config`).
+const HEARTBEAT_TIMEOUT_SECONDS: i64 = 120;
+/// The database clock moves at most about this far in a run: the spending
+/// window (24 h) and the idempotency records (24 h) must not expire under
+/// the model.
+const MAX_CLOCK_SECONDS: i64 = 2 * 3_600;
+/// Closer than this to a deadline, either side of it may be what the
+/// request saw (its `app.now()` is a few milliseconds after ours).
+const NEAR_MS: i64 = 250;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CallAct {
+    Accept,
+    Decline,
+    Cancel,
+    Join,
+    Heartbeat,
+    HangUp,
+}
+
+impl CallAct {
+    fn segment(self) -> &'static str {
+        match self {
+            CallAct::Accept => "accept",
+            CallAct::Decline => "decline",
+            CallAct::Cancel => "cancel",
+            CallAct::Join => "join",
+            CallAct::Heartbeat => "heartbeat",
+            CallAct::HangUp => "hang-up",
+        }
+    }
+
+    fn action(self) -> Action {
+        match self {
+            CallAct::Accept => Action::Accept,
+            CallAct::Decline => Action::Decline,
+            CallAct::Cancel => Action::Cancel,
+            CallAct::Join => Action::Join,
+            CallAct::Heartbeat => Action::Heartbeat,
+            CallAct::HangUp => Action::HangUp,
+        }
+    }
+}
+
+/// A call as the database has it.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+struct CallRow {
+    id: Uuid,
+    fan_id: Uuid,
+    creator_id: Uuid,
+    price_per_minute: i64,
+    status: String,
+    funded_minutes: i32,
+    billed_minutes: i32,
+    refunded_tokens: Option<i64>,
+    ring_until: DateTime<Utc>,
+    join_until: Option<DateTime<Utc>>,
+    fan_joined: bool,
+    creator_joined: bool,
+    started_at: Option<DateTime<Utc>>,
+    last_seen: Option<DateTime<Utc>>,
+    funding_failed: bool,
+    funded_until: Option<DateTime<Utc>>,
+    end_reason: Option<String>,
+    sequence: i32,
+}
+
+const CALLS_SQL: &str = "\
+    select c.id, c.fan_id, c.creator_id, c.price_per_minute, c.status, c.funded_minutes, \
+           c.billed_minutes, c.refunded_tokens, c.ring_until, c.join_until, \
+           c.fan_joined_at is not null as fan_joined, c.creator_joined_at is not null as creator_joined, \
+           c.started_at, greatest(c.fan_seen_at, c.creator_seen_at) as last_seen, \
+           c.funding_failed_at is not null as funding_failed, app.call_funded_until(c) as funded_until, \
+           c.end_reason, c.sequence \
+      from app.calls c order by c.id";
+
+/// The call invariants over every call, one line per broken one: the
+/// escrow holds exactly the funded but unbilled minutes while the call is
+/// open and nothing after; the charges are exactly minutes 1..=billed, the
+/// holds exactly the funded minutes (`assert_calls_clean` in tests/calls.rs);
+/// an ended call refunded exactly its unbilled minutes; a call that never
+/// connected moved nothing; an open call is one minute ahead (or ends with
+/// its funded time); no minute is charged before it started.
+const CALL_INVARIANTS_SQL: &str = "\
+    with escrow as ( \
+      select c.id, a.balance, \
+             case when c.status in ('accepted', 'active') \
+                  then (c.funded_minutes - c.billed_minutes) * c.price_per_minute else 0 end as want \
+        from app.calls c join ledger.accounts a on a.kind = 'escrow' and a.reference = 'call:' || c.id), \
+    minutes as ( \
+      select c.id, c.billed_minutes, count(j.id) as n, \
+             coalesce(max(split_part(j.reference, ':', 2)::int), 0) as top \
+        from app.calls c left join ledger.journals j \
+          on j.kind = 'call_minute' and split_part(j.reference, ':', 1) = c.id::text \
+       group by c.id, c.billed_minutes), \
+    holds as ( \
+      select c.id, c.funded_minutes, c.price_per_minute, coalesce(sum(e.amount), 0)::bigint as held \
+        from app.calls c left join ledger.journals j \
+          on j.kind = 'call_hold' and split_part(j.reference, ':', 1) = c.id::text \
+        left join ledger.entries e on e.journal_id = j.id and e.amount > 0 \
+       group by c.id, c.funded_minutes, c.price_per_minute), \
+    refunds as ( \
+      select c.id, coalesce(sum(e.amount), 0)::bigint as refunded \
+        from app.calls c left join ledger.journals j on j.kind = 'call_refund' and j.reference = c.id::text \
+        left join ledger.entries e on e.journal_id = j.id and e.amount > 0 \
+       group by c.id) \
+    select format('call %s: escrow %s, want %s', id, balance, want) from escrow where balance <> want \
+    union all \
+    select format('call %s: %s minute charges up to minute %s, billed %s', id, n, top, billed_minutes) \
+      from minutes where n <> billed_minutes or top <> billed_minutes \
+    union all \
+    select format('call %s: holds %s, funded %s minutes at %s', id, held, funded_minutes, price_per_minute) \
+      from holds where held <> funded_minutes * price_per_minute \
+    union all \
+    select format('call %s (%s): refunded %s, refund journals %s, funded %s, billed %s', \
+                  c.id, c.status, c.refunded_tokens, r.refunded, c.funded_minutes, c.billed_minutes) \
+      from app.calls c join refunds r on r.id = c.id \
+     where r.refunded <> case when c.status = 'ended' then c.refunded_tokens else 0 end \
+        or (c.status = 'ended' and c.refunded_tokens <> (c.funded_minutes - c.billed_minutes) * c.price_per_minute) \
+    union all \
+    select format('call %s (%s): funded %s, billed %s, started %s, failed %s', c.id, c.status, \
+                  c.funded_minutes, c.billed_minutes, c.started_at, c.funding_failed_at) \
+      from app.calls c \
+     where (c.status in ('ringing', 'declined', 'cancelled', 'expired') \
+            and (c.funded_minutes <> 0 or c.billed_minutes <> 0)) \
+        or (c.status = 'accepted' and (c.funded_minutes <> 2 or c.billed_minutes <> 0)) \
+        or (c.status = 'active' and c.funded_minutes - c.billed_minutes not in (0, 1)) \
+        or (c.status = 'active' and c.funded_minutes = c.billed_minutes and c.funding_failed_at is null) \
+        or ((c.started_at is null) <> (c.billed_minutes = 0)) \
+        or (c.started_at is not null and c.billed_minutes > greatest(1, \
+              app.call_minutes_started(c.started_at, coalesce(c.ended_at, app.now()))))";
+
+/// What a call request or action may answer: the status, and the problem
+/// code or the call's status in the body; and the call's status and end
+/// reason in the database afterwards.
+#[derive(Debug, Clone, PartialEq)]
+struct CallExpect {
+    status: StatusCode,
+    code: Option<&'static str>,
+    after: &'static str,
+    reason: Option<&'static str>,
+}
+
+fn answer(status: StatusCode, code: Option<&'static str>, after: &'static str) -> CallExpect {
+    CallExpect {
+        status,
+        code,
+        after,
+        reason: None,
+    }
+}
+
+fn ended(status: StatusCode, code: Option<&'static str>, reason: &'static str) -> CallExpect {
+    CallExpect {
+        status,
+        code,
+        after: "ended",
+        reason: Some(reason),
+    }
+}
+
+/// Which side of a deadline `now` is: certainly before, certainly at or
+/// after, or too close to tell.
+fn passed(now: DateTime<Utc>, deadline: DateTime<Utc>) -> Option<bool> {
+    let ms = (now - deadline).num_milliseconds();
+    if ms.abs() < NEAR_MS {
+        None
+    } else {
+        Some(ms >= 0)
+    }
+}
+
+/// Both outcomes when it is too close to tell.
+fn either(
+    at: Option<bool>,
+    yes: impl Fn() -> Vec<CallExpect>,
+    no: impl Fn() -> Vec<CallExpect>,
+) -> Vec<CallExpect> {
+    match at {
+        Some(true) => yes(),
+        Some(false) => no(),
+        None => yes().into_iter().chain(no()).collect(),
+    }
+}
+
+/// The end an open call reaches by `now` on its own (what `app.advance_calls`
+/// ends: unanswered, not joined, silent, out of funds), each possibility.
+/// `None`: it stays open.
+fn due_end(c: &CallRow, now: DateTime<Utc>) -> Vec<Option<(&'static str, Option<&'static str>)>> {
+    match c.status.as_str() {
+        "ringing" => either(
+            passed(now, c.ring_until),
+            || vec![answer(StatusCode::OK, None, "expired")],
+            || vec![answer(StatusCode::OK, None, "ringing")],
+        )
+        .into_iter()
+        .map(|e| (e.after == "expired").then_some(("expired", None)))
+        .collect(),
+        "accepted" => {
+            let join_until = c.join_until.expect("an accepted call has a join deadline");
+            match passed(now, join_until) {
+                Some(true) => vec![Some(("ended", Some("not_joined")))],
+                Some(false) => vec![None],
+                None => vec![Some(("ended", Some("not_joined"))), None],
+            }
+        }
+        "active" => {
+            let last = c.last_seen.expect("an active call was seen");
+            let silent = passed(
+                now,
+                last + chrono::Duration::seconds(HEARTBEAT_TIMEOUT_SECONDS),
+            );
+            let broke = if c.funding_failed {
+                passed(now, c.funded_until.expect("an active call is funded until"))
+            } else {
+                Some(false)
+            };
+            let mut ends = Vec::new();
+            if silent != Some(false) {
+                ends.push(Some(("ended", Some("heartbeat_timeout"))));
+            }
+            if silent != Some(true) {
+                if broke != Some(false) {
+                    ends.push(Some(("ended", Some("funds_exhausted"))));
+                }
+                if broke != Some(true) {
+                    ends.push(None);
+                }
+            }
+            ends
+        }
+        _ => vec![None],
+    }
+}
+
+impl Sim {
+    /// The actor of a user id.
+    fn actor(&self, id: Uuid) -> usize {
+        *self
+            .index
+            .get(&id)
+            .unwrap_or_else(|| self.fail(format_args!("a call of an unknown user {id}")))
+    }
+
+    /// A call: mostly an open one (`open_only`: only those).
+    fn pick_call(&mut self, open_only: bool) -> Option<usize> {
+        let open: Vec<usize> = (0..self.calls.len())
+            .filter(|&i| {
+                matches!(
+                    self.calls[i].status.as_str(),
+                    "ringing" | "accepted" | "active"
+                )
+            })
+            .collect();
+        if !open.is_empty() && (open_only || self.rng.percent(85)) {
+            Some(self.rng.pick(&open))
+        } else if open_only || self.calls.is_empty() {
+            None
+        } else {
+            Some(self.rng.below(self.calls.len()))
+        }
+    }
+
+    /// A party of the call, fan or creator.
+    fn party(&mut self, call: usize) -> usize {
+        let c = &self.calls[call];
+        let (fan, creator) = (c.fan_id, c.creator_id);
+        let who = if self.rng.percent(50) { fan } else { creator };
+        self.actor(who)
+    }
+
+    fn propose_call_request(&mut self) -> Op {
+        if let Some((fan, _, _)) = self.last_request.clone()
+            && self.rng.percent(10)
+        {
+            return Op::CallRequest {
+                fan,
+                creator: 0,
+                replay: true,
+            };
+        }
+        let fan = if self.rng.percent(95) {
+            self.rng.below(FANS)
+        } else {
+            FANS + self.rng.below(CREATORS)
+        };
+        Op::CallRequest {
+            fan,
+            creator: FANS + self.rng.below(CREATORS),
+            replay: false,
+        }
+    }
+
+    /// Mostly what a client in a call does next: join an accepted call it
+    /// has not joined, heartbeat an active one; sometimes anything.
+    fn propose_presence(&mut self) -> Option<Op> {
+        let live: Vec<usize> = (0..self.calls.len())
+            .filter(|&i| matches!(self.calls[i].status.as_str(), "accepted" | "active"))
+            .collect();
+        if live.is_empty() || self.rng.percent(15) {
+            return self.propose_call_act(&[(CallAct::Join, 45), (CallAct::Heartbeat, 55)]);
+        }
+        let call = self.rng.pick(&live);
+        let by = self.party(call);
+        let c = &self.calls[call];
+        let joined = if self.actors[by].id == c.fan_id {
+            c.fan_joined
+        } else {
+            c.creator_joined
+        };
+        let act = if joined {
+            CallAct::Heartbeat
+        } else {
+            CallAct::Join
+        };
+        Some(Op::CallAct { call, by, act })
+    }
+
+    /// An action of `acts` (weighted) on a call, mostly by the party it is
+    /// for, sometimes by the other party or a stranger.
+    fn propose_call_act(&mut self, acts: &[(CallAct, u64)]) -> Option<Op> {
+        let call = self.pick_call(false)?;
+        let weights: Vec<u64> = acts.iter().map(|(_, w)| *w).collect();
+        let act = acts[self.rng.weighted(&weights)].0;
+        let c = &self.calls[call];
+        let (fan, creator) = (self.actor(c.fan_id), self.actor(c.creator_id));
+        let by = match self.rng.weighted(&[85, 12, 3]) {
+            0 => match act {
+                CallAct::Accept | CallAct::Decline => creator,
+                CallAct::Cancel => fan,
+                _ => self.party(call),
+            },
+            1 => match act {
+                CallAct::Accept | CallAct::Decline => fan,
+                CallAct::Cancel => creator,
+                _ => self.party(call),
+            },
+            _ => (0..ACTORS)
+                .find(|&u| u != fan && u != creator)
+                .expect("a stranger"),
+        };
+        Some(Op::CallAct { call, by, act })
+    }
+
+    /// The database's `app.now()`.
+    async fn db_now(&self) -> DateTime<Utc> {
+        sqlx::query_scalar("select app.now()")
+            .fetch_one(&self.app.db.admin_pool)
+            .await
+            .expect("app.now()")
+    }
+
+    /// Reads every call and takes the money they moved since the last look
+    /// into the model: a hold out of the fan's wallet (and into their
+    /// spending), a charged minute into the creator's wallet (no fee), the
+    /// refund at the end back to the fan (debt first). Checks that nothing
+    /// of a call goes backwards and a closed call never changes. Returns
+    /// the users it touched.
+    async fn sync_calls(&mut self) -> Vec<usize> {
+        let rows: Vec<CallRow> = sqlx::query_as(CALLS_SQL)
+            .fetch_all(&self.app.db.admin_pool)
+            .await
+            .expect("calls");
+        ensure!(
+            self,
+            rows.len() >= self.calls.len(),
+            "{} calls, had {}",
+            rows.len(),
+            self.calls.len()
+        );
+        let mut touched = Vec::new();
+        for row in rows {
+            let (fan, creator) = (self.actor(row.fan_id), self.actor(row.creator_id));
+            let before = self.call_index.get(&row.id).map(|&i| self.calls[i].clone());
+            let (funded, billed, status) = before.as_ref().map_or((0, 0, "new"), |b| {
+                (b.funded_minutes, b.billed_minutes, b.status.as_str())
+            });
+            if before.as_ref() == Some(&row) {
+                continue;
+            }
+            let closed = matches!(status, "ended" | "declined" | "cancelled" | "expired");
+            ensure!(
+                self,
+                !closed && row.funded_minutes >= funded && row.billed_minutes >= billed,
+                "call {} went from {before:?} to {row:?}",
+                row.id
+            );
+            let price = row.price_per_minute;
+            let held = i64::from(row.funded_minutes - funded) * price;
+            let charged = i64::from(row.billed_minutes - billed) * price;
+            let f = &mut self.model.users[fan];
+            f.wallet -= held;
+            f.spent_today += held;
+            self.model.users[creator].wallet += charged;
+            if row.status == "ended" {
+                let refund = row.refunded_tokens.unwrap_or(-1);
+                ensure!(
+                    self,
+                    refund == i64::from(row.funded_minutes - row.billed_minutes) * price,
+                    "ended call {} refunded {refund}: {row:?}",
+                    row.id
+                );
+                let f = &mut self.model.users[fan];
+                let repay = f.debt.min(refund);
+                f.debt -= repay;
+                f.wallet += refund - repay;
+            }
+            touched.extend([fan, creator]);
+            match self.call_index.get(&row.id) {
+                Some(&i) => self.calls[i] = row,
+                None => {
+                    self.call_index.insert(row.id, self.calls.len());
+                    self.calls.push(row);
+                }
+            }
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        touched
+    }
+
+    /// `POST /api/v1/calls`: `app.request_call`'s refusals in its order
+    /// (own call, not taking calls, an open call, then
+    /// `ledger.lock_for_spend` of the first minutes: debt, funds, limit).
+    fn predict_request(&self, fan: usize, creator: usize) -> CallExpect {
+        let unprocessable = |code| answer(StatusCode::UNPROCESSABLE_ENTITY, Some(code), "");
+        if fan == creator {
+            return unprocessable("own_call");
+        }
+        let open = self.calls.iter().any(|c| {
+            c.fan_id == self.actors[fan].id
+                && matches!(c.status.as_str(), "ringing" | "accepted" | "active")
+        });
+        if open {
+            return answer(StatusCode::CONFLICT, Some("call_already_open"), "");
+        }
+        let first = CALL_PRICES[creator - FANS] * HOLD_MINUTES;
+        let u = &self.model.users[fan];
+        if u.debt > 0 {
+            unprocessable("account_in_debt")
+        } else if u.wallet < first {
+            unprocessable("insufficient_funds")
+        } else if u.spent_today + first > u.daily_limit {
+            unprocessable("daily_limit_exceeded")
+        } else {
+            answer(StatusCode::CREATED, None, "ringing")
+        }
+    }
+
+    async fn call_request(&mut self, fan: usize, creator: usize, replay: bool) -> Vec<usize> {
+        if replay {
+            let (fan, key, id) = self.last_request.clone().expect("a request to replay");
+            let creator_id = self.calls[self.call_index[&id]].creator_id;
+            let r = self.send_request(fan, creator_id, &key).await;
+            ensure!(
+                self,
+                r.status == StatusCode::CREATED
+                    && r.header("idempotency-replayed") == Some("true")
+                    && r.json()["id"] == json!(id),
+                "a replayed call request: {} {}",
+                r.status,
+                r.text()
+            );
+            self.count("call request replay");
+            let touched = self.sync_calls().await;
+            ensure!(self, touched.is_empty(), "a replay changed a call");
+            return touched;
+        }
+        let expect = self.predict_request(fan, creator);
+        let key = self.name("call-");
+        let r = self.send_request(fan, self.actors[creator].id, &key).await;
+        self.check_call_answer(&format!("request {fan} → {creator}"), &[expect.clone()], &r);
+        self.call_records += 1;
+        self.count(format!("call request {}", expect.code.unwrap_or("201")));
+        if r.status == StatusCode::CREATED {
+            let id = r.json()["id"]
+                .as_str()
+                .and_then(|s| Uuid::parse_str(s).ok())
+                .unwrap_or_else(|| self.fail(format_args!("a call without an id: {}", r.text())));
+            self.last_request = Some((fan, key, id));
+            ensure!(
+                self,
+                r.json()["price_per_minute"] == CALL_PRICES[creator - FANS],
+                "the creator's price: {}",
+                r.text()
+            );
+        }
+        let mut touched = self.sync_calls().await;
+        touched.push(fan);
+        touched
+    }
+
+    async fn send_request(&self, fan: usize, creator: Uuid, key: &str) -> TestResponse {
+        self.app
+            .post("/api/v1/calls")
+            .bearer(&self.actors[fan].token)
+            .header("idempotency-key", key)
+            .json(&json!({"creator_id": creator, "media": "video"}))
+            .send()
+            .await
+    }
+
+    /// What `act` by `by` may answer now, and leave behind.
+    fn predict_act(
+        &self,
+        c: &CallRow,
+        by: usize,
+        act: CallAct,
+        now: DateTime<Utc>,
+    ) -> Vec<CallExpect> {
+        use StatusCode as S;
+        let (fan, creator) = (self.actor(c.fan_id), self.actor(c.creator_id));
+        let status: &'static str = match c.status.as_str() {
+            "ringing" => "ringing",
+            "accepted" => "accepted",
+            "active" => "active",
+            "ended" => "ended",
+            "declined" => "declined",
+            "cancelled" => "cancelled",
+            "expired" => "expired",
+            other => self.fail(format_args!("unknown call status {other}")),
+        };
+        let same = |code| vec![answer(S::CONFLICT, Some(code), status)];
+        if by != fan && by != creator {
+            return vec![answer(S::NOT_FOUND, Some("not_found"), status)];
+        }
+        match act {
+            CallAct::Accept | CallAct::Decline => {
+                if by != creator {
+                    return vec![answer(S::FORBIDDEN, Some("wrong_call_party"), status)];
+                }
+                let accept = act == CallAct::Accept;
+                if (accept && matches!(status, "accepted" | "active"))
+                    || (!accept && status == "declined")
+                {
+                    return vec![answer(S::OK, None, status)];
+                }
+                if status != "ringing" {
+                    return same("call_state_conflict");
+                }
+                either(
+                    passed(now, c.ring_until),
+                    || same("call_rang_out"),
+                    || {
+                        if !accept {
+                            return vec![answer(S::OK, None, "declined")];
+                        }
+                        let busy = self.calls.iter().any(|o| {
+                            o.creator_id == c.creator_id
+                                && matches!(o.status.as_str(), "accepted" | "active")
+                        });
+                        let first = c.price_per_minute * HOLD_MINUTES;
+                        let u = &self.model.users[fan];
+                        let refused =
+                            |code| vec![answer(S::UNPROCESSABLE_ENTITY, Some(code), "ringing")];
+                        if busy {
+                            same("creator_busy")
+                        } else if u.debt > 0 {
+                            refused("account_in_debt")
+                        } else if u.wallet < first {
+                            refused("insufficient_funds")
+                        } else if u.spent_today + first > u.daily_limit {
+                            refused("daily_limit_exceeded")
+                        } else {
+                            vec![answer(S::OK, None, "accepted")]
+                        }
+                    },
+                )
+            }
+            CallAct::Cancel => {
+                if by != fan {
+                    vec![answer(S::FORBIDDEN, Some("wrong_call_party"), status)]
+                } else if matches!(status, "ringing" | "cancelled") {
+                    vec![answer(S::OK, None, "cancelled")]
+                } else {
+                    same("call_state_conflict")
+                }
+            }
+            CallAct::Join | CallAct::Heartbeat | CallAct::HangUp => {
+                let mut out = Vec::new();
+                // A refusal rolls back what looking at the call ended on the
+                // way (the sweep ends it for good).
+                for end in due_end(c, now) {
+                    out.push(match (end, act) {
+                        (Some(("expired", _)), _) => {
+                            answer(S::CONFLICT, Some("call_state_conflict"), status)
+                        }
+                        (Some((_, reason)), CallAct::HangUp) => {
+                            ended(S::OK, None, reason.expect("a reason"))
+                        }
+                        (Some(_), _) => answer(S::CONFLICT, Some("call_state_conflict"), status),
+                        (None, _) if status == "ended" && act == CallAct::HangUp => {
+                            answer(S::OK, None, "ended")
+                        }
+                        (None, _) if !matches!(status, "accepted" | "active") => {
+                            answer(S::CONFLICT, Some("call_state_conflict"), status)
+                        }
+                        (None, CallAct::HangUp) => ended(S::OK, None, "hung_up"),
+                        (None, CallAct::Join) => {
+                            let other_joined = if by == fan {
+                                c.creator_joined
+                            } else {
+                                c.fan_joined
+                            };
+                            let after = if status == "active" || other_joined {
+                                "active"
+                            } else {
+                                "accepted"
+                            };
+                            answer(S::OK, None, after)
+                        }
+                        (None, _) => answer(S::OK, None, status),
+                    });
+                }
+                out
+            }
+        }
+    }
+
+    /// The answer is one of `expects` (status and problem code, or the
+    /// call's status in the body).
+    fn check_call_answer(&self, what: &str, expects: &[CallExpect], r: &TestResponse) {
+        let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        let ok = expects.iter().any(|e| {
+            r.status == e.status
+                && match e.code {
+                    Some(code) => body["code"] == code,
+                    None => e.after.is_empty() || body["status"] == e.after,
+                }
+                && e.reason
+                    .is_none_or(|reason| e.code.is_some() || body["end_reason"] == reason)
+        });
+        ensure!(
+            self,
+            ok,
+            "{what}: expected one of {expects:?}, got {} {}",
+            r.status,
+            r.text()
+        );
+    }
+
+    /// The call is now as one of the answers that fit said it would be.
+    fn check_call_after(&self, what: &str, call: usize, expects: &[CallExpect], r: &TestResponse) {
+        let c = &self.calls[call];
+        let fits = expects.iter().any(|e| {
+            r.status == e.status
+                && c.status == e.after
+                && e.reason
+                    .is_none_or(|reason| c.end_reason.as_deref() == Some(reason))
+        });
+        ensure!(
+            self,
+            fits,
+            "{what}: the call is {} ({:?}) after {}; expected one of {expects:?}",
+            c.status,
+            c.end_reason,
+            r.status
+        );
+    }
+
+    async fn send_act(&self, call: Uuid, by: usize, act: CallAct) -> TestResponse {
+        self.app
+            .post(&format!("/api/v1/calls/{call}/{}", act.segment()))
+            .bearer(&self.actors[by].token)
+            .send()
+            .await
+    }
+
+    async fn call_act(&mut self, call: usize, by: usize, act: CallAct) -> Vec<usize> {
+        let now = self.db_now().await;
+        let c = self.calls[call].clone();
+        let expects = self.predict_act(&c, by, act, now);
+        let r = self.send_act(c.id, by, act).await;
+        let what = format!("{act:?} by {by} of call {} ({})", c.id, c.status);
+        self.check_call_answer(&what, &expects, &r);
+        let touched = self.sync_calls().await;
+        self.check_call_after(&what, call, &expects, &r);
+        let body: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
+        let label = body["code"]
+            .as_str()
+            .map_or_else(|| format!("{}", r.status.as_u16()), str::to_owned);
+        self.count(format!("call {act:?} {label}"));
+        touched
+    }
+
+    /// Two sweeps at once (and perhaps a heartbeat among them): each call
+    /// ends as its deadlines say, and no minute is charged by them (every
+    /// sign of life already charged what it could).
+    async fn sweeps(&mut self, heartbeat: Option<(usize, usize)>) -> Vec<usize> {
+        let now = self.db_now().await;
+        let before = self.calls.clone();
+        let sweep = || {
+            self.app
+                .get("/api/cron/bill-calls")
+                .bearer(CRON_SECRET)
+                .send()
+        };
+        let beat = async {
+            match heartbeat {
+                Some((call, by)) => Some(
+                    self.send_act(self.calls[call].id, by, CallAct::Heartbeat)
+                        .await,
+                ),
+                None => None,
+            }
+        };
+        let (a, b, beat) = tokio::join!(sweep(), sweep(), beat);
+        for r in [&a, &b] {
+            ensure!(
+                self,
+                r.status == StatusCode::OK && r.json()["charged_minutes"].as_i64() == Some(0),
+                "a sweep: {} {}",
+                r.status,
+                r.text()
+            );
+        }
+        if let (Some((call, by)), Some(r)) = (heartbeat, &beat) {
+            let expects = self.predict_act(&before[call], by, CallAct::Heartbeat, now);
+            self.check_call_answer("a heartbeat among sweeps", &expects, r);
+        }
+        let touched = self.sync_calls().await;
+        for (i, c) in before.iter().enumerate() {
+            let after = &self.calls[i];
+            // The sweeps skip a call the heartbeat holds, whose refusal rolls
+            // back what it ended on the way.
+            let beaten = heartbeat.is_some_and(|(call, _)| call == i) && after.status == c.status;
+            let fits = beaten
+                || due_end(c, now).iter().any(|end| match end {
+                    Some((status, reason)) => {
+                        after.status == *status && after.end_reason.as_deref() == *reason
+                    }
+                    None => after.status == c.status,
+                });
+            ensure!(
+                self,
+                fits,
+                "swept call {}: {} → {} ({:?}); due {:?}",
+                c.id,
+                c.status,
+                after.status,
+                after.end_reason,
+                due_end(c, now)
+            );
+        }
+        self.count(if heartbeat.is_some() {
+            "sweeps + heartbeat"
+        } else {
+            "sweeps"
+        });
+        touched
+    }
+
+    /// A call action's transaction, with the same library call the route
+    /// makes, dies before it commits.
+    async fn die_mid_call(&mut self, call: usize, by: usize, act: CallAct) {
+        let (mut conn, pid) = self.doomed_connection().await;
+        set_user_claims(&mut conn, self.actors[by].id).await;
+        let _ =
+            stagepass_ledger::calls::act(&mut conn, CallId::new(self.calls[call].id), act.action())
+                .await;
+        self.kill(conn, pid).await;
+        let touched = self.sync_calls().await;
+        ensure!(self, touched.is_empty(), "a dead {act:?} changed a call");
+    }
+
+    /// A sweep's transaction (the service role, `app.sweep_calls`) dies
+    /// before it commits.
+    async fn die_mid_sweep(&mut self) {
+        let (mut conn, pid) = self.doomed_connection().await;
+        sqlx::query("select set_config('role', 'stagepass_service', true)")
+            .execute(&mut conn)
+            .await
+            .expect("service role");
+        let _ = sqlx::query("select * from app.sweep_calls(5000, null)")
+            .execute(&mut conn)
+            .await;
+        self.kill(conn, pid).await;
+        let touched = self.sync_calls().await;
+        ensure!(self, touched.is_empty(), "a dead sweep changed a call");
+    }
+}
+
 // ---------------------------------------------------------- snapshots
 
 /// An account without a reference: (owner, kind, balance).
@@ -1913,6 +2896,7 @@ struct Counts {
     credits: i64,
     events: i64,
     idempotency_records: i64,
+    call_records: i64,
 }
 
 /// What the invariant checks read, as the superuser. The queries run in
@@ -1923,6 +2907,8 @@ struct Snapshot {
     purchases: Vec<PurchaseRow>,
     counts: Counts,
     entries: Vec<EntryRow>,
+    /// Broken call invariants, one line each.
+    call_problems: Vec<String>,
 }
 
 const PURCHASES_SQL: &str = "\
@@ -1946,7 +2932,10 @@ const COUNTS_SQL: &str = "\
     select (select count(*) from ledger.journals where kind = 'tip') as tips, \
            (select count(*) from ledger.journals where kind = 'purchase') as credits, \
            (select count(*) from app.stripe_events) as events, \
-           (select count(*) from app.idempotency_keys) as idempotency_records";
+           (select count(*) from app.idempotency_keys where route = 'POST /api/v1/tips') \
+             as idempotency_records, \
+           (select count(*) from app.idempotency_keys where route = 'POST /api/v1/calls') \
+             as call_records";
 
 const OUTBOX_SQL: &str = "\
     select \
@@ -1985,22 +2974,25 @@ impl Snapshot {
         let entries = sqlx::query_as(ENTRIES_SQL)
             .bind(after_entry)
             .fetch_all(pool);
-        let (audit, accounts, purchases, counts, entries) =
-            tokio::join!(audit, accounts, purchases, counts, entries);
+        let call_problems = sqlx::query_scalar(CALL_INVARIANTS_SQL).fetch_all(pool);
+        let (audit, accounts, purchases, counts, entries, call_problems) =
+            tokio::join!(audit, accounts, purchases, counts, entries, call_problems);
         Snapshot {
             audit,
             accounts: accounts.expect("accounts"),
             purchases: purchases.expect("purchases"),
             counts: counts.expect("counts"),
             entries: entries.expect("entries"),
+            call_problems: call_problems.expect("call invariants"),
         }
     }
 }
 
-/// Delivers an event signed as Stripe signs it.
-async fn send_event(app: &TestApp, world: &World, event: usize) -> TestResponse {
+/// Delivers an event signed as Stripe signs it, `clock_moved` seconds after
+/// the wall clock (the app's clock, which checks the signature's age).
+async fn send_event(app: &TestApp, world: &World, event: usize, clock_moved: i64) -> TestResponse {
     let body = world.event_body(event);
-    let signature = webhook::sign(&body, STRIPE_WEBHOOK_SECRET, now()).expect("sign");
+    let signature = webhook::sign(&body, STRIPE_WEBHOOK_SECRET, now() + clock_moved).expect("sign");
     app.post("/api/webhooks/stripe")
         .header("stripe-signature", &signature)
         .raw_body("application/json", body)
@@ -2095,7 +3087,7 @@ impl Scenario {
 
     /// Delivers an event; returns its outcome.
     async fn deliver(&self, event: usize) -> String {
-        let r = send_event(&self.app, &self.world, event).await;
+        let r = send_event(&self.app, &self.world, event, 0).await;
         assert_eq!(r.status, StatusCode::OK, "{}", r.text());
         r.json()["outcome"].as_str().expect("outcome").to_owned()
     }
@@ -2227,8 +3219,8 @@ async fn a_credit_and_a_claw_back_of_one_user_arriving_together_both_apply() {
             .world
             .happen(unpaid, Change::Succeeded, format!("evt_paid_{n}"));
         let (r, p) = tokio::join!(
-            send_event(&s.app, &s.world, refund),
-            send_event(&s.app, &s.world, success)
+            send_event(&s.app, &s.world, refund, 0),
+            send_event(&s.app, &s.world, success, 0)
         );
         assert_eq!(r.status, StatusCode::OK, "refund {n}: {}", r.text());
         assert_eq!(p.status, StatusCode::OK, "credit {n}: {}", p.text());

@@ -44,7 +44,7 @@ const RAW_BODY: [&str; 4] = [
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
 /// The realtime messages: component name, message name, schema file.
-pub const REALTIME: [(&str, &str, &str); 5] = [
+pub const REALTIME: [(&str, &str, &str); 7] = [
     (
         "RealtimeTipReceived",
         "tip.received",
@@ -69,6 +69,16 @@ pub const REALTIME: [(&str, &str, &str); 5] = [
         "RealtimeClassReminder",
         "class.reminder",
         include_str!("../../../../docs/realtime/class.reminder.schema.json"),
+    ),
+    (
+        "RealtimeCallUpdated",
+        "call.updated",
+        include_str!("../../../../docs/realtime/call.updated.schema.json"),
+    ),
+    (
+        "RealtimeCallEnding",
+        "call.ending",
+        include_str!("../../../../docs/realtime/call.ending.schema.json"),
     ),
 ];
 
