@@ -946,49 +946,6 @@ async fn a_party_who_drops_out_ends_the_call_at_the_leave_unless_they_rejoin() {
     assert_eq!(
         notify(&app, &other, secret).await.json()["outcome"],
         "ignored"
-/// Server-side milliseconds of `app.advance_calls` on `call` (nothing due),
-/// best of five, with `jit` as given; rolled back.
-async fn advance_ms(app: &TestApp, call: &str, jit: &str) -> f64 {
-    let mut best = f64::MAX;
-    for _ in 0..5 {
-        let mut tx = app.db.admin_pool.begin().await.unwrap();
-        sqlx::query("select set_config('jit', $1, true)")
-            .bind(jit)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        let started = std::time::Instant::now();
-        sqlx::query("select app.advance_calls(array[$1::uuid])")
-            .bind(call)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        best = best.min(started.elapsed().as_secs_f64() * 1000.0);
-        tx.rollback().await.unwrap();
-    }
-    best
-}
-
-/// Every heartbeat, join, hang-up, token and sweep runs `app.advance_calls`
-/// (a presence twice). Its statements over `pg_temp.call_due` (a temporary
-/// table created afresh in each transaction, so with no statistics: 1,070
-/// rows estimated, times 1,000 for `generate_series`) are planned at a cost
-/// of ~586,000, above `jit_above_cost` (100,000): with JIT on (Postgres's
-/// default) each call of the function compiles a JIT plan, 70–150 ms here
-/// (inlining ~75 ms, optimisation ~40 ms, emission ~35 ms) for a statement
-/// that touches no row. The simulation turns JIT off for its database to
-/// keep its run time.
-#[tokio::test(flavor = "multi_thread")]
-async fn looking_at_a_call_costs_no_jit_compilation() {
-    let app = calls_app().await;
-    let c = calling_creator(&app, 10).await;
-    let fan = fan_with(&app, 1000).await;
-    let call = connected(&app, &fan, &c).await;
-    let without = advance_ms(&app, &call, "off").await;
-    let with = advance_ms(&app, &call, "on").await;
-    assert!(
-        with < without + 20.0,
-        "advancing a call with nothing due: {with:.1} ms with JIT, {without:.1} ms without"
     );
     assert_calls_clean(&app).await;
 }
@@ -1096,6 +1053,55 @@ async fn a_sweep_killed_at_any_point_changes_nothing_and_the_next_one_bills_exac
             .unwrap();
     }
     assert!(killed >= 2, "only {killed} of 5 sweeps were killed mid-way");
+}
+
+/// Server-side milliseconds of `app.advance_calls` on `call` (nothing due),
+/// best of five, with `jit` as given; rolled back.
+async fn advance_ms(app: &TestApp, call: &str, jit: &str) -> f64 {
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let mut tx = app.db.admin_pool.begin().await.unwrap();
+        sqlx::query("select set_config('jit', $1, true)")
+            .bind(jit)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        sqlx::query("select app.advance_calls(array[$1::uuid])")
+            .bind(call)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        best = best.min(started.elapsed().as_secs_f64() * 1000.0);
+        tx.rollback().await.unwrap();
+    }
+    best
+}
+
+/// Every heartbeat, join, hang-up, token and sweep runs `app.advance_calls`
+/// (a presence twice). Its statements over `pg_temp.call_due` (a temporary
+/// table created afresh in each transaction, so with no statistics: 1,070
+/// rows estimated, times 1,000 for `generate_series`) are planned at a cost
+/// of ~586,000, above `jit_above_cost` (100,000): with JIT on (Postgres's
+/// default) each call of the function compiles a JIT plan, 70–150 ms here
+/// (inlining ~75 ms, optimisation ~40 ms, emission ~35 ms) for a statement
+/// that touches no row. The simulation turns JIT off for its database to
+/// keep its run time.
+#[tokio::test(flavor = "multi_thread")]
+async fn looking_at_a_call_costs_no_jit_compilation() {
+    let app = calls_app().await;
+    let c = calling_creator(&app, 10).await;
+    let fan = fan_with(&app, 1000).await;
+    let call = connected(&app, &fan, &c).await;
+    let without = advance_ms(&app, &call, "off").await;
+    let with = advance_ms(&app, &call, "on").await;
+    assert!(
+        with < without + 20.0,
+        "advancing a call with nothing due: {with:.1} ms with JIT, {without:.1} ms without"
+    );
+    assert_calls_clean(&app).await;
+}
+
 /// `app.call_presence` (and `app.call_join_grant`) first end what is over
 /// ("a late heartbeat never revives a call that timed out"), then raise
 /// SP076 for the ended call — and the raise rolls the end back with the
