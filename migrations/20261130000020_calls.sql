@@ -440,12 +440,8 @@ begin
      or p_media not in ('audio', 'video') then
     raise exception 'this creator does not take % calls', p_media using errcode = 'SP072';
   end if;
-  -- The fan's open call, if it is over by now (rung out, never joined,
-  -- silent, unfunded), is ended first, so only a live one refuses the
-  -- request. Its row is locked before any wallet (the lock order).
-  perform app.advance_calls(array(
-    select x.id from app.calls x where x.fan_id = caller and x.status in ('ringing', 'accepted', 'active')
-     order by x.id for update));
+  -- An open call that is over by now (rung out, silent, …) still counts
+  -- until the sweep (or a look at it) ends it, within a minute.
   perform 1 from app.calls where fan_id = caller and status in ('ringing', 'accepted', 'active');
   if found then
     raise exception 'you already have an open call' using errcode = 'SP073';
