@@ -2628,7 +2628,8 @@ impl Sim {
                 }
                 either(
                     passed(now, c.ring_until),
-                    || same("call_rang_out"),
+                    // A late answer records the expiry, then refuses.
+                    || vec![answer(S::CONFLICT, Some("call_rang_out"), "expired")],
                     || {
                         if !accept {
                             return vec![answer(S::OK, None, "declined")];
@@ -2666,8 +2667,8 @@ impl Sim {
             }
             CallAct::Join | CallAct::Heartbeat | CallAct::HangUp => {
                 let mut out = Vec::new();
-                // A refusal rolls back what looking at the call ended on the
-                // way (the sweep ends it for good).
+                // Looking at a call that is over ends it (committed), and
+                // a join or heartbeat is then refused.
                 for end in due_end(c, now) {
                     out.push(match (end, act) {
                         (Some(("expired", _)), _) => {
@@ -2676,7 +2677,11 @@ impl Sim {
                         (Some((_, reason)), CallAct::HangUp) => {
                             ended(S::OK, None, reason.expect("a reason"))
                         }
-                        (Some(_), _) => answer(S::CONFLICT, Some("call_state_conflict"), status),
+                        (Some((_, reason)), _) => ended(
+                            S::CONFLICT,
+                            Some("call_state_conflict"),
+                            reason.expect("a reason"),
+                        ),
                         (None, _) if status == "ended" && act == CallAct::HangUp => {
                             answer(S::OK, None, "ended")
                         }
