@@ -2588,6 +2588,47 @@ impl Sim {
             .await
     }
 
+    /// A join or heartbeat of an active call records the caller as seen
+    /// now, then charges every minute started by now, topping the escrow up
+    /// minute by minute while the fan may spend. A refused top-up ends the
+    /// call at once when the funded time is already over (a minute started
+    /// after the last sign of life was never topped up for): the answer is
+    /// the ended call.
+    fn charged_to_now(&self, c: &CallRow, fan: usize, now: DateTime<Utc>) -> Vec<CallExpect> {
+        let started = c.started_at.expect("an active call started");
+        if c.funding_failed {
+            return vec![answer(StatusCode::OK, None, "active")];
+        }
+        let near = chrono::Duration::milliseconds(NEAR_MS);
+        let mut out = Vec::new();
+        for at in [now - near, now + near] {
+            let due = (at - started).num_seconds().div_euclid(60) + 1;
+            let u = &self.model.users[fan];
+            let (mut funded, mut wallet, mut spent) =
+                (i64::from(c.funded_minutes), u.wallet, u.spent_today);
+            let price = c.price_per_minute;
+            let mut refused = false;
+            while funded <= due {
+                if u.debt > 0 || wallet < price || spent + price > u.daily_limit {
+                    refused = true;
+                    break;
+                }
+                funded += 1;
+                wallet -= price;
+                spent += price;
+            }
+            let e = if refused && funded < due {
+                ended(StatusCode::OK, None, "funds_exhausted")
+            } else {
+                answer(StatusCode::OK, None, "active")
+            };
+            if !out.contains(&e) {
+                out.push(e);
+            }
+        }
+        out
+    }
+
     /// What `act` by `by` may answer now, and leave behind.
     fn predict_act(
         &self,
@@ -2689,17 +2730,17 @@ impl Sim {
                             answer(S::CONFLICT, Some("call_state_conflict"), status)
                         }
                         (None, CallAct::HangUp) => ended(S::OK, None, "hung_up"),
+                        (None, _) if status == "active" => {
+                            out.extend(self.charged_to_now(c, fan, now));
+                            continue;
+                        }
                         (None, CallAct::Join) => {
                             let other_joined = if by == fan {
                                 c.creator_joined
                             } else {
                                 c.fan_joined
                             };
-                            let after = if status == "active" || other_joined {
-                                "active"
-                            } else {
-                                "accepted"
-                            };
+                            let after = if other_joined { "active" } else { "accepted" };
                             answer(S::OK, None, after)
                         }
                         (None, _) => answer(S::OK, None, status),
@@ -2807,12 +2848,22 @@ impl Sim {
                 r.text()
             );
         }
+        let mut beat_expects = Vec::new();
         if let (Some((call, by)), Some(r)) = (heartbeat, &beat) {
-            let expects = self.predict_act(&before[call], by, CallAct::Heartbeat, now);
-            self.check_call_answer("a heartbeat among sweeps", &expects, r);
+            beat_expects = self.predict_act(&before[call], by, CallAct::Heartbeat, now);
+            self.check_call_answer("a heartbeat among sweeps", &beat_expects, r);
         }
         let touched = self.sync_calls().await;
         for (i, c) in before.iter().enumerate() {
+            // A heartbeat that went through decided its call (the sweeps
+            // skip a call it holds and find nothing due after it).
+            if let (Some((call, _)), Some(r)) = (heartbeat, &beat)
+                && call == i
+                && r.status == StatusCode::OK
+            {
+                self.check_call_after("a heartbeat among sweeps", i, &beat_expects, r);
+                continue;
+            }
             let after = &self.calls[i];
             // The sweeps skip a call the heartbeat holds, whose refusal rolls
             // back what it ended on the way.
