@@ -19,10 +19,10 @@
 --     (journal ('call_minute', '<call>:<N>'), so at most once) as soon as
 --     anything looks at the call after it started: a heartbeat, a join,
 --     the end, the per-minute sweep, a call-tick job;
---   * after a charge the escrow is topped up so one more minute is always
---     held ('call_hold', '<call>:<funded minutes>'); a refused top-up (no
---     funds, debt, daily limit) ends the call when its funded time ends,
---     with warnings 60 s and 30 s before;
+--   * the escrow is topped up so the minute after the current one (by the
+--     clock) is always held ('call_hold', '<call>:<funded minutes>'); a
+--     refused top-up (no funds, debt, daily limit) ends the call when its
+--     funded time ends, with warnings 60 s and 30 s before;
 --   * minutes are charged only up to the last sign of life (the later of
 --     the two parties' last heartbeat or join), so a call that goes silent
 --     is never billed for the silence; after `heartbeat_timeout_seconds`
@@ -511,22 +511,28 @@ begin
   -- for (a late sweep catches up minute by minute, topping up as it goes).
   create temporary table if not exists pg_temp.call_step (
     id uuid primary key, fan_id uuid, creator_id uuid, price bigint, billed integer,
-    new_billed integer, funded integer, started integer, wants_topup boolean, ok boolean) on commit drop;
+    new_billed integer, funded integer, started integer, clock_started integer, wants_topup boolean,
+    ok boolean) on commit drop;
   charged := 0;
   for pass in 1 .. 60 loop
     -- 1. The minutes started up to the last sign of life (and now), never
     --    beyond what was funded, are charged (escrow → creator, less the
-    --    fee); 2. the escrow is topped up so one minute beyond them is held,
-    --    if the fan may still spend it (no debt, the tokens, the daily
-    --    limit; a fan has one open call, so each wallet appears once).
+    --    fee); 2. the escrow is topped up so the minute after the current
+    --    one (by the clock, whether or not anyone was heard from in it) is
+    --    held, if the fan may still spend it (no debt, the tokens, the daily
+    --    limit; a fan has one open call, so each wallet appears once): the
+    --    funded time runs ahead of the talk, so running out of funds is
+    --    seen, and warned about, a minute early. A silence ends the call at
+    --    its last sign of life and refunds what was held beyond it.
     --    Both in one posting: the escrow's debit and credit cancel out.
     truncate pg_temp.call_step;
     insert into pg_temp.call_step (id, fan_id, creator_id, price, billed, new_billed, funded, started,
-                                   wants_topup, ok)
+                                   clock_started, wants_topup, ok)
     select c.id, c.fan_id, c.creator_id, c.price_per_minute, c.billed_minutes,
            greatest(c.billed_minutes, least(c.funded_minutes, x.started)), c.funded_minutes, x.started,
+           app.call_minutes_started(c.started_at, app.now()),
            c.funding_failed_at is null
-             and c.funded_minutes - greatest(c.billed_minutes, least(c.funded_minutes, x.started)) < 1,
+             and c.funded_minutes < app.call_minutes_started(c.started_at, app.now()) + 1,
            false
       from app.calls c,
            -- least() skips nulls: a leave Agora reported also bounds it.
@@ -570,10 +576,12 @@ begin
       perform app.emit('job', 'call-tick', null, jsonb_build_object('call_id', k.id),
         'call-tick:' || k.id::text || ':end', app.call_funded_until(k));
     end loop;
-    -- Another pass only for a call that just got its next minute held and
-    -- has more minutes started than charged (a late sweep catching up).
+    -- Another pass only for a call that just got a minute held and has
+    -- more minutes started than charged, or is still not a minute ahead of
+    -- the clock (a late sweep catching up).
     exit when not exists (
-      select 1 from pg_temp.call_step s where s.ok and s.started > s.new_billed);
+      select 1 from pg_temp.call_step s
+       where s.ok and (s.started > s.new_billed or s.funded + 1 < s.clock_started + 1));
   end loop;
   -- The second warning, 30 s before a funded end that will not move.
   for k in select x.* from app.calls x
@@ -865,6 +873,7 @@ begin
             or (c.status = 'accepted' and c.join_until <= app.now())
             or (c.status = 'active'
                 and (app.call_minutes_started(c.started_at, app.now()) > c.billed_minutes
+                     or c.funded_minutes < app.call_minutes_started(c.started_at, app.now()) + 1
                      or c.funding_failed_at is not null
                      or least(c.fan_left_at, c.creator_left_at) is not null
                      or app.now() - greatest(c.fan_seen_at, c.creator_seen_at)

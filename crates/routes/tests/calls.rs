@@ -1055,6 +1055,43 @@ async fn a_sweep_killed_at_any_point_changes_nothing_and_the_next_one_bills_exac
     assert!(killed >= 2, "only {killed} of 5 sweeps were killed mid-way");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn the_next_minute_is_held_by_the_clock_so_late_heartbeats_still_get_the_warnings() {
+    let app = calls_app().await;
+    let c = calling_creator(&app, 10).await;
+    let fan = fan_with(&app, 20).await;
+    let call = connected(&app, &fan, &c).await;
+    // Heard from at +50 s, then nothing for a while (under the timeout).
+    app.db.advance_clock(Duration::seconds(50)).await;
+    ok(&app, &fan, &call, "heartbeat").await;
+    // +70 s: minute 2 has started, unheard-of; the sweep charges nothing
+    // but must hold minute 3 now. The fan cannot: warned with 50 s left.
+    app.db.advance_clock(Duration::seconds(20)).await;
+    assert_eq!(sweep(&app).await["charged_minutes"], 0);
+    let warned = get(&app, &fan, &call).await;
+    assert_eq!(warned["ending_for_funds"], true);
+    assert_eq!(warned["status"], "active");
+    let sixty: i64 = sqlx::query_scalar(
+        "select count(*) from app.outbox where name = 'call.ending' \
+          and payload->>'call_id' = $1 and payload->>'seconds_left' = '60'",
+    )
+    .bind(&call)
+    .fetch_one(&app.db.admin_pool)
+    .await
+    .unwrap();
+    assert_eq!(sixty, 2, "both parties warned before the funded end");
+    // +125 s: over at the funded end (+120 s), minute 2 paid from its hold.
+    app.db.advance_clock(Duration::seconds(55)).await;
+    sweep(&app).await;
+    let ended = get(&app, &fan, &call).await;
+    assert_eq!(ended["status"], "ended");
+    assert_eq!(ended["end_reason"], "funds_exhausted");
+    assert_eq!(ended["billed_minutes"], 2);
+    assert_eq!(wallet(&app, c.id).await, 20);
+    assert_eq!(wallet(&app, fan.id).await, 0);
+    assert_calls_clean(&app).await;
+}
+
 /// Server-side milliseconds of `app.advance_calls` on `call` (nothing due),
 /// best of five, with `jit` as given; rolled back.
 async fn advance_ms(app: &TestApp, call: &str, jit: &str) -> f64 {
