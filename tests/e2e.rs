@@ -255,6 +255,21 @@ async fn every_database_function_binary_reaches_postgres() {
         format!("{class}/cancel"),
     );
     let admin = format!("/api/v1/admin/users/{nobody}/role");
+    // Paid calls (ADR 0018), with their flag on: each answer comes from SQL.
+    sqlx::query(
+        "update app.feature_flags set enabled = true, rollout_basis_points = 10000 \
+          where key = 'calls'",
+    )
+    .execute(&db.admin_pool)
+    .await
+    .expect("calls flag on");
+    let call_request = format!(r#"{{"creator_id":"{nobody}","media":"video"}}"#);
+    let call = format!("/api/v1/calls/{nobody}");
+    let (heartbeat, call_token, creator_settings) = (
+        format!("{call}/heartbeat"),
+        format!("{call}/token"),
+        format!("/api/v1/creators/{nobody}/call-settings"),
+    );
     use reqwest::Method;
     // (binary, method, path, body, expected status): each status is decided
     // by what the database holds (a fresh database: no classes, no funds).
@@ -325,6 +340,31 @@ async fn every_database_function_binary_reaches_postgres() {
             None,
             200,
         ),
+        (
+            "v1_calls",
+            Method::POST,
+            "/api/v1/calls",
+            Some(&call_request),
+            422,
+        ),
+        ("v1_calls_id", Method::GET, &call, None, 404),
+        ("v1_calls_action", Method::POST, &heartbeat, None, 404),
+        ("v1_calls_token", Method::POST, &call_token, None, 404),
+        ("v1_me_calls", Method::GET, "/api/v1/me/calls", None, 200),
+        (
+            "v1_me_call_settings",
+            Method::GET,
+            "/api/v1/me/call-settings",
+            None,
+            404,
+        ),
+        (
+            "v1_creators_call_settings",
+            Method::GET,
+            &creator_settings,
+            None,
+            404,
+        ),
         ("v1_admin_users_role", Method::PUT, &admin, Some(role), 403),
         // Feature flags (ADR 0016): only a database admin may read or change them.
         (
@@ -365,6 +405,7 @@ async fn every_database_function_binary_reaches_postgres() {
         "reconcile-purchases",
         "settle-classes",
         "deliver-outbox",
+        "bill-calls",
     ] {
         let binary = format!("cron_{}", cron.replace('-', "_"));
         let f = Function::start(&binary, &env).await;
@@ -379,6 +420,51 @@ async fn every_database_function_binary_reaches_postgres() {
         let text = r.text().await.unwrap_or_default();
         assert_eq!(status, 200, "{binary}: {text}");
     }
+}
+
+/// Agora's notification webhook through its binary: a signed notice is
+/// applied (recorded) once; a forged one is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agora_webhook_binary_verifies_and_records_notices() {
+    let db = stagepass_platform::testing::TestDb::new().await;
+    let mut env = env_for(&db);
+    env.push((
+        "AGORA_NOTIFICATION_SECRET",
+        support::AGORA_NOTIFICATION_SECRET,
+    ));
+    let f = Function::start("webhooks_agora", &env).await;
+    let body = br#"{"noticeId":"e2e-1","productId":1,"eventType":104,"notifyMs":1,"payload":{"channelName":"call_none","uid":7,"clientSeq":1,"reason":2}}"#;
+    let secret = support::AGORA_NOTIFICATION_SECRET.to_owned().into();
+    let signature = stagepass_integrations::agora::notify::sign(body, &secret);
+    let send = |sig: String| {
+        f.client()
+            .post(f.url("/api/webhooks/agora"))
+            .header("content-type", "application/json")
+            .header("agora-signature-v2", sig)
+            .body(body.to_vec())
+            .send()
+    };
+    let forged = send("0".repeat(64)).await.expect("request");
+    assert_eq!(forged.status().as_u16(), 401);
+    let first: serde_json::Value = send(signature.clone())
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(first["outcome"], "ignored", "{first}");
+    let again: serde_json::Value = send(signature)
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(again["duplicate"], true, "{again}");
+    let recorded: i64 = sqlx::query_scalar("select count(*) from app.agora_notices")
+        .fetch_one(&db.admin_pool)
+        .await
+        .expect("notices");
+    assert_eq!(recorded, 1);
 }
 
 /// The body of every envelope item kent received of type `transaction`.

@@ -53,6 +53,7 @@ fn binary(name: &str) -> &'static str {
         "v1_creators_call_settings" => env!("CARGO_BIN_EXE_v1_creators_call_settings"),
         "cron_bill_calls" => env!("CARGO_BIN_EXE_cron_bill_calls"),
         "jobs_call_tick" => env!("CARGO_BIN_EXE_jobs_call_tick"),
+        "webhooks_agora" => env!("CARGO_BIN_EXE_webhooks_agora"),
         other => panic!("unknown function binary {other}"),
     }
 }
@@ -178,6 +179,8 @@ pub async fn wait_for_port(port: u16) {
 /// call token function signs with them, the tests decode with them.
 pub const AGORA_APP_ID: &str = "970CA35de60c44645bbae8a215061b33";
 pub const AGORA_APP_CERTIFICATE: &str = "5CFd2fd1755d40ecb72977518be15d3b";
+/// Signs the Agora notifications the webhook function verifies.
+pub const AGORA_NOTIFICATION_SECRET: &str = "agora-ncs-secret-for-e2e-tests-0";
 
 /// The environment of a function that needs the database and auth (and
 /// Agora's test credentials, read only by the call token function).
