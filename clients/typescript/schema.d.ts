@@ -1482,6 +1482,77 @@ export interface components {
             seq: number;
         };
         /**
+         * CallEnding
+         * @description The `data` of the Ably message named `call.ending` on channel `user:{fan id}` and on `user:{creator id}`: the fan's tokens cannot pay for another minute, so the call ends when its funded time ends; sent 60 and 30 seconds before. Ably message id `call.ending:{call id}:{seconds_left}:{party id}`. Written by app.call_warn() (migrations/20261130000020_calls.sql).
+         */
+        RealtimeCallEnding: {
+            /** Format: uuid */
+            call_id: string;
+            /**
+             * Format: date-time
+             * @description When the call ends (its funded time ends).
+             */
+            ends_at: string;
+            /** @constant */
+            reason: "funds_exhausted";
+            /**
+             * @description The warning: 60, then 30 seconds before `ends_at`.
+             * @enum {integer}
+             */
+            seconds_left: 60 | 30;
+            /** @description The outbox row's id: orders the messages of one channel. Ignore a message whose seq is lower than the last one seen (delivery is at least once and two deliverers may overlap). */
+            seq: number;
+        };
+        /**
+         * CallUpdated
+         * @description The `data` of the Ably message named `call.updated` on channel `user:{fan id}` and on `user:{creator id}`: a paid 1:1 call was requested or changed (every change of its `sequence`: answered, joined, started, a minute charged while running out of funds, a warning sent, ended). Ably message id `call:{call id}:{sequence}:{party id}`. Written by app.call_emit() (migrations/20261130000020_calls.sql); `GET /api/v1/calls/{id}` returns the full call.
+         */
+        RealtimeCallUpdated: {
+            /** @description Minutes charged to the fan so far. */
+            billed_minutes: number;
+            /** Format: uuid */
+            call_id: string;
+            /** Format: uuid */
+            creator_id: string;
+            /**
+             * @description Why an ended call ended; null until then.
+             * @enum {string|null}
+             */
+            end_reason: "hung_up" | "heartbeat_timeout" | "funds_exhausted" | "not_joined" | "left_channel" | null;
+            /** @description A top-up was refused: the call ends at `funded_until` (see `call.ending`). */
+            ending_for_funds: boolean;
+            /**
+             * Format: uuid
+             * @description The fan who asked for the call (and pays for it).
+             */
+            fan_id: string;
+            /**
+             * Format: date-time
+             * @description Until when the call is paid for while accepted or active (before the start: the join deadline plus the funded minutes); null otherwise.
+             */
+            funded_until: string | null;
+            /** @enum {string} */
+            media: "audio" | "video";
+            /** @description Tokens per started minute: the creator's price when the fan asked, for the whole call. */
+            price_per_minute: number;
+            /**
+             * Format: date-time
+             * @description Until when the request rings unanswered.
+             */
+            ring_until: string;
+            /** @description The outbox row's id: orders the messages of one channel. Ignore a message whose seq is lower than the last one seen (delivery is at least once and two deliverers may overlap). */
+            seq: number;
+            /** @description The call's revision (0 when requested): a message with a lower sequence than one already seen for this call is stale. */
+            sequence: number;
+            /**
+             * Format: date-time
+             * @description When both parties had joined (minute 1 starts); null before.
+             */
+            started_at: string | null;
+            /** @enum {string} */
+            status: "ringing" | "accepted" | "active" | "ended" | "declined" | "cancelled" | "expired";
+        };
+        /**
          * ClassCancelled
          * @description The `data` of the Ably message named `class.cancelled` on channel `class:{class id}`: the creator cancelled the class and every enrolled fan was refunded. Ably message id `class.cancelled:{class id}`.
          */

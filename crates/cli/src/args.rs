@@ -27,6 +27,33 @@ impl Parsed {
     pub fn switch(&self, name: &str) -> bool {
         self.switches.contains(&name)
     }
+
+    /// Option `name` as an integer from 1 to `max`; `default` when absent.
+    pub fn count(&self, name: &str, default: u64, max: u64) -> Result<u64, String> {
+        match self.value(name) {
+            None => Ok(default),
+            Some(v) => match v.parse::<u64>() {
+                Ok(n) if (1..=max).contains(&n) => Ok(n),
+                _ => Err(format!("{name} must be an integer from 1 to {max}")),
+            },
+        }
+    }
+
+    /// [`Parsed::count`] as a `usize`.
+    pub fn count_usize(&self, name: &str, default: usize, max: usize) -> Result<usize, String> {
+        let as_u64 = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        self.count(name, as_u64(default), as_u64(max))
+            .map(|n| usize::try_from(n).unwrap_or(default))
+    }
+
+    /// `--bin-dir`, else the release binaries of `$CARGO_TARGET_DIR` (or
+    /// `target`): where the benchmarks find the function binaries.
+    pub fn release_bin_dir(&self) -> std::path::PathBuf {
+        self.value("--bin-dir").map(Into::into).unwrap_or_else(|| {
+            let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+            std::path::Path::new(&target).join("release")
+        })
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]

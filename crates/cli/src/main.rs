@@ -274,13 +274,7 @@ fn bench_command(rest: &[String]) -> Result<ExitCode> {
         Some(m @ ("disable" | "prefer" | "require")) => Some(m.to_owned()),
         Some(_) => return fail("--sslmode must be disable, prefer or require"),
     };
-    let runs = match p.value("--runs") {
-        None => 20,
-        Some(v) => match v.parse::<usize>() {
-            Ok(n) if (1..=1000).contains(&n) => n,
-            _ => return fail("--runs must be an integer from 1 to 1000"),
-        },
-    };
+    let runs = p.count_usize("--runs", 20, 1000)?;
     let opts = bench::Options {
         json: p.switch("--json"),
         runs,
@@ -352,25 +346,12 @@ fn bench_tips(rest: &[String]) -> Result<ExitCode> {
         &["--json"],
     )?;
     no_positionals(&p)?;
-    let number = |name: &str, default: u64, max: u64| -> Result<u64> {
-        match p.value(name) {
-            None => Ok(default),
-            Some(v) => match v.parse::<u64>() {
-                Ok(n) if (1..=max).contains(&n) => Ok(n),
-                _ => fail(format!("{name} must be an integer from 1 to {max}")),
-            },
-        }
-    };
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let opts = bench::tips::TipsOptions {
         json: p.switch("--json"),
-        seconds: number("--seconds", 10, 120)?,
-        connections: usize::try_from(number("--connections", 16, 256)?).unwrap_or(16),
-        fans: usize::try_from(number("--fans", 64, 10_000)?).unwrap_or(64),
-        bin_dir: p
-            .value("--bin-dir")
-            .map(Into::into)
-            .unwrap_or_else(|| std::path::Path::new(&target).join("release")),
+        seconds: p.count("--seconds", 10, 120)?,
+        connections: p.count_usize("--connections", 16, 256)?,
+        fans: p.count_usize("--fans", 64, 10_000)?,
+        bin_dir: p.release_bin_dir(),
         sslmode: match p.value("--sslmode") {
             None => None,
             Some(m @ ("disable" | "prefer" | "require")) => Some(m.to_owned()),
@@ -389,26 +370,13 @@ fn bench_me(rest: &[String]) -> Result<ExitCode> {
         &["--json"],
     )?;
     no_positionals(&p)?;
-    let number = |name: &str, default: usize, max: usize| -> Result<usize> {
-        match p.value(name) {
-            None => Ok(default),
-            Some(v) => match v.parse::<usize>() {
-                Ok(n) if (1..=max).contains(&n) => Ok(n),
-                _ => fail(format!("{name} must be an integer from 1 to {max}")),
-            },
-        }
-    };
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let opts = bench::me::MeOptions {
         json: p.switch("--json"),
-        seconds: u64::try_from(number("--seconds", 10, 600)?).unwrap_or(10),
-        connections: number("--connections", 32, 1024)?,
+        seconds: p.count("--seconds", 10, 600)?,
+        connections: p.count_usize("--connections", 32, 1024)?,
         // DATABASE_MAX_CONNECTIONS accepts 1 to 32.
-        pool: number("--pool", 4, 32)?,
-        bin_dir: p
-            .value("--bin-dir")
-            .map(Into::into)
-            .unwrap_or_else(|| std::path::Path::new(&target).join("release")),
+        pool: p.count_usize("--pool", 4, 32)?,
+        bin_dir: p.release_bin_dir(),
     };
     // One thread, like the other benchmarks: the load generator takes at
     // most one core from the function and Postgres.
@@ -420,16 +388,9 @@ fn bench_me(rest: &[String]) -> Result<ExitCode> {
 fn bench_calls(rest: &[String]) -> Result<ExitCode> {
     let p = parse(rest, &["--calls"], &["--json"])?;
     no_positionals(&p)?;
-    let calls = match p.value("--calls") {
-        None => 5000,
-        Some(v) => match v.parse::<usize>() {
-            Ok(n) if (1..=100_000).contains(&n) => n,
-            _ => return fail("--calls must be an integer from 1 to 100000"),
-        },
-    };
     let opts = bench::calls::CallsOptions {
         json: p.switch("--json"),
-        calls,
+        calls: p.count_usize("--calls", 5000, 100_000)?,
     };
     current_thread()?.block_on(bench::calls::run(opts))
 }
@@ -443,32 +404,19 @@ fn bench_enroll_race(rest: &[String]) -> Result<ExitCode> {
         &["--json"],
     )?;
     no_positionals(&p)?;
-    let number = |name: &str, default: usize, max: usize| -> Result<usize> {
-        match p.value(name) {
-            None => Ok(default),
-            Some(v) => match v.parse::<usize>() {
-                Ok(n) if (1..=max).contains(&n) => Ok(n),
-                _ => fail(format!("{name} must be an integer from 1 to {max}")),
-            },
-        }
-    };
-    let fans = number("--fans", 1000, 100_000)?;
+    let fans = p.count_usize("--fans", 1000, 100_000)?;
     // A class holds at most 1,000 seats (classes_capacity_range).
-    let seats = number("--seats", 100, 1000)?;
+    let seats = p.count_usize("--seats", 100, 1000)?;
     if seats > fans {
         return fail("--seats must not exceed --fans");
     }
-    let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let opts = bench::enroll_race::RaceOptions {
         json: p.switch("--json"),
-        runs: number("--runs", 3, 100)?,
-        connections: number("--connections", 32, 1024)?,
+        runs: p.count_usize("--runs", 3, 100)?,
+        connections: p.count_usize("--connections", 32, 1024)?,
         fans,
         seats,
-        bin_dir: p
-            .value("--bin-dir")
-            .map(Into::into)
-            .unwrap_or_else(|| std::path::Path::new(&target).join("release")),
+        bin_dir: p.release_bin_dir(),
     };
     // One thread, like the other benchmarks: the load generator takes at
     // most one core from the function and Postgres.
@@ -484,15 +432,6 @@ fn bench_crash(rest: &[String]) -> Result<ExitCode> {
         &["--json"],
     )?;
     no_positionals(&p)?;
-    let number = |name: &str, default: u64, max: u64| -> Result<u64> {
-        match p.value(name) {
-            None => Ok(default),
-            Some(v) => match v.parse::<u64>() {
-                Ok(n) if (1..=max).contains(&n) => Ok(n),
-                _ => fail(format!("{name} must be an integer from 1 to {max}")),
-            },
-        }
-    };
     let seed = match p.value("--seed") {
         None => None,
         Some(v) => match v.parse::<u64>() {
@@ -502,8 +441,8 @@ fn bench_crash(rest: &[String]) -> Result<ExitCode> {
     };
     let opts = bench::crash::CrashOptions {
         json: p.switch("--json"),
-        kills: usize::try_from(number("--kills", 1000, 100_000)?).unwrap_or(1000),
-        seconds: number("--seconds", 600, 3600)?,
+        kills: p.count_usize("--kills", 1000, 100_000)?,
+        seconds: p.count("--seconds", 600, 3600)?,
         seed,
         bin_dir: p
             .value("--bin-dir")

@@ -60,6 +60,10 @@ pub fn bucket(key: &str, user: Uuid) -> u32 {
 
 /// [`valid_key`] as a JSON-Schema pattern (the OpenAPI document's).
 pub const KEY_PATTERN: &str = "^[a-z][a-z0-9_]{1,39}$";
+/// [`KEY_PATTERN`] in words, for the problems that refuse a key.
+pub const KEY_RULE: &str = "2–40 characters of a-z, 0-9 and _, starting with a letter";
+/// [`valid_text`] in words, for a refused reason or description.
+pub const TEXT_RULE: &str = "1–500 characters, not blank, no control characters";
 
 /// Whether `key` is a flag key: 2–40 of `a-z`, `0-9`, `_`, starting with a letter.
 pub fn valid_key(key: &str) -> bool {

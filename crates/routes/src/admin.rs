@@ -76,7 +76,7 @@ pub async fn set_role(
     Path(id): Path<String>,
     JsonBody(change): JsonBody<RoleChange>,
 ) -> ApiResult<Json<RoleChanged>> {
-    let target = Uuid::parse_str(&id).map_err(|_| ApiError::field("id", "must be a UUID"))?;
+    let target = crate::parse_uuid("id", &id)?;
     if change
         .reason
         .as_ref()

@@ -174,9 +174,7 @@ const REQUEST_ROUTE: &str = "POST /api/v1/calls";
 pub const MAX_PAGE: i64 = 50;
 
 fn parse_call(raw: &str) -> Result<CallId, ApiError> {
-    Uuid::parse_str(raw)
-        .map(CallId::new)
-        .map_err(|_| ApiError::field("id", "must be a UUID"))
+    crate::parse_uuid("id", raw).map(CallId::new)
 }
 
 /// A fan asks a creator for a call.
@@ -561,9 +559,7 @@ pub async fn creator_call_settings(
     Path(id): Path<String>,
 ) -> ApiResult<Json<CallSettings>> {
     let user = feature.0;
-    let creator = Uuid::parse_str(&id)
-        .map(UserId::new)
-        .map_err(|_| ApiError::field("id", "must be a UUID"))?;
+    let creator = crate::parse_uuid("id", &id).map(UserId::new)?;
     read_settings(&api, &user, creator).await
 }
 

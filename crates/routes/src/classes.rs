@@ -296,9 +296,7 @@ fn is_zone_name(zone: &str) -> bool {
 }
 
 fn parse_id(raw: &str) -> Result<ClassId, ApiError> {
-    Uuid::parse_str(raw)
-        .map(ClassId::new)
-        .map_err(|_| ApiError::field("id", "must be a UUID"))
+    crate::parse_uuid("id", raw).map(ClassId::new)
 }
 
 #[utoipa::path(post, path = "/api/v1/classes", tag = "classes", security(("bearer" = [])),
@@ -388,11 +386,7 @@ pub async fn list_classes(
     let creator = q
         .creator
         .as_deref()
-        .map(|c| {
-            Uuid::parse_str(c)
-                .map(UserId::new)
-                .map_err(|_| ApiError::field("creator", "must be a UUID"))
-        })
+        .map(|c| crate::parse_uuid("creator", c).map(UserId::new))
         .transpose()?;
     let after = q.cursor.as_deref().map(decode_cursor).transpose()?;
     let mut tx = db::begin_user(&api.pool, user.claims()).await?;

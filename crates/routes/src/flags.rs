@@ -124,24 +124,11 @@ pub struct FlagPatch {
     pub reason: String,
 }
 
-fn roles(roles: Option<Vec<Role>>) -> Option<Vec<String>> {
-    roles.map(|r| r.into_iter().map(|r| r.as_str().to_owned()).collect())
-}
-
 fn reason_error(reason: &str) -> Option<FieldError> {
     (!flags::valid_text(reason)).then(|| FieldError {
         field: "reason".into(),
-        message: "1–500 characters, not blank, no control characters".into(),
+        message: flags::TEXT_RULE.into(),
     })
-}
-
-fn finish(mut errors: Vec<FieldError>, fields: FlagFields) -> Result<FlagFields, ApiError> {
-    errors.extend(fields.errors());
-    if errors.is_empty() {
-        Ok(fields)
-    } else {
-        Err(ApiError::Validation(errors))
-    }
 }
 
 impl NewFlag {
@@ -150,34 +137,48 @@ impl NewFlag {
         if !flags::valid_key(&self.key) {
             errors.push(FieldError {
                 field: "key".into(),
-                message: "2–40 characters of a-z, 0-9 and _, starting with a letter".into(),
+                message: flags::KEY_RULE.into(),
             });
         }
-        errors.extend(reason_error(&self.reason));
-        let fields = FlagFields {
+        let patch = FlagPatch {
             description: Some(self.description),
             enabled: self.enabled,
             rollout_basis_points: self.rollout_basis_points,
             allow_users: self.allow_users,
             deny_users: self.deny_users,
-            roles: roles(self.roles),
+            roles: self.roles,
+            reason: self.reason,
         };
-        Ok((self.key, finish(errors, fields)?, self.reason))
+        let (fields, reason) = patch.checked(errors)?;
+        Ok((self.key, fields, reason))
     }
 }
 
 impl FlagPatch {
-    fn parse(self) -> Result<(FlagFields, String), ApiError> {
-        let errors: Vec<FieldError> = reason_error(&self.reason).into_iter().collect();
+    /// The fields and the reason, every problem (with `errors` found
+    /// before) reported at once.
+    fn checked(self, mut errors: Vec<FieldError>) -> Result<(FlagFields, String), ApiError> {
+        errors.extend(reason_error(&self.reason));
         let fields = FlagFields {
             description: self.description,
             enabled: self.enabled,
             rollout_basis_points: self.rollout_basis_points,
             allow_users: self.allow_users,
             deny_users: self.deny_users,
-            roles: roles(self.roles),
+            roles: self
+                .roles
+                .map(|r| r.into_iter().map(|r| r.as_str().to_owned()).collect()),
         };
-        let fields = finish(errors, fields)?;
+        errors.extend(fields.errors());
+        if errors.is_empty() {
+            Ok((fields, self.reason))
+        } else {
+            Err(ApiError::Validation(errors))
+        }
+    }
+
+    fn parse(self) -> Result<(FlagFields, String), ApiError> {
+        let (fields, reason) = self.checked(Vec::new())?;
         // Well-formed but nothing to do: 422 (the document allows a body of
         // `reason` alone; the change it asks for is empty).
         if fields.is_empty() {
@@ -186,7 +187,7 @@ impl FlagPatch {
                 "give at least one field to change besides reason".into(),
             ));
         }
-        Ok((fields, self.reason))
+        Ok((fields, reason))
     }
 }
 
@@ -194,10 +195,7 @@ fn path_key(key: &str) -> Result<(), ApiError> {
     if flags::valid_key(key) {
         Ok(())
     } else {
-        Err(ApiError::field(
-            "key",
-            "2–40 characters of a-z, 0-9 and _, starting with a letter",
-        ))
+        Err(ApiError::field("key", flags::KEY_RULE))
     }
 }
 
@@ -209,10 +207,7 @@ fn explain(e: sqlx::Error) -> ApiError {
     };
     match raised.refusal {
         Refusal::FlagAdminRequired => ApiError::Forbidden(codes::ADMIN_REQUIRED),
-        Refusal::InvalidFlagReason => ApiError::field(
-            "reason",
-            "1–500 characters, not blank, no control characters",
-        ),
+        Refusal::InvalidFlagReason => ApiError::field("reason", flags::TEXT_RULE),
         Refusal::FlagExists => ApiError::Conflict(
             codes::FLAG_EXISTS,
             "a flag with this key already exists".into(),

@@ -96,7 +96,7 @@ pub async fn create_grant(
     key: IdempotencyKey,
     JsonBody(request): JsonBody<GrantRequest>,
 ) -> ApiResult<Response> {
-    let target = Uuid::parse_str(&id).map_err(|_| ApiError::field("id", "must be a UUID"))?;
+    let target = crate::parse_uuid("id", &id)?;
     let amount = request.validate()?;
     let fingerprinted = Fingerprinted {
         user_id: target,

@@ -27,8 +27,15 @@ pub mod tips;
 pub mod tokens;
 pub mod webhooks;
 
+use stagepass_platform::http::ApiError;
 use stagepass_platform::serve::Function;
 pub use state::UserApi;
+
+/// A UUID from a path segment or query value named `field`, or 400
+/// `validation_failed` naming it (every route that takes an id).
+pub(crate) fn parse_uuid(field: &'static str, raw: &str) -> Result<uuid::Uuid, ApiError> {
+    uuid::Uuid::parse_str(raw).map_err(|_| ApiError::field(field, "must be a UUID"))
+}
 
 /// Every deployable function. A test checks that each has an `api/` binary,
 /// a documented OpenAPI operation, and a router that builds.

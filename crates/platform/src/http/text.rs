@@ -67,6 +67,38 @@ pub fn is_forbidden(c: char) -> bool {
         || is_noncharacter(c)
 }
 
+/// The ranges [`is_forbidden`] refuses besides the controls, as inclusive
+/// code-point pairs in ascending order: the format characters but the zero
+/// width joiner, the line and paragraph separators, the noncharacters. The
+/// OpenAPI document's character classes are built from this (one list; a
+/// test there compares every scalar value with [`is_forbidden`]).
+pub fn refused_ranges() -> Vec<(u32, u32)> {
+    let joiner = u32::from(ZERO_WIDTH_JOINER);
+    let mut ranges: Vec<(u32, u32)> = FORMAT
+        .iter()
+        .flat_map(|&(lo, hi)| {
+            if (lo..=hi).contains(&joiner) {
+                vec![(lo, joiner - 1), (joiner + 1, hi)]
+            } else {
+                vec![(lo, hi)]
+            }
+        })
+        .filter(|(lo, hi)| lo <= hi)
+        .chain([(0x2028, 0x2029), (0xFDD0, 0xFDEF)])
+        .chain((0..=0x10).map(|plane| ((plane << 16) | 0xFFFE, (plane << 16) | 0xFFFF)))
+        .collect();
+    ranges.sort_unstable();
+    // Adjacent or overlapping ranges become one (U+2028–9 meets U+202A–E).
+    let mut merged: Vec<(u32, u32)> = Vec::with_capacity(ranges.len());
+    for (lo, hi) in ranges {
+        match merged.last_mut() {
+            Some(last) if lo <= last.1 + 1 => last.1 = last.1.max(hi),
+            _ => merged.push((lo, hi)),
+        }
+    }
+    merged
+}
+
 fn describe(c: char) -> String {
     format!(
         "contains U+{:04X}, a control, format or invisible character that is not allowed",

@@ -440,43 +440,17 @@ fn field_error_schema() -> Value {
     })
 }
 
-/// Characters refused in every text field besides the controls
-/// (`stagepass_platform::http::text`, ADR 0013): the format characters
-/// (General Category Cf: bidi overrides and isolates, zero-width spaces and
-/// marks, the BOM, tag characters, …) except U+200D ZERO WIDTH JOINER, which
-/// emoji sequences need; the line and paragraph separators U+2028/9; the
-/// Unicode noncharacters. Astral code points are written as the characters
-/// themselves: `\u{…}` is not understood by every regex dialect that reads
-/// the document (Python's, Schemathesis'), a literal character is, and
-/// ECMA-262 with the `u` flag (JSON Schema 2020-12's recommendation) reads
-/// it as one code point. A test checks this list against `text::is_forbidden`.
-const FORMAT_RANGES: &[(u32, u32)] = &[
-    (0x00AD, 0x00AD),
-    (0x0600, 0x0605),
-    (0x061C, 0x061C),
-    (0x06DD, 0x06DD),
-    (0x070F, 0x070F),
-    (0x0890, 0x0891),
-    (0x08E2, 0x08E2),
-    (0x180E, 0x180E),
-    (0x200B, 0x200C),
-    (0x200E, 0x200F),
-    (0x2028, 0x202E),
-    (0x2060, 0x2064),
-    (0x2066, 0x206F),
-    (0xFDD0, 0xFDEF),
-    (0xFEFF, 0xFEFF),
-    (0xFFF9, 0xFFFB),
-    (0xFFFE, 0xFFFF),
-    (0x110BD, 0x110BD),
-    (0x110CD, 0x110CD),
-    (0x13430, 0x1343F),
-    (0x1BCA0, 0x1BCA3),
-    (0x1D173, 0x1D17A),
-    (0xE0001, 0xE0001),
-    (0xE0020, 0xE007F),
-];
-
+/// Characters refused in every text field besides the controls, from
+/// `stagepass_platform::http::text::refused_ranges` (ADR 0013): the format
+/// characters (General Category Cf: bidi overrides and isolates, zero-width
+/// spaces and marks, the BOM, tag characters, …) except U+200D ZERO WIDTH
+/// JOINER, which emoji sequences need; the line and paragraph separators
+/// U+2028/9; the Unicode noncharacters. Astral code points are written as
+/// the characters themselves: `\u{…}` is not understood by every regex
+/// dialect that reads the document (Python's, Schemathesis'), a literal
+/// character is, and ECMA-262 with the `u` flag (JSON Schema 2020-12's
+/// recommendation) reads it as one code point. A test checks the result
+/// against `text::is_forbidden`.
 static FORMAT_CHARS: LazyLock<String> = LazyLock::new(|| {
     let one = |c: u32| {
         if c <= 0xFFFF {
@@ -486,11 +460,8 @@ static FORMAT_CHARS: LazyLock<String> = LazyLock::new(|| {
             char::from_u32(c).map(String::from).unwrap_or_default()
         }
     };
-    FORMAT_RANGES
-        .iter()
-        .copied()
-        // The noncharacters U+nFFFE and U+nFFFF of the astral planes.
-        .chain((1..=0x10).map(|plane| ((plane << 16) | 0xFFFE, (plane << 16) | 0xFFFF)))
+    stagepass_platform::http::text::refused_ranges()
+        .into_iter()
         .map(|(lo, hi)| {
             if lo == hi {
                 one(lo)
@@ -829,14 +800,12 @@ mod tests {
 
     /// The document's character classes refuse exactly what the server's
     /// text rule refuses, over every Unicode scalar value: the controls
-    /// from `refused_controls`, the rest from `FORMAT_RANGES`.
+    /// from `refused_controls`, the rest from `text::refused_ranges`.
     #[test]
     fn the_documented_characters_are_the_refused_ones() {
         use stagepass_platform::http::text::is_forbidden;
-        let listed = |c: u32| {
-            FORMAT_RANGES.iter().any(|&(lo, hi)| (lo..=hi).contains(&c))
-                || (c > 0xFFFF && c & 0xFFFE == 0xFFFE)
-        };
+        let ranges = stagepass_platform::http::text::refused_ranges();
+        let listed = |c: u32| ranges.iter().any(|&(lo, hi)| (lo..=hi).contains(&c));
         for c in (0..=0x10FFFFu32).filter_map(char::from_u32) {
             let documented =
                 (c.is_control() && !matches!(c, '\t' | '\n' | '\r')) || listed(u32::from(c));
