@@ -440,7 +440,7 @@ begin
      or p_media not in ('audio', 'video') then
     raise exception 'this creator does not take % calls', p_media using errcode = 'SP072';
   end if;
-  -- An open call that is over by now (rung out, silent, …) still counts
+  -- An open call that is over by this time (rung out, silent, …) still counts
   -- until the sweep (or a look at it) ends it, within a minute.
   perform 1 from app.calls where fan_id = caller and status in ('ringing', 'accepted', 'active');
   if found then
@@ -700,7 +700,7 @@ begin
     raise exception 'the call is %', c.status using errcode = 'SP076';
   end if;
   if app.now() >= c.ring_until then
-    -- Rung out: recorded now (not left to the sweep); the caller sees
+    -- Rung out: recorded at once (not left to the sweep); the caller sees
     -- the status and answers 409 call_rang_out after committing it.
     update app.calls set status = 'expired', sequence = sequence + 1 where id = p_call;
     return query select * from app.call_view where id = p_call;
