@@ -2285,10 +2285,13 @@ fn due_end(c: &CallRow, now: DateTime<Utc>) -> Vec<Option<(&'static str, Option<
                 now,
                 last + chrono::Duration::seconds(HEARTBEAT_TIMEOUT_SECONDS),
             );
-            let broke = if c.funding_failed {
-                passed(now, c.funded_until.expect("an active call is funded until"))
-            } else {
-                Some(false)
+            let funded_until = c.funded_until.expect("an active call is funded until");
+            let broke = match (c.funding_failed, passed(now, funded_until)) {
+                (true, p) => p,
+                (false, Some(false)) => Some(false),
+                // The funded time ran out while nobody looked: the look
+                // tries the top-up first, which the fan may not pay.
+                (false, _) => None,
             };
             let mut ends = Vec::new();
             if silent != Some(false) {
@@ -2583,8 +2586,8 @@ impl Sim {
     /// now, then charges every minute started by now, topping the escrow up
     /// minute by minute while the fan may spend. A refused top-up ends the
     /// call at once when the funded time is already over (a minute started
-    /// after the last sign of life was never topped up for): the answer is
-    /// the ended call.
+    /// after the last sign of life was never topped up for): the end
+    /// commits and the answer is 409 `call_state_conflict`.
     fn charged_to_now(&self, c: &CallRow, fan: usize, now: DateTime<Utc>) -> Vec<CallExpect> {
         let started = c.started_at.expect("an active call started");
         if c.funding_failed {
@@ -2609,7 +2612,12 @@ impl Sim {
                 spent += price;
             }
             let e = if refused && funded < due {
-                ended(StatusCode::OK, None, "funds_exhausted")
+                // The end commits; the join or heartbeat is then refused.
+                ended(
+                    StatusCode::CONFLICT,
+                    Some("call_state_conflict"),
+                    "funds_exhausted",
+                )
             } else {
                 answer(StatusCode::OK, None, "active")
             };
