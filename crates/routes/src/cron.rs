@@ -128,12 +128,7 @@ pub const DELIVER_OUTBOX: Function = Function {
     limits: Limits::Signed(SignedSource::VercelCron),
     paths: &["/api/cron/deliver-outbox"],
     build: |l, r| {
-        let state = cron_state(l, r);
-        let outbox = Outbox::load(l, r, state.as_ref().map(|s| s.pool.clone()));
-        let state = OutboxState {
-            cron: state?,
-            outbox: outbox?,
-        };
+        let state = outbox_state(l, r)?;
         Some(
             Router::new()
                 .route("/api/cron/deliver-outbox", get(deliver_outbox))
@@ -147,12 +142,7 @@ pub const BILL_CALLS: Function = Function {
     limits: Limits::Signed(SignedSource::VercelCron),
     paths: &["/api/cron/bill-calls"],
     build: |l, r| {
-        let state = cron_state(l, r);
-        let outbox = Outbox::load(l, r, state.as_ref().map(|s| s.pool.clone()));
-        let state = OutboxState {
-            cron: state?,
-            outbox: outbox?,
-        };
+        let state = outbox_state(l, r)?;
         Some(
             Router::new()
                 .route("/api/cron/bill-calls", get(bill_calls))
@@ -218,6 +208,19 @@ pub async fn sweep_calls_once(
         Ok(swept)
     })
     .await
+}
+
+/// A cron that writes messages: the cron settings and the outbox.
+fn outbox_state(
+    l: &mut stagepass_platform::config::Loader,
+    r: &stagepass_platform::serve::Resources,
+) -> Option<OutboxState> {
+    let cron = cron_state(l, r);
+    let outbox = Outbox::load(l, r, cron.as_ref().map(|s| s.pool.clone()));
+    Some(OutboxState {
+        cron: cron?,
+        outbox: outbox?,
+    })
 }
 
 #[derive(Clone)]

@@ -72,17 +72,17 @@ pub fn path_of(name: &str) -> Option<&'static str> {
 pub async fn run(pool: &PgPool, name: &str, payload: &serde_json::Value) -> ApiResult<String> {
     match name {
         "class-reminder" => {
-            let message = ClassReminder::deserialize(payload)
-                .map_err(|e| ApiError::BadRequest(format!("not a class-reminder message: {e}")))?;
-            remind(pool, &message).await
+            remind(pool, &message(name, ClassReminder::deserialize(payload))?).await
         }
-        "call-tick" => {
-            let message = CallTick::deserialize(payload)
-                .map_err(|e| ApiError::BadRequest(format!("not a call-tick message: {e}")))?;
-            tick(pool, &message).await
-        }
+        "call-tick" => tick(pool, &message(name, CallTick::deserialize(payload))?).await,
         other => Err(ApiError::BadRequest(format!("unknown job {other}"))),
     }
+}
+
+/// A job's message, or 400 naming the job (QStash callbacks and the inline
+/// runner read them the same way).
+fn message<T>(job: &str, parsed: Result<T, serde_json::Error>) -> ApiResult<T> {
+    parsed.map_err(|e| ApiError::BadRequest(format!("not a {job} message: {e}")))
 }
 
 #[derive(Clone)]
@@ -168,8 +168,10 @@ pub async fn class_reminder(
 ) -> ApiResult<Json<JobOutcome>> {
     gate.admit(s.verify(CLASS_REMINDER_PATH, &headers, &body))
         .await?;
-    let message: ClassReminder = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("not a class-reminder message: {e}")))?;
+    let message = message(
+        "class-reminder",
+        serde_json::from_slice::<ClassReminder>(&body),
+    )?;
     let outcome = remind(&s.pool, &message).await?;
     if outcome == "sent" {
         s.outbox.kick(&platform);
@@ -212,8 +214,7 @@ pub async fn call_tick(
 ) -> ApiResult<Json<JobOutcome>> {
     gate.admit(s.verify(CALL_TICK_PATH, &headers, &body))
         .await?;
-    let message: CallTick = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::BadRequest(format!("not a call-tick message: {e}")))?;
+    let message = message("call-tick", serde_json::from_slice::<CallTick>(&body))?;
     let outcome = tick(&s.pool, &message).await?;
     if outcome == "advanced" {
         s.outbox.kick(&platform);

@@ -116,6 +116,13 @@ async fn get(app: &TestApp, who: &User, call: &str) -> Value {
     r.json()
 }
 
+async fn calls_recorded(app: &TestApp) -> i64 {
+    sqlx::query_scalar("select count(*) from app.calls")
+        .fetch_one(&app.db.admin_pool)
+        .await
+        .unwrap()
+}
+
 async fn escrow(app: &TestApp, call: &str) -> i64 {
     sqlx::query_scalar(
         "select balance from ledger.accounts where kind = 'escrow' and reference = 'call:' || $1",
@@ -186,13 +193,7 @@ async fn the_routes_are_behind_the_calls_flag() {
     request(&app, &fan, &c, "k1")
         .await
         .assert_problem(StatusCode::FORBIDDEN, "feature_disabled");
-    assert_eq!(
-        sqlx::query_scalar::<_, i64>("select count(*) from app.calls")
-            .fetch_one(&app.db.admin_pool)
-            .await
-            .unwrap(),
-        0
-    );
+    assert_eq!(calls_recorded(&app).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -281,13 +282,7 @@ async fn a_request_is_refused_when_the_fan_cannot_fund_the_first_minutes() {
     request(&app, &rich, &stranger, "nobody")
         .await
         .assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "not_taking_calls");
-    assert_eq!(
-        sqlx::query_scalar::<_, i64>("select count(*) from app.calls")
-            .fetch_one(&app.db.admin_pool)
-            .await
-            .unwrap(),
-        0
-    );
+    assert_eq!(calls_recorded(&app).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
