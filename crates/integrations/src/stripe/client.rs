@@ -9,6 +9,10 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
 use url::Url;
 
+use super::connect::{
+    Account, AccountLink, Balance, CreateAccountLink, CreateExpressAccount, CreateTransfer,
+    Transfer, TransferReversal,
+};
 use super::error::{ResponseMeta, StripeError};
 use super::form::Form;
 use super::types::{PaymentIntent, Refund};
@@ -113,6 +117,8 @@ struct Call<'a> {
     path: &'a [&'a str],
     form: Option<Form>,
     idempotency_key: Option<&'a str>,
+    /// Query parameters (`GET` lists), percent-encoded when sent.
+    query: &'a [(&'a str, &'a str)],
 }
 
 impl StripeClient {
@@ -162,6 +168,7 @@ impl StripeClient {
             path: &["v1", "payment_intents"],
             form: Some(params.form()),
             idempotency_key: Some(idempotency_key),
+            query: &[],
         })
         .await
     }
@@ -172,6 +179,7 @@ impl StripeClient {
             path: &["v1", "payment_intents", id],
             form: None,
             idempotency_key: None,
+            query: &[],
         })
         .await
     }
@@ -191,6 +199,7 @@ impl StripeClient {
                 path: &["v1", "payment_intents", id],
                 form: Some(Form::new().field("payment_method", pm)),
                 idempotency_key: None,
+                query: &[],
             })
             .await?;
         }
@@ -199,6 +208,7 @@ impl StripeClient {
             path: &["v1", "payment_intents", id, "confirm"],
             form: Some(Form::new()),
             idempotency_key: None,
+            query: &[],
         })
         .await
     }
@@ -214,6 +224,131 @@ impl StripeClient {
             path: &["v1", "refunds"],
             form: Some(params.form()),
             idempotency_key: Some(idempotency_key),
+            query: &[],
+        })
+        .await
+    }
+
+    /// Creates an Express account for a creator (`POST /v1/accounts`). The
+    /// key makes a resend return the first account; Stripe forgets keys
+    /// after 24 h, so store the account id before anything else.
+    pub async fn create_express_account(
+        &self,
+        params: &CreateExpressAccount,
+        idempotency_key: &str,
+    ) -> Result<Account, StripeError> {
+        self.send(Call {
+            method: Method::POST,
+            path: &["v1", "accounts"],
+            form: Some(params.form()),
+            idempotency_key: Some(idempotency_key),
+            query: &[],
+        })
+        .await
+    }
+
+    /// `GET /v1/accounts/{id}`.
+    pub async fn retrieve_account(&self, id: &str) -> Result<Account, StripeError> {
+        self.send(Call {
+            method: Method::GET,
+            path: &["v1", "accounts", id],
+            form: None,
+            idempotency_key: None,
+            query: &[],
+        })
+        .await
+    }
+
+    /// A single-use onboarding link (`POST /v1/account_links`). Sent once,
+    /// without an idempotency key: a lost answer is fixed by asking for a
+    /// new link, never by replaying an old one.
+    pub async fn create_account_link(
+        &self,
+        params: &CreateAccountLink,
+    ) -> Result<AccountLink, StripeError> {
+        self.send(Call {
+            method: Method::POST,
+            path: &["v1", "account_links"],
+            form: Some(params.form()),
+            idempotency_key: None,
+            query: &[],
+        })
+        .await
+    }
+
+    /// Moves money from the platform balance to a connected account
+    /// (`POST /v1/transfers`). The key makes a resend transfer once within
+    /// Stripe's 24 h; after that only [`StripeClient::list_transfers`] on
+    /// the transfer group tells whether it was made.
+    pub async fn create_transfer(
+        &self,
+        params: &CreateTransfer,
+        idempotency_key: &str,
+    ) -> Result<Transfer, StripeError> {
+        self.send(Call {
+            method: Method::POST,
+            path: &["v1", "transfers"],
+            form: Some(params.form()),
+            idempotency_key: Some(idempotency_key),
+            query: &[],
+        })
+        .await
+    }
+
+    /// The transfers of one `transfer_group` (`GET /v1/transfers`), newest
+    /// first; one page of up to 100 (a group holds one transfer).
+    pub async fn list_transfers(&self, transfer_group: &str) -> Result<Vec<Transfer>, StripeError> {
+        let page: List<Transfer> = self
+            .send(Call {
+                method: Method::GET,
+                path: &["v1", "transfers"],
+                form: None,
+                idempotency_key: None,
+                query: &[("transfer_group", transfer_group), ("limit", "100")],
+            })
+            .await?;
+        Ok(page.data)
+    }
+
+    /// `GET /v1/transfers/{id}`.
+    pub async fn retrieve_transfer(&self, id: &str) -> Result<Transfer, StripeError> {
+        self.send(Call {
+            method: Method::GET,
+            path: &["v1", "transfers", id],
+            form: None,
+            idempotency_key: None,
+            query: &[],
+        })
+        .await
+    }
+
+    /// Reverses `amount_cents` of a transfer (`None`: what is left of it)
+    /// (`POST /v1/transfers/{id}/reversals`).
+    pub async fn create_transfer_reversal(
+        &self,
+        transfer_id: &str,
+        amount_cents: Option<i64>,
+        idempotency_key: &str,
+    ) -> Result<TransferReversal, StripeError> {
+        let amount = amount_cents.map(|a| a.to_string());
+        self.send(Call {
+            method: Method::POST,
+            path: &["v1", "transfers", transfer_id, "reversals"],
+            form: Some(Form::new().optional("amount", amount.as_deref())),
+            idempotency_key: Some(idempotency_key),
+            query: &[],
+        })
+        .await
+    }
+
+    /// The platform's balance (`GET /v1/balance`).
+    pub async fn retrieve_balance(&self) -> Result<Balance, StripeError> {
+        self.send(Call {
+            method: Method::GET,
+            path: &["v1", "balance"],
+            form: None,
+            idempotency_key: None,
+            query: &[],
         })
         .await
     }
@@ -222,7 +357,10 @@ impl StripeClient {
     /// or a `POST` resent with the same idempotency key (Stripe then answers
     /// with the first result).
     async fn send<T: DeserializeOwned>(&self, call: Call<'_>) -> Result<T, StripeError> {
-        let url = self.endpoint(call.path)?;
+        let mut url = self.endpoint(call.path)?;
+        if !call.query.is_empty() {
+            url.query_pairs_mut().extend_pairs(call.query);
+        }
         if let Some(key) = call.idempotency_key {
             check_idempotency_key(key)?;
         }
@@ -300,6 +438,12 @@ impl StripeClient {
         };
         wait.min(MAX_RETRY_WAIT)
     }
+}
+
+/// One page of a Stripe list (`{"object": "list", "data": […]}`).
+#[derive(serde::Deserialize)]
+struct List<T> {
+    data: Vec<T>,
 }
 
 fn check_idempotency_key(key: &str) -> Result<(), StripeError> {

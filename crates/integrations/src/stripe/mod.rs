@@ -10,12 +10,18 @@
 use sha2::{Digest, Sha256};
 
 mod client;
+mod connect;
 mod error;
 mod form;
 mod types;
 pub mod webhook;
 
 pub use client::{CreatePaymentIntent, CreateRefund, STRIPE_API_VERSION, StripeClient};
+pub use connect::{
+    Account, AccountCapabilities, AccountLink, Balance, BalanceAmount, BankPayout, Capability,
+    CapabilityStatus, CreateAccountLink, CreateExpressAccount, CreateTransfer, Requirements,
+    Transfer, TransferReversal,
+};
 pub use error::{ApiError, StripeError};
 pub use types::{Charge, Dispute, PaymentError, PaymentIntent, PaymentIntentStatus, Refund};
 

@@ -167,7 +167,7 @@ fn optional_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Err
     Ok(Option::<IdOrObject>::deserialize(d)?.map(IdOrObject::into_id))
 }
 
-fn required_id<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+pub(crate) fn required_id<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     Ok(IdOrObject::deserialize(d)?.into_id())
 }
 

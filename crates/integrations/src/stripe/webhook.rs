@@ -16,6 +16,7 @@ use serde::Deserialize;
 use sha2::Sha256;
 use subtle::{Choice, ConstantTimeEq};
 
+use super::connect::{Account, BankPayout, Capability, Transfer};
 use super::encode_hex;
 use super::types::{Charge, Dispute, PaymentIntent};
 
@@ -27,6 +28,14 @@ pub const PAYMENT_INTENT_SUCCEEDED: &str = "payment_intent.succeeded";
 pub const PAYMENT_INTENT_PAYMENT_FAILED: &str = "payment_intent.payment_failed";
 pub const CHARGE_REFUNDED: &str = "charge.refunded";
 pub const CHARGE_DISPUTE_CREATED: &str = "charge.dispute.created";
+/// Connect event types (their `account` names the connected account).
+pub const ACCOUNT_UPDATED: &str = "account.updated";
+pub const CAPABILITY_UPDATED: &str = "capability.updated";
+pub const PAYOUT_PAID: &str = "payout.paid";
+pub const PAYOUT_FAILED: &str = "payout.failed";
+pub const PAYOUT_CANCELED: &str = "payout.canceled";
+/// A platform event (no `account`): a transfer was (partly) reversed.
+pub const TRANSFER_REVERSED: &str = "transfer.reversed";
 
 const SIGNATURE_LEN: usize = 32;
 
@@ -202,6 +211,10 @@ pub struct Event {
     pub livemode: bool,
     #[serde(default)]
     pub api_version: Option<String>,
+    /// The connected account (`acct_…`) the event happened on; `None` for
+    /// the platform's own events.
+    #[serde(default)]
+    pub account: Option<String>,
     pub data: EventData,
 }
 
@@ -218,6 +231,7 @@ impl std::fmt::Debug for Event {
             .field("type", &self.type_)
             .field("created", &self.created)
             .field("livemode", &self.livemode)
+            .field("account", &self.account)
             .finish_non_exhaustive()
     }
 }
@@ -272,6 +286,26 @@ impl Event {
     /// `data.object` of a `charge.dispute.*` event.
     pub fn dispute(&self) -> Result<Dispute, EventError> {
         self.object("dispute")
+    }
+
+    /// `data.object` of an `account.updated` event.
+    pub fn connect_account(&self) -> Result<Account, EventError> {
+        self.object("account")
+    }
+
+    /// `data.object` of a `capability.updated` event.
+    pub fn capability(&self) -> Result<Capability, EventError> {
+        self.object("capability")
+    }
+
+    /// `data.object` of a `payout.*` event (a connected account's bank payout).
+    pub fn bank_payout(&self) -> Result<BankPayout, EventError> {
+        self.object("payout")
+    }
+
+    /// `data.object` of a `transfer.*` event (e.g. `transfer.reversed`).
+    pub fn transfer(&self) -> Result<Transfer, EventError> {
+        self.object("transfer")
     }
 
     fn object<'a, T: Deserialize<'a>>(&'a self, expected: &'static str) -> Result<T, EventError> {

@@ -297,3 +297,50 @@ fn charge_refunded_and_dispute_created_events() {
     let event = Event::from_slice(other.to_string().as_bytes()).unwrap();
     assert_eq!(event.kind(), EventKind::Other);
 }
+
+#[test]
+fn connect_events_name_the_account_and_decode_their_objects() {
+    let body = json!({
+        "id": "evt_1", "object": "event", "type": "capability.updated", "created": 10,
+        "livemode": false, "account": "acct_1", "pending_webhooks": 1,
+        "data": {"object": {"id": "transfers", "object": "capability", "account": "acct_1",
+            "status": "active", "requested": true,
+            "requirements": {"currently_due": [], "past_due": [], "eventually_due": []}}}
+    })
+    .to_string();
+    let event = Event::from_slice(body.as_bytes()).unwrap();
+    assert_eq!(event.account.as_deref(), Some("acct_1"));
+    assert!(format!("{event:?}").contains("acct_1"));
+    let capability = event.capability().unwrap();
+    assert_eq!(capability.status, crate::stripe::CapabilityStatus::Active);
+    assert!(matches!(
+        event.bank_payout(),
+        Err(EventError::UnexpectedObject {
+            expected: "payout",
+            ..
+        })
+    ));
+
+    let body = json!({
+        "id": "evt_2", "object": "event", "type": PAYOUT_FAILED, "created": 10,
+        "account": "acct_1",
+        "data": {"object": {"id": "po_1", "object": "payout", "amount": 900,
+            "currency": "usd", "status": "failed", "failure_code": "account_closed",
+            "arrival_date": 20}}
+    })
+    .to_string();
+    let payout = Event::from_slice(body.as_bytes())
+        .unwrap()
+        .bank_payout()
+        .unwrap();
+    assert_eq!(payout.failure_code.as_deref(), Some("account_closed"));
+    assert_eq!(payout.amount, 900);
+
+    let platform = json!({"id": "evt_3", "type": TRANSFER_REVERSED, "created": 1,
+        "data": {"object": {}}})
+    .to_string();
+    assert_eq!(
+        Event::from_slice(platform.as_bytes()).unwrap().account,
+        None
+    );
+}

@@ -1,5 +1,6 @@
 //! Test helpers (feature `testing`): a `localstripe` process per test, a
-//! webhook recorder, and builders for the events localstripe never sends.
+//! webhook recorder, builders for the events localstripe never sends, and
+//! [`connect`], a fake of Stripe's Connect endpoints (localstripe has none).
 //!
 //! localstripe 1.15.10 (PyPI) facts these helpers rely on (checked by
 //! `tests/localstripe.rs`):
@@ -28,6 +29,8 @@ use secrecy::SecretString;
 use url::Url;
 
 use crate::stripe::{PaymentIntent, StripeClient};
+
+pub mod connect;
 
 /// localstripe accepts any key that starts with `sk_`.
 pub const SECRET_KEY: &str = "sk_test_localstripe";
