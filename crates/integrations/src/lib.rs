@@ -1,6 +1,7 @@
 //! Clients for the services Stagepass talks to.
 //!
-//! - [`stripe`]: PaymentIntents and refunds over Stripe's form-encoded API, and
+//! - [`stripe`]: PaymentIntents and refunds over Stripe's form-encoded API,
+//!   Connect (Express accounts, transfers) for paying creators, and
 //!   [`stripe::webhook`] for signed webhook events.
 //! - [`qstash`]: publishing delayed, deduplicated jobs and verifying their
 //!   signed callbacks.
@@ -9,7 +10,8 @@
 //! - [`agora`]: Agora RTC tokens (AccessToken2, "007") built and signed
 //!   locally, and a decoder that verifies them (ADR 0017).
 //! - `testing` (feature `testing`): a `localstripe` process per test, a
-//!   webhook recorder, and a recording fake for Ably and QStash.
+//!   webhook recorder, a recording fake for Ably and QStash, and a fake of
+//!   Stripe's Connect endpoints (`testing::connect`).
 
 // Money flows through this crate: a panic would turn a Stripe answer into a
 // lost request, so fallible paths return errors instead.

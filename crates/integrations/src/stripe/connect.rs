@@ -90,8 +90,11 @@ pub struct AccountCapabilities {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CapabilityStatus {
+    /// Usable.
     Active,
+    /// Requirements are due (or past due).
     Inactive,
+    /// Stripe is verifying what was provided.
     Pending,
     /// `disabled`, `unrequested`, or a status added later: not usable.
     #[serde(other)]
@@ -206,12 +209,15 @@ pub struct Transfer {
     pub id: String,
     /// In the currency's smallest unit.
     pub amount: i64,
+    /// Lower-case ISO code.
     pub currency: String,
     /// `acct_…` (accepted expanded too).
     #[serde(deserialize_with = "required_id")]
     pub destination: String,
+    /// The group it was created with.
     #[serde(default)]
     pub transfer_group: Option<String>,
+    /// What it was created with.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
     /// Cumulative over all reversals.
@@ -263,6 +269,7 @@ impl Balance {
 pub struct BalanceAmount {
     /// In the currency's smallest unit; may be negative.
     pub amount: i64,
+    /// Lower-case ISO code.
     pub currency: String,
 }
 
@@ -274,7 +281,9 @@ pub struct Capability {
     /// `acct_…` (accepted expanded too).
     #[serde(deserialize_with = "required_id")]
     pub account: String,
+    /// Only `Active` lets transfers through.
     pub status: CapabilityStatus,
+    /// What Stripe needs for this capability.
     #[serde(default)]
     pub requirements: Option<Requirements>,
 }
@@ -285,7 +294,9 @@ pub struct Capability {
 pub struct BankPayout {
     /// `po_…`.
     pub id: String,
+    /// In the currency's smallest unit.
     pub amount: i64,
+    /// Lower-case ISO code.
     pub currency: String,
     /// `paid`, `pending`, `in_transit`, `canceled` or `failed`.
     pub status: String,

@@ -6,6 +6,11 @@
 //! `GET`, or a `POST` that carries an `Idempotency-Key`, resent with the same
 //! key). The response types read only the fields Stagepass uses and accept both
 //! the current API shapes and the older ones localstripe produces.
+//!
+//! Connect (paying creators through Express accounts) is in `connect.rs`:
+//! its parameters and objects, with the calls on [`StripeClient`]. Tests run
+//! it against `testing::connect::ConnectFake`, whose shapes are checked
+//! against Stripe's published OpenAPI spec.
 
 use sha2::{Digest, Sha256};
 

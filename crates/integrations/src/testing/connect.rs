@@ -92,6 +92,7 @@ pub struct StripeCall {
     pub query: Vec<(String, String)>,
     /// Decoded form pairs, in order (`metadata[k]`, `capabilities[transfers][requested]`).
     pub form: Vec<(String, String)>,
+    /// The `Idempotency-Key` header, if sent.
     pub idempotency_key: Option<String>,
     /// The status answered.
     pub status: u16,
@@ -99,6 +100,7 @@ pub struct StripeCall {
     pub response: Value,
     /// Answered from a saved idempotent response.
     pub replayed: bool,
+    /// When the fake answered it.
     pub at: Instant,
 }
 

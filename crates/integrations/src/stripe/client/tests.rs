@@ -281,3 +281,84 @@ fn refund_form() {
         "payment_intent=pi_1&amount=200&metadata%5Breason%5D=class_cancelled"
     );
 }
+
+#[tokio::test]
+async fn list_transfers_sends_a_percent_encoded_query() {
+    const EMPTY_LIST: &str =
+        r#"{"object":"list","data":[],"has_more":false,"url":"/v1/transfers"}"#;
+    let mock = Mock::start(vec![Some((200, EMPTY_LIST))]).await;
+    let transfers = mock
+        .client()
+        .list_transfers("payout:p 1&limit=1")
+        .await
+        .unwrap();
+    assert!(transfers.is_empty());
+    let seen = mock.seen();
+    assert!(
+        seen[0]
+            .request_line()
+            .starts_with("GET /v1/transfers?transfer_group=payout%3Ap+1%26limit%3D1&limit=100 "),
+        "{}",
+        seen[0].request_line()
+    );
+    assert_eq!(seen[0].body, "");
+}
+
+#[tokio::test]
+async fn connect_posts_carry_their_forms_and_keys() {
+    const TRANSFER: &str = r#"{"id":"tr_1","object":"transfer","amount":700,"currency":"usd",
+        "destination":"acct_1","transfer_group":"g","metadata":{},"amount_reversed":0,
+        "reversed":false,"created":1}"#;
+    const LINK: &str =
+        r#"{"object":"account_link","url":"https://x/secret","created":1,"expires_at":301}"#;
+    const REVERSAL: &str =
+        r#"{"id":"trr_1","object":"transfer_reversal","amount":700,"transfer":"tr_1"}"#;
+    let mock = Mock::start(vec![
+        Some((200, TRANSFER)),
+        Some((200, LINK)),
+        Some((200, REVERSAL)),
+    ])
+    .await;
+    let client = mock.client();
+    let params = crate::stripe::CreateTransfer {
+        amount_cents: 700,
+        currency: "usd".into(),
+        destination: "acct_1".into(),
+        transfer_group: "g".into(),
+        metadata: BTreeMap::new(),
+        description: None,
+    };
+    client.create_transfer(&params, "transfer:g").await.unwrap();
+    let link = crate::stripe::CreateAccountLink {
+        account: "acct_1".into(),
+        refresh_url: "https://s/r".into(),
+        return_url: "https://s/b".into(),
+    };
+    client.create_account_link(&link).await.unwrap();
+    let reversal = client
+        .create_transfer_reversal("tr_1", None, "reverse:g")
+        .await
+        .unwrap();
+    assert_eq!(reversal.transfer, "tr_1");
+
+    let seen = mock.seen();
+    assert!(seen[0].request_line().starts_with("POST /v1/transfers "));
+    assert_eq!(seen[0].header("idempotency-key"), Some("transfer:g"));
+    assert_eq!(
+        seen[0].body,
+        "amount=700&currency=usd&destination=acct_1&transfer_group=g"
+    );
+    assert!(
+        seen[1]
+            .request_line()
+            .starts_with("POST /v1/account_links ")
+    );
+    assert_eq!(seen[1].header("idempotency-key"), None);
+    assert!(
+        seen[2]
+            .request_line()
+            .starts_with("POST /v1/transfers/tr_1/reversals ")
+    );
+    assert_eq!(seen[2].header("idempotency-key"), Some("reverse:g"));
+    assert_eq!(seen[2].body, "");
+}
