@@ -6,6 +6,7 @@ pub mod classes;
 pub mod grants;
 mod ids;
 pub mod packages;
+pub mod payouts;
 pub mod purchases;
 pub mod sqlstate;
 pub mod status;

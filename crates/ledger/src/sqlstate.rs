@@ -59,10 +59,17 @@ pub enum Refusal {
     WrongCallParty,
     /// An Agora notice another delivery already applied.
     DuplicateNotice,
+    /// Payouts (migration 21, ADR 0019).
+    PayoutsCreatorRequired,
+    BelowPayoutMinimum,
+    PayoutNotFound,
+    PayoutBusy,
+    PayoutAdminRequired,
+    UnknownCreator,
 }
 
 /// Every SQLSTATE of ours, with its meaning.
-pub const TABLE: [(&str, Refusal); 45] = [
+pub const TABLE: [(&str, Refusal); 51] = [
     ("SP000", Refusal::Invariant),
     ("SP001", Refusal::InsufficientFunds),
     ("SP002", Refusal::AlreadyApplied),
@@ -108,6 +115,12 @@ pub const TABLE: [(&str, Refusal); 45] = [
     ("SP078", Refusal::CreatorInCall),
     ("SP079", Refusal::WrongCallParty),
     ("SP080", Refusal::DuplicateNotice),
+    ("SP090", Refusal::PayoutsCreatorRequired),
+    ("SP091", Refusal::BelowPayoutMinimum),
+    ("SP092", Refusal::PayoutNotFound),
+    ("SP093", Refusal::PayoutBusy),
+    ("SP094", Refusal::PayoutAdminRequired),
+    ("SP095", Refusal::UnknownCreator),
 ];
 
 /// Postgres' own codes the ledger reads.

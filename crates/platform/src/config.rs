@@ -868,6 +868,53 @@ impl StripeWebhookConfig {
     }
 }
 
+/// Stripe Connect webhook verification: the Connect endpoint (events of
+/// connected accounts: `account.updated`, `capability.updated`,
+/// `payout.*`) has its own signing secret, distinct from the platform
+/// endpoint's `STRIPE_WEBHOOK_SECRET` (issue 12, ADR 0019).
+#[derive(Debug, Clone)]
+pub struct StripeConnectWebhookConfig {
+    pub webhook_secret: Secret,
+}
+
+impl StripeConnectWebhookConfig {
+    pub fn load(l: &mut Loader) -> Option<StripeConnectWebhookConfig> {
+        let webhook_secret = l.required_secret(
+            "STRIPE_CONNECT_WEBHOOK_SECRET",
+            "Stripe dashboard → Webhooks → the endpoint listening to events on connected \
+             accounts (/api/webhooks/stripe-connect) → signing secret (whsec_…)",
+            |v| {
+                if v.starts_with("whsec_") {
+                    Ok(())
+                } else {
+                    Err("must start with whsec_")
+                }
+            },
+        )?;
+        Some(StripeConnectWebhookConfig { webhook_secret })
+    }
+}
+
+/// Where Stripe's hosted onboarding sends a creator back: pages of the web
+/// app under `APP_BASE_URL` (`/payouts/onboarding/return` and, for an
+/// expired link, `/payouts/onboarding/refresh`, which signs the creator in
+/// again and asks for a fresh link).
+#[derive(Debug, Clone)]
+pub struct AppLinksConfig {
+    pub app_base_url: url::Url,
+}
+
+impl AppLinksConfig {
+    pub fn load(l: &mut Loader) -> Option<AppLinksConfig> {
+        let app_base_url = l.url(
+            "APP_BASE_URL",
+            &["https"],
+            "the web app's public URL, e.g. https://app.stagepass.app",
+        )?;
+        Some(AppLinksConfig { app_base_url })
+    }
+}
+
 /// Agora RTC token signing (`stagepass_integrations::agora`, ADR 0017).
 /// Loaded only by the functions that issue call tokens.
 #[derive(Debug, Clone)]

@@ -51,6 +51,9 @@ pub enum Limits {
     Money,
     /// Token purchases: burst, purchases, API — fail closed.
     Purchase,
+    /// Payout requests: burst, payouts (3 / h), API, and the money limit of
+    /// the caller's trust level — fail closed.
+    PayoutRequest,
     /// Signed callers (Stripe, the access-token hook, QStash, Vercel Cron):
     /// the route verifies first, then charges its source's budget — or, for
     /// a bad signature, the client IP's `unsigned` budget
@@ -68,6 +71,7 @@ impl Limits {
             Limits::Authenticated => routes::AUTHENTICATED,
             Limits::Money => routes::MONEY,
             Limits::Purchase => routes::PURCHASE,
+            Limits::PayoutRequest => routes::PAYOUT_REQUEST,
             Limits::Signed(source) => source.policies(),
             Limits::Exempt(_) => &[],
         }
@@ -218,13 +222,13 @@ fn with_limits(
     match function.limits {
         Limits::Signed(source) => layer = layer.signed(source),
         Limits::Public => {}
-        Limits::Authenticated | Limits::Purchase | Limits::Money => {
+        Limits::Authenticated | Limits::Purchase | Limits::Money | Limits::PayoutRequest => {
             let auth = AuthConfig::load(l)?;
             layer = layer.with_verifier(r.verifier(&auth));
         }
         Limits::Exempt(_) => {}
     }
-    if matches!(function.limits, Limits::Money) {
+    if matches!(function.limits, Limits::Money | Limits::PayoutRequest) {
         let pool = r.db(&DbConfig::load(l)?)?;
         layer = layer.with_trust(Arc::new(DbTrust(pool, r.pool_mode())));
     }

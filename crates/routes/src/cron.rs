@@ -49,7 +49,7 @@ pub struct CronState {
     pub secret: Secret,
 }
 
-fn cron_state(
+pub(crate) fn cron_state(
     l: &mut stagepass_platform::config::Loader,
     r: &stagepass_platform::serve::Resources,
 ) -> Option<CronState> {

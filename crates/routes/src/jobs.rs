@@ -64,13 +64,38 @@ pub fn path_of(name: &str) -> Option<&'static str> {
     match name {
         "class-reminder" => Some(CLASS_REMINDER_PATH),
         "call-tick" => Some(CALL_TICK_PATH),
+        "payout-transfer" => Some(crate::payouts::JOB_PATH),
         _ => None,
     }
 }
 
-/// Runs the job `name` with its message body; returns what it did.
-pub async fn run(pool: &PgPool, name: &str, payload: &serde_json::Value) -> ApiResult<String> {
+/// Runs the job `name` with its message body; returns what it did. The
+/// payout transfer needs Stripe (`payouts`: `None` refuses it, and the
+/// outbox retries it later).
+pub async fn run(
+    pool: &PgPool,
+    payouts: Option<&crate::payouts::RunState>,
+    name: &str,
+    payload: &serde_json::Value,
+) -> ApiResult<String> {
     match name {
+        "payout-transfer" => {
+            let message = message(
+                name,
+                crate::payouts::PayoutTransferMessage::deserialize(payload),
+            )?;
+            let Some(state) = payouts else {
+                return Err(ApiError::Unavailable(
+                    codes::NOT_CONFIGURED,
+                    "payout transfers need STRIPE_SECRET_KEY".into(),
+                ));
+            };
+            let outcome = crate::payouts::transfer_payout(state, message.payout_id).await?;
+            serde_json::to_value(&outcome)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .ok_or_else(|| ApiError::Internal("outcome".into()))
+        }
         "class-reminder" => {
             remind(pool, &message(name, ClassReminder::deserialize(payload))?).await
         }
@@ -81,7 +106,7 @@ pub async fn run(pool: &PgPool, name: &str, payload: &serde_json::Value) -> ApiR
 
 /// A job's message, or 400 naming the job (QStash callbacks and the inline
 /// runner read them the same way).
-fn message<T>(job: &str, parsed: Result<T, serde_json::Error>) -> ApiResult<T> {
+pub(crate) fn message<T>(job: &str, parsed: Result<T, serde_json::Error>) -> ApiResult<T> {
     parsed.map_err(|e| ApiError::BadRequest(format!("not a {job} message: {e}")))
 }
 
@@ -94,7 +119,7 @@ pub struct JobState {
 }
 
 impl JobState {
-    fn load(l: &mut Loader, r: &Resources) -> Option<JobState> {
+    pub(crate) fn load(l: &mut Loader, r: &Resources) -> Option<JobState> {
         let db = DbConfig::load(l);
         let qstash = QstashConfig::load(l);
         let pool = db.and_then(|db| r.db(&db));
@@ -108,8 +133,16 @@ impl JobState {
         })
     }
 
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub(crate) fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
     /// Checks the QStash signature for a call to `path` with `body`.
-    fn verify(&self, path: &str, headers: &HeaderMap, body: &[u8]) -> ApiResult<()> {
+    pub(crate) fn verify(&self, path: &str, headers: &HeaderMap, body: &[u8]) -> ApiResult<()> {
         let url = self
             .public_base
             .join(path)

@@ -17,6 +17,7 @@ pub mod jobs;
 pub mod me;
 pub mod openapi;
 pub mod outbox;
+pub mod payouts;
 pub mod problems;
 pub mod purchases;
 pub mod realtime;
@@ -80,4 +81,13 @@ pub const FUNCTIONS: &[Function] = &[
     cron::DELIVER_OUTBOX,
     cron::BILL_CALLS,
     jobs::CALL_TICK,
+    payouts::ACCOUNT,
+    payouts::REQUESTS,
+    payouts::HISTORY,
+    payouts::ITEM,
+    payouts::EARNINGS,
+    payouts::HOLDS,
+    payouts::CRON,
+    payouts::JOB,
+    payouts::CONNECT_WEBHOOK,
 ];

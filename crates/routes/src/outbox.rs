@@ -61,6 +61,9 @@ pub struct Outbox {
     /// are then marked done unsent (and say so in `last_error`).
     ably: Option<AblyClient>,
     jobs: JobTransport,
+    /// Inline jobs only: Stripe, for the payout transfer (`None` without
+    /// `STRIPE_SECRET_KEY`: that job then fails and is retried).
+    connect: Option<crate::payouts::Connect>,
 }
 
 /// What one delivery run did.
@@ -123,12 +126,19 @@ impl Outbox {
         } else {
             Some(JobTransport::Inline)
         };
+        let connect = match jobs {
+            Some(JobTransport::Inline) if l.get("STRIPE_SECRET_KEY").is_some() => {
+                crate::payouts::Connect::load(l, r)
+            }
+            _ => None,
+        };
         Some(Outbox {
             kicks: Arc::default(),
             pool: pool?,
             pool_mode: r.pool_mode(),
             ably: ably?,
             jobs: jobs?,
+            connect,
         })
     }
 
@@ -276,7 +286,17 @@ impl Outbox {
                 }
             }
             JobTransport::Inline => {
-                match crate::jobs::run(&self.pool, &row.destination, &row.payload).await {
+                let payouts = self
+                    .connect
+                    .clone()
+                    .map(|connect| crate::payouts::RunState {
+                        pool: self.pool.clone(),
+                        connect,
+                        outbox: self.clone(),
+                    });
+                match crate::jobs::run(&self.pool, payouts.as_ref(), &row.destination, &row.payload)
+                    .await
+                {
                     Ok(outcome) => {
                         tracing::info!(job = %row.destination, outcome, "job ran inline");
                         Outcome::Delivered

@@ -6,6 +6,7 @@
 use stagepass_ledger::LedgerError;
 use stagepass_ledger::calls::CallError;
 use stagepass_ledger::classes::ClassError;
+use stagepass_ledger::payouts::PayoutError;
 use stagepass_ledger::purchases::PurchaseError;
 use stagepass_platform::http::codes;
 use stagepass_platform::http::{ApiError, ApiResult};
@@ -162,6 +163,22 @@ mod tests {
         ];
         for (problem, status, code) in cases {
             assert_eq!((problem.status(), problem.code()), (status, code));
+        }
+    }
+}
+
+impl IntoProblem for PayoutError {
+    fn into_problem(self) -> ApiError {
+        let detail = self.to_string();
+        match self {
+            PayoutError::NotCreator => ApiError::Forbidden(codes::CREATOR_REQUIRED),
+            PayoutError::BelowMinimum(_) => {
+                ApiError::Unprocessable(codes::BELOW_PAYOUT_MINIMUM, detail)
+            }
+            PayoutError::NotFound | PayoutError::UnknownCreator => ApiError::NotFound,
+            PayoutError::Busy => ApiError::Unavailable(codes::BUSY, detail.into()),
+            PayoutError::AdminRequired => ApiError::Forbidden(codes::ADMIN_REQUIRED),
+            PayoutError::Ledger(l) => l.into_problem(),
         }
     }
 }

@@ -195,6 +195,9 @@ pub async fn apply(conn: &mut PgConnection, event: &Event) -> Result<String, Api
                 .or_problem()?;
             Ok(format!("clawed_back:{taken}"))
         }
+        EventKind::Other if event.type_ == "transfer.reversed" => {
+            crate::payouts::apply_transfer_reversed(conn, event).await
+        }
         EventKind::Other => Ok("ignored".into()),
     }
 }

@@ -80,6 +80,8 @@ codes! {
     OWN_CALL = "own_call";
     /// A change that changes nothing (a flag patch with only a reason).
     NOTHING_TO_CHANGE = "nothing_to_change";
+    /// What a creator could be paid is below the payout minimum (1,000 tokens).
+    BELOW_PAYOUT_MINIMUM = "below_payout_minimum";
 
     // 503
     DATABASE_BUSY = "database_busy";

@@ -50,6 +50,11 @@ pub fn test_env(database_url: &str) -> Vec<(&'static str, String)> {
         ("ALLOWED_ORIGIN_PATTERN", ORIGIN_PATTERN.to_owned()),
         ("STRIPE_SECRET_KEY", STRIPE_SECRET_KEY.to_owned()),
         ("STRIPE_WEBHOOK_SECRET", STRIPE_WEBHOOK_SECRET.to_owned()),
+        (
+            "STRIPE_CONNECT_WEBHOOK_SECRET",
+            STRIPE_CONNECT_WEBHOOK_SECRET.to_owned(),
+        ),
+        ("APP_BASE_URL", APP_BASE_URL.to_owned()),
         // Nothing listens here; tests that talk to Stripe start localstripe
         // and use `TestApp::with_env`.
         ("STRIPE_API_BASE", "http://127.0.0.1:9".to_owned()),
@@ -90,6 +95,8 @@ pub const QSTASH_NEXT_KEY: &str = "sig_next_test_signing_key";
 
 pub const STRIPE_SECRET_KEY: &str = "sk_test_stagepass_routes_tests";
 pub const STRIPE_WEBHOOK_SECRET: &str = "whsec_stagepass_routes_tests_secret";
+pub const STRIPE_CONNECT_WEBHOOK_SECRET: &str = "whsec_stagepass_routes_tests_connect";
+pub const APP_BASE_URL: &str = "https://app.stagepass.test";
 pub const CRON_SECRET: &str = "cron-secret-for-tests-0123456789";
 
 pub fn loader(env: &[(&'static str, String)]) -> Loader {
