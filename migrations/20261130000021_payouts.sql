@@ -375,6 +375,8 @@ create function ledger.earnings(p_wallet uuid, p_from timestamptz, p_before time
      and j.kind in ('tip', 'class_settlement', 'call_minute')
 $$;
 revoke all on function ledger.earnings(uuid, timestamptz, timestamptz) from public;
+-- The ledger audit (service role) checks no creator was paid more than earned.
+grant execute on function ledger.earnings(uuid, timestamptz, timestamptz) to stagepass_service;
 
 create table app.payouts (
   id                uuid primary key default gen_random_uuid(),
@@ -415,7 +417,7 @@ create table app.payouts (
   constraint payouts_amount check (amount_cents = tokens * cents_per_token),
   constraint payouts_statement check (tokens <= earned_total - paid_before and tokens <= wallet_available
                                       and carried_over = earned_total - paid_before - period_tips - period_classes - period_calls),
-  constraint payouts_sent_has_transfer check ((status in ('sent', 'reversed')) = (transfer_id is not null))
+  constraint payouts_sent_has_transfer check ((status = 'sent' or status = 'reversed') = (transfer_id is not null))
 );
 create index payouts_creator on app.payouts (creator_id, cycle desc);
 create index payouts_due on app.payouts (next_attempt_at) where status in ('held', 'released');

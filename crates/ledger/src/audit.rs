@@ -24,6 +24,11 @@ pub struct AuditReport {
     /// spending window) that differ from the spending debits they sum,
     /// as `account@hour`, over the last 25 hours.
     pub drifted_spend_hours: Vec<String>,
+    /// Payout clearing's balance less the tokens of the payouts held in it
+    /// (frozen, transfer not recorded yet); must be 0.
+    pub payout_clearing_drift: i64,
+    /// Payouts that paid a creator more than they earned (creator ids).
+    pub overpaid_creators: Vec<String>,
     /// The sum of every balance (must be 0).
     pub total_balance: i64,
     pub journals_checked: i64,
@@ -37,6 +42,8 @@ impl AuditReport {
             && self.sign_violations.is_empty()
             && self.unaudited_grants.is_empty()
             && self.drifted_spend_hours.is_empty()
+            && self.payout_clearing_drift == 0
+            && self.overpaid_creators.is_empty()
             && self.total_balance == 0
     }
 }
@@ -96,6 +103,23 @@ pub async fn audit(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> 
     )
     .fetch_all(&mut *conn)
     .await?;
+    let payout_clearing_drift: i64 = sqlx::query_scalar(
+        "select ((select balance from ledger.accounts where kind = 'payout_clearing' \
+                   and owner_id is null and reference is null) \
+              - coalesce((select sum(tokens) from app.payouts where status = 'held'), 0))::bigint",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    // Paid (held or sent, net of reversals) never above earned.
+    let overpaid_creators: Vec<String> = sqlx::query_scalar(
+        "select p.creator_id::text from app.payouts p \
+          where p.status in ('held', 'sent', 'reversed') group by p.creator_id \
+         having sum(p.tokens - p.reversed_tokens) > (select e.tips + e.classes + e.calls \
+                from ledger.earnings(ledger.account_of('wallet', p.creator_id), null, 'infinity') e) \
+          limit 100",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
     let (total_balance, accounts_checked): (i64, i64) =
         sqlx::query_as("select coalesce(sum(balance), 0)::bigint, count(*) from ledger.accounts")
             .fetch_one(&mut *conn)
@@ -109,6 +133,8 @@ pub async fn audit(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> 
         sign_violations,
         unaudited_grants,
         drifted_spend_hours,
+        payout_clearing_drift,
+        overpaid_creators,
         total_balance,
         journals_checked,
         accounts_checked,

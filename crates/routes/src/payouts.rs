@@ -514,9 +514,11 @@ pub async fn request_payout(
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
-    /// At most 50 (default 24: a year of cycles).
+    /// 1–50, default 24 (a year of cycles).
+    #[param(minimum = 1, maximum = 50)]
     pub limit: Option<i64>,
 }
 
@@ -634,13 +636,16 @@ fn csv_field(raw: &str) -> String {
 #[serde(deny_unknown_fields)]
 pub struct HoldRequest {
     /// Why (1–500 characters; logged with the admin's id).
+    #[schema(min_length = 1, max_length = 500)]
     pub reason: String,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ReleaseQuery {
     /// Why (1–500 characters; logged with the admin's id).
+    #[param(min_length = 1, max_length = 500)]
     pub reason: String,
 }
 

@@ -63,7 +63,7 @@ pub struct Packages {
 pub async fn packages() -> Json<Packages> {
     Json(Packages {
         packages: &PACKAGES,
-        payout_cents_per_token: 5,
+        payout_cents_per_token: stagepass_ledger::payouts::CENTS_PER_TOKEN,
     })
 }
 

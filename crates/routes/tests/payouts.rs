@@ -210,6 +210,34 @@ async fn assert_payouts_clean(app: &TestApp) {
 // ---------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_creator_routes_are_behind_the_payouts_flag() {
+    let fake = ConnectFake::start().await;
+    // The flag as migrations seed it: off.
+    let app2 = TestApp::with_env(&[
+        ("STRIPE_API_BASE", fake.base_url().to_string()),
+        ("STRIPE_SECRET_KEY", connect::SECRET_KEY.to_owned()),
+        ("RATE_LIMITS", "off".to_owned()),
+    ])
+    .await;
+    let c = creator(&app2).await;
+    for (method, path) in [
+        ("GET", "/api/v1/me/payout-account"),
+        ("POST", "/api/v1/me/payout-account"),
+        ("GET", "/api/v1/me/payouts"),
+    ] {
+        let r = app2
+            .request(method.parse().unwrap(), path)
+            .bearer(&c.token)
+            .send()
+            .await;
+        r.assert_problem(StatusCode::FORBIDDEN, "feature_disabled");
+    }
+    let r = opt_in(&app2, &c, "k").await;
+    r.assert_problem(StatusCode::FORBIDDEN, "feature_disabled");
+    assert!(fake.requests().is_empty(), "nothing reached Stripe");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn cycles_and_periods_follow_the_1st_and_15th_with_the_0600_cutoff() {
     let fake = ConnectFake::start().await;
     let app = payouts_app(&fake, false).await;

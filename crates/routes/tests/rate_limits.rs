@@ -48,6 +48,9 @@ fn every_function_declares_its_limits() {
         if f.name == "v1_tokens_purchases" {
             assert!(matches!(f.limits, Limits::Purchase));
         }
+        if f.name == "v1_me_payout_requests" {
+            assert!(matches!(f.limits, Limits::PayoutRequest), "{}", f.name);
+        }
         // Signed callers verify before any budget is charged (ADR 0011).
         if f.name.starts_with("webhooks_")
             || f.name.starts_with("cron_")

@@ -26,6 +26,7 @@ use common::{TestApp, claims_for};
 use stagepass_ledger::calls::{CallMedia, CallStatus, EndReason};
 use stagepass_ledger::classes::{ClassStatus, EnrollmentStatus};
 use stagepass_ledger::grants::{MAX_GRANT, MAX_REASON_CHARS, MIN_GRANT};
+use stagepass_ledger::payouts::{CENTS_PER_TOKEN, MINIMUM_TOKENS, PayoutStatus, TransfersCapability};
 use stagepass_ledger::purchases::PurchaseStatus;
 use stagepass_ledger::{LedgerError, MAX_TIP, MIN_TIP};
 use stagepass_routes::schedule::CalendarEventStatus;
@@ -374,6 +375,18 @@ async fn the_status_enums_are_the_sql_check_constraints() {
             "calls_end_reason_check",
             texts(EndReason::ALL, EndReason::as_str),
         ),
+        (
+            "PayoutStatus",
+            "payouts",
+            "payouts_status_check",
+            texts(PayoutStatus::ALL, PayoutStatus::as_str),
+        ),
+        (
+            "TransfersCapability",
+            "connect_accounts",
+            "connect_accounts_transfers_check",
+            texts(TransfersCapability::ALL, TransfersCapability::as_str),
+        ),
     ];
     for (component, table, constraint, rust) in cases {
         let sql = allowed_values(&app, table, constraint).await;
@@ -406,7 +419,25 @@ async fn the_status_enums_are_the_sql_check_constraints() {
             "calls_status_check",
             "classes_status_check",
             "enrollments_status_check",
+            "payouts_status_check",
             "purchases_status_check",
         ]
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_payout_rate_and_minimum_are_the_ledger_constants() {
+    let app = TestApp::new().await;
+    let (cents, minimum): (i32, i64) =
+        sqlx::query_as("select cents_per_token, minimum_tokens from app.payout_config")
+            .fetch_one(&app.db.admin_pool)
+            .await
+            .expect("payout config");
+    assert_eq!(i64::from(cents), CENTS_PER_TOKEN);
+    assert_eq!(minimum, MINIMUM_TOKENS);
+    // The rate cannot be changed by a setting: 1 token is 5 cents (SPEC).
+    let changed = sqlx::query("update app.payout_config set cents_per_token = 500")
+        .execute(&app.db.admin_pool)
+        .await;
+    assert!(changed.is_err(), "dollars as cents are refused by the database");
 }

@@ -44,7 +44,7 @@ const RAW_BODY: [&str; 4] = [
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
 /// The realtime messages: component name, message name, schema file.
-pub const REALTIME: [(&str, &str, &str); 7] = [
+pub const REALTIME: [(&str, &str, &str); 9] = [
     (
         "RealtimeTipReceived",
         "tip.received",
@@ -79,6 +79,16 @@ pub const REALTIME: [(&str, &str, &str); 7] = [
         "RealtimeCallEnding",
         "call.ending",
         include_str!("../../../../docs/realtime/call.ending.schema.json"),
+    ),
+    (
+        "RealtimePayoutUpdated",
+        "payout.updated",
+        include_str!("../../../../docs/realtime/payout.updated.schema.json"),
+    ),
+    (
+        "RealtimePayoutAccountUpdated",
+        "payout_account.updated",
+        include_str!("../../../../docs/realtime/payout_account.updated.schema.json"),
     ),
 ];
 
