@@ -159,6 +159,12 @@ export LOCALSTRIPE_BIN="$CACHE/venv/bin/localstripe"
 # localstripe keeps its state in a fixed file; a stale one breaks it.
 rm -f /tmp/localstripe.pickle 2>/dev/null || true
 
+say "Stripe's published OpenAPI spec (cached in $CACHE)"
+# The Connect fake's shapes are checked against it (issue 12).
+# shellcheck source=ci/stripe-openapi.sh
+. scripts/ci/stripe-openapi.sh
+echo "STRIPE_OPENAPI_SPEC=$STRIPE_OPENAPI_SPEC"
+
 say "leftover test databases"
 psql "$DATABASE_ADMIN_URL" -Atc \
   "select datname from pg_database where datname like 'stagepass_t_%'" |

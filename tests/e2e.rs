@@ -243,6 +243,11 @@ async fn every_database_function_binary_reaches_postgres() {
         ("ABLY_API_KEY", "testapp.testkey:ably-test-secret"),
         ("ABLY_API_BASE", "http://127.0.0.1:9"),
         ("PUBLIC_BASE_URL", "https://api.stagepass.test"),
+        ("APP_BASE_URL", "https://app.stagepass.test"),
+        (
+            "STRIPE_CONNECT_WEBHOOK_SECRET",
+            "whsec_stagepass_e2e_connect",
+        ),
     ]);
     let token = mint(uuid::Uuid::new_v4(), Some("fan@example.com"));
     let nobody = uuid::Uuid::new_v4();
@@ -263,6 +268,19 @@ async fn every_database_function_binary_reaches_postgres() {
     .execute(&db.admin_pool)
     .await
     .expect("calls flag on");
+    // Payouts (ADR 0019), with their flag on.
+    sqlx::query(
+        "update app.feature_flags set enabled = true, rollout_basis_points = 10000 \
+          where key = 'payouts'",
+    )
+    .execute(&db.admin_pool)
+    .await
+    .expect("payouts flag on");
+    let payout = format!("/api/v1/me/payouts/{nobody}");
+    let (payout_earnings, payout_hold) = (
+        format!("{payout}/earnings"),
+        format!("/api/v1/admin/payout-holds/{nobody}"),
+    );
     let call_request = format!(r#"{{"creator_id":"{nobody}","media":"video"}}"#);
     let call = format!("/api/v1/calls/{nobody}");
     let (heartbeat, call_token, creator_settings) = (
@@ -365,6 +383,43 @@ async fn every_database_function_binary_reaches_postgres() {
             None,
             404,
         ),
+        // A fan is not paid out (decided in SQL); the history is theirs.
+        (
+            "v1_me_payout_account",
+            Method::GET,
+            "/api/v1/me/payout-account",
+            None,
+            403,
+        ),
+        (
+            "v1_me_payout_requests",
+            Method::POST,
+            "/api/v1/me/payout-requests",
+            None,
+            403,
+        ),
+        (
+            "v1_me_payouts",
+            Method::GET,
+            "/api/v1/me/payouts",
+            None,
+            200,
+        ),
+        ("v1_me_payouts_id", Method::GET, &payout, None, 404),
+        (
+            "v1_me_payouts_earnings",
+            Method::GET,
+            &payout_earnings,
+            None,
+            404,
+        ),
+        (
+            "v1_admin_payout_holds",
+            Method::PUT,
+            &payout_hold,
+            Some(r#"{"reason":"e2e"}"#),
+            403,
+        ),
         ("v1_admin_users_role", Method::PUT, &admin, Some(role), 403),
         // Feature flags (ADR 0016): only a database admin may read or change them.
         (
@@ -406,6 +461,7 @@ async fn every_database_function_binary_reaches_postgres() {
         "settle-classes",
         "deliver-outbox",
         "bill-calls",
+        "payouts",
     ] {
         let binary = format!("cron_{}", cron.replace('-', "_"));
         let f = Function::start(&binary, &env).await;
@@ -465,6 +521,49 @@ async fn the_agora_webhook_binary_verifies_and_records_notices() {
         .await
         .expect("notices");
     assert_eq!(recorded, 1);
+}
+
+/// The Stripe Connect webhook through its binary: a signed event of an
+/// account that is not ours is recorded once (`unknown_account`); one signed
+/// with the platform endpoint's secret is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_stripe_connect_webhook_binary_verifies_and_records_events() {
+    const SECRET: &str = "whsec_stagepass_e2e_connect";
+    let db = stagepass_platform::testing::TestDb::new().await;
+    let mut env = env_for(&db);
+    env.extend([
+        ("STRIPE_SECRET_KEY", "sk_test_stagepass_e2e"),
+        ("STRIPE_API_BASE", "http://127.0.0.1:9"),
+        ("STRIPE_CONNECT_WEBHOOK_SECRET", SECRET),
+    ]);
+    let f = Function::start("webhooks_stripe_connect", &env).await;
+    let body = br#"{"id":"evt_e2e_1","object":"event","type":"capability.updated","created":1,"livemode":false,"account":"acct_e2e","data":{"object":{"id":"transfers","object":"capability","account":"acct_e2e","status":"active","requested":true}}}"#;
+    let now = chrono::Utc::now().timestamp();
+    let send = |secret: &str| {
+        let sig = stagepass_integrations::stripe::webhook::sign(body, secret, now).expect("sign");
+        f.client()
+            .post(f.url("/api/webhooks/stripe-connect"))
+            .header("content-type", "application/json")
+            .header("stripe-signature", sig)
+            .body(body.to_vec())
+            .send()
+    };
+    let forged = send("whsec_the_platform_endpoint").await.expect("request");
+    assert_eq!(forged.status().as_u16(), 401);
+    let first: serde_json::Value = send(SECRET)
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(first["outcome"], "unknown_account", "{first}");
+    let again: serde_json::Value = send(SECRET)
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(again["duplicate"], true, "{again}");
 }
 
 /// The body of every envelope item kent received of type `transaction`.

@@ -68,6 +68,22 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/cron/payouts": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get: operations["payouts_cron"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/cron/reconcile-purchases": {
         parameters: {
             query?: never;
@@ -171,6 +187,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/jobs/payout-transfer": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /** QStash callback: one creator's transfer (see [`transfer_payout`]). */
+        post: operations["payout_transfer_job"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/admin/flags": {
         parameters: {
             query?: never;
@@ -201,6 +234,27 @@ export interface paths {
         options?: never;
         head?: never;
         patch: operations["patch_flag"];
+        trace?: never;
+    };
+    "/api/v1/admin/payout-holds/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        /**
+         * An admin holds a creator's payouts: none is frozen or sent until
+         *     released. Logged (who, when, why).
+         */
+        put: operations["hold_payouts"];
+        post?: never;
+        /** An admin releases a creator's payouts. Logged (who, when, why). */
+        delete: operations["release_payouts"];
+        options?: never;
+        head?: never;
+        patch?: never;
         trace?: never;
     };
     "/api/v1/admin/users/{id}/grants": {
@@ -513,6 +567,115 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/me/payout-account": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The caller's payout account (creators only): onboarding state, what
+         *     Stripe still needs (`currently_due`, `past_due`, the deadline), what
+         *     could be paid now, and the cycle an opt-in counts for.
+         */
+        get: operations["my_payout_account"];
+        put?: never;
+        /**
+         * A fresh onboarding link (creators only). The Express account is created
+         *     the first time (one per creator, whatever the concurrency); every call
+         *     mints a new single-use link. `refresh_url` is the web app's page that
+         *     signs the creator in again and calls this once more.
+         */
+        post: operations["onboarding_link"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/me/payout-requests": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * The creator asks to be paid in the next cycle: the 1st or the 15th,
+         *     whichever comes first after this instant (an opt-in after 06:00 UTC on a
+         *     cycle day counts for the next one). Refused below 1,000 payable tokens.
+         *     An open opt-in is returned rather than duplicated (`created: false`).
+         */
+        post: operations["request_payout"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/me/payouts": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The caller's payouts (history), newest cycle first, each with its
+         *     statement.
+         */
+        get: operations["my_payouts"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/me/payouts/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * One of the caller's payouts and its statement: the period's earnings by
+         *     source, what was carried over, what was paid and where it stands.
+         */
+        get: operations["my_payout"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/me/payouts/{id}/earnings": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The period's earnings of one of the caller's payouts, one line per
+         *     earning (CSV, RFC 4180): `earned_at,source,reference,tokens,cents`.
+         */
+        get: operations["payout_earnings_csv"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/openapi.json": {
         parameters: {
             query?: never;
@@ -726,6 +889,31 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/webhooks/stripe-connect": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Stripe's events of connected accounts (the Connect endpoint, its own
+         *     secret): `account.updated`, `capability.updated` (the `transfers`
+         *     capability gates payouts), `payout.paid|failed|canceled|updated` (bank
+         *     payouts). Verified on the raw body first; each event id applied once, in
+         *     the effect's transaction; an event of the other mode (test events reach
+         *     live endpoints) is recorded and ignored; an event older than one applied
+         *     is recorded and ignored.
+         */
+        post: operations["connect_webhook"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
@@ -744,6 +932,14 @@ export interface components {
             drifted_spend_hours: string[];
             /** Format: int64 */
             journals_checked: number;
+            /** @description Payouts that paid a creator more than they earned (creator ids). */
+            overpaid_creators: string[];
+            /**
+             * Format: int64
+             * @description Payout clearing's balance less the tokens of the payouts held in it
+             *     (frozen, transfer not recorded yet); must be 0.
+             */
+            payout_clearing_drift: number;
             /**
              * @description Wallets, escrows or payout clearing below zero, debt or promotions
              *     above zero.
@@ -1108,6 +1304,16 @@ export interface components {
          * @enum {string}
          */
         ClassStatus: "scheduled" | "cancelled" | "settled";
+        ConnectReceived: {
+            /** @description This event id was applied before; nothing changed. */
+            duplicate: boolean;
+            /**
+             * @description What the event did: `applied`, `stale`, `unknown_account`,
+             *     `wrong_mode`, `ignored`, …
+             */
+            outcome: string;
+            received: boolean;
+        };
         /** @description What one delivery run did. */
         Delivery: {
             /**
@@ -1270,6 +1476,17 @@ export interface components {
             status: string;
             version: string;
         };
+        HoldChange: {
+            /** @description False when it already was so (nothing logged). */
+            changed: boolean;
+            /** Format: uuid */
+            creator_id: string;
+            held: boolean;
+        };
+        HoldRequest: {
+            /** @description Why (1–500 characters; logged with the admin's id). */
+            reason: string;
+        };
         JobOutcome: {
             /**
              * @description `sent`, or why nothing was: `rescheduled`, `class_cancelled`,
@@ -1389,6 +1606,14 @@ export interface components {
              */
             rollout_basis_points?: number | null;
         };
+        /** @description A single-use link to Stripe's hosted onboarding. Never stored or logged. */
+        OnboardingLink: {
+            /** Format: int64 */
+            expires_at: number;
+            stripe_account_id: string;
+            /** @description Open it in the browser now: it expires within minutes and works once. */
+            url: string;
+        };
         Package: {
             /** Format: int64 */
             bonus_tokens: number;
@@ -1413,6 +1638,204 @@ export interface components {
              * @description What one token pays a creator, in USD cents.
              */
             payout_cents_per_token: number;
+        };
+        /** @description A payout and its statement (`app.payouts`). */
+        Payout: {
+            /** Format: int64 */
+            amount_cents: number;
+            /** Format: int32 */
+            attempts: number;
+            /**
+             * Format: int64
+             * @description Earned before the period and not paid until now (tokens).
+             */
+            carried_over: number;
+            /** Format: int32 */
+            cents_per_token: number;
+            /** Format: uuid */
+            creator_id: string;
+            /**
+             * Format: date
+             * @description The cycle day (the 1st or the 15th).
+             */
+            cycle: string;
+            /**
+             * Format: int64
+             * @description Everything earned before the period end, and what was paid of it
+             *     before this payout (tokens).
+             */
+            earned_total: number;
+            /** Format: date-time */
+            frozen_at: string;
+            /** Format: date-time */
+            give_up_at: string;
+            /** Format: uuid */
+            id: string;
+            last_error?: string | null;
+            /** Format: date-time */
+            next_attempt_at: string;
+            /** Format: int64 */
+            paid_before: number;
+            /** Format: int64 */
+            period_calls: number;
+            /** Format: int64 */
+            period_classes: number;
+            /** Format: date-time */
+            period_end: string;
+            /**
+             * Format: date-time
+             * @description The period's earnings: [period_start, period_end), UTC.
+             */
+            period_start: string;
+            /**
+             * Format: int64
+             * @description The period's earnings by source (tokens).
+             */
+            period_tips: number;
+            /** Format: int64 */
+            reversed_cents: number;
+            /** Format: int64 */
+            reversed_tokens: number;
+            /** Format: date-time */
+            sent_at?: string | null;
+            status: components["schemas"]["PayoutStatus"];
+            stripe_account_id: string;
+            /**
+             * Format: int64
+             * @description What this payout pays: tokens, and cents (tokens × 5).
+             */
+            tokens: number;
+            /** @description Stripe's transfer (`tr_…`) once recorded. */
+            transfer_id?: string | null;
+            /** Format: date-time */
+            updated_at: string;
+            /**
+             * Format: int64
+             * @description The wallet net of debt when the statement was frozen (tokens).
+             */
+            wallet_available: number;
+        };
+        /** @description A creator's payout account (`app.connect_accounts`), as the creator sees it. */
+        PayoutAccount: {
+            bank_payout_failure?: string | null;
+            /** @description The last bank payout Stripe reported: `paid`, `failed`, `canceled`. */
+            bank_payout_status?: string | null;
+            /** Format: date-time */
+            current_deadline?: string | null;
+            /** @description What Stripe needs now, and what is overdue (field names). */
+            currently_due: string[];
+            /** @description Onboarding submitted. */
+            details_submitted: boolean;
+            disabled_reason?: string | null;
+            eventually_due: string[];
+            /** @description What Stripe will need later (`future_requirements.currently_due`). */
+            future_currently_due: string[];
+            past_due: string[];
+            /** @description Whether Stripe pays the account's balance out to its bank. */
+            payouts_enabled: boolean;
+            stripe_account_id: string;
+            /** @description The `transfers` capability: payouts are sent only while `active`. */
+            transfers: components["schemas"]["TransfersCapability"];
+            /** Format: date-time */
+            updated_at: string;
+        };
+        /** @description The creator's payout account and what could be paid. */
+        PayoutAccountView: {
+            account?: null | components["schemas"]["PayoutAccount"];
+            /**
+             * @description Payouts are sent: the `transfers` capability is active and no admin
+             *     holds them.
+             */
+            eligible: boolean;
+            summary: components["schemas"]["PayoutSummary"];
+        };
+        /** @description An opt-in ("pay me in the next cycle"). */
+        PayoutRequest: {
+            /** @description False when an open request already existed and is returned instead. */
+            created: boolean;
+            /**
+             * Format: date
+             * @description The first cycle it counts for.
+             */
+            cycle: string;
+            /** Format: uuid */
+            id: string;
+            /**
+             * Format: int64
+             * @description What could be paid right now (tokens).
+             */
+            payable_tokens: number;
+            /** Format: date-time */
+            requested_at: string;
+        };
+        /** @description What one run of `/api/cron/payouts` did. */
+        PayoutRun: {
+            /**
+             * Format: date
+             * @description The cycle under way, if today is a cycle day after 02:00 UTC.
+             */
+            cycle?: string | null;
+            /**
+             * Format: int64
+             * @description Statements frozen (one transfer job queued each).
+             */
+            frozen: number;
+            /**
+             * Format: int64
+             * @description Cents the platform had available at Stripe before freezing.
+             */
+            platform_available_cents?: number | null;
+            /**
+             * Format: int64
+             * @description Held payouts found sent at Stripe and recorded now.
+             */
+            reconciled: number;
+            /**
+             * Format: int64
+             * @description Payouts whose transfer job was queued again.
+             */
+            requeued: number;
+            /** @description Opt-ins left open, by reason (carried over to a later run or cycle). */
+            skipped: {
+                [key: string]: number;
+            };
+        };
+        /**
+         * @description `app.payouts.status` (check `payouts_status_check`).
+         * @enum {string}
+         */
+        PayoutStatus: "held" | "sent" | "released" | "abandoned" | "reversed";
+        /** @description The caller's payout picture. */
+        PayoutSummary: {
+            /** Format: int32 */
+            cents_per_token: number;
+            /** @description An admin holds this creator's payouts. */
+            held: boolean;
+            /** Format: int64 */
+            minimum_tokens: number;
+            /**
+             * Format: date
+             * @description The cycle an opt-in made now counts for (the 1st or the 15th).
+             */
+            next_cycle: string;
+            /**
+             * Format: uuid
+             * @description The open opt-in, if any, its cycle, and why the last run skipped it.
+             */
+            open_request?: string | null;
+            /** Format: date */
+            open_request_cycle?: string | null;
+            /**
+             * Format: int64
+             * @description Earned and not paid, capped by the wallet net of debt (tokens).
+             */
+            payable_tokens: number;
+            skipped_reason?: string | null;
+        };
+        /** @description A payout-transfer message: the payout to send. */
+        PayoutTransferMessage: {
+            /** Format: uuid */
+            payout_id: string;
         };
         /** @description An RFC 9457 problem document, sent as application/problem+json. Members other than type, title, status and code are present only when they apply (never null). */
         Problem: {
@@ -1611,6 +2034,50 @@ export interface components {
             title: string;
         };
         /**
+         * PayoutAccountUpdated
+         * @description The `data` of the Ably message named `payout_account.updated` on channel `user:{creator id}`: Stripe reported a change of the creator's payout account (onboarding, requirements, the transfers capability, a bank payout). Re-read it with GET /api/v1/me/payout-account. Written by app.connect_account_emit() (migrations/20261130000021_payouts.sql).
+         */
+        RealtimePayoutAccountUpdated: {
+            /** @enum {string|null} */
+            bank_payout_status: "paid" | "failed" | "canceled" | null;
+            /** @description What Stripe needs now. */
+            currently_due: string[];
+            details_submitted: boolean;
+            disabled_reason: string | null;
+            /** @description What is overdue. */
+            past_due: string[];
+            /** @description The outbox row's id: orders the messages of one channel. Ignore a message whose seq is lower than the last one seen (delivery is at least once and two deliverers may overlap). */
+            seq: number;
+            /**
+             * @description Payouts are sent only while `active`.
+             * @enum {string}
+             */
+            transfers: "active" | "inactive" | "pending" | "unknown";
+        };
+        /**
+         * PayoutUpdated
+         * @description The `data` of the Ably message named `payout.updated` on channel `user:{creator id}`: a payout was frozen, sent, released after a refusal, abandoned or (partly) reversed. Ably message id `payout:{payout id}:{status}:{attempts}:{reversed_cents}`. Re-read it with GET /api/v1/me/payouts/{payout_id}. Written by app.payout_emit() (migrations/20261130000021_payouts.sql).
+         */
+        RealtimePayoutUpdated: {
+            /** @description tokens × 5 US cents. */
+            amount_cents: number;
+            /** @description Transfer attempts so far. */
+            attempts: number;
+            /**
+             * Format: date
+             * @description The cycle day (the 1st or the 15th).
+             */
+            cycle: string;
+            /** Format: uuid */
+            payout_id: string;
+            reversed_cents: number;
+            /** @description The outbox row's id: orders the messages of one channel. Ignore a message whose seq is lower than the last one seen (delivery is at least once and two deliverers may overlap). */
+            seq: number;
+            /** @enum {string} */
+            status: "held" | "sent" | "released" | "abandoned" | "reversed";
+            tokens: number;
+        };
+        /**
          * TipReceived
          * @description The `data` of the Ably message named `tip.received` on channel `user:{creator id}`: a fan tipped this creator. One per committed tip; the Ably message id is `tip:{tip_id}`. Written by app.tip() (migrations/20261127000007_outbox_feeds.sql).
          */
@@ -1715,6 +2182,20 @@ export interface components {
              */
             recipient_id: string;
         };
+        TransferJobOutcome: {
+            outcome: components["schemas"]["TransferOutcome"];
+        };
+        /**
+         * @description What one transfer attempt did.
+         * @enum {string}
+         */
+        TransferOutcome: "sent" | "already_done" | "not_due" | "busy" | "paced" | "released" | "retrying" | "abandoned";
+        /**
+         * @description `app.connect_accounts.transfers` (check `connect_accounts_transfers_check`):
+         *     the Stripe `transfers` capability, as Stripe's events last said.
+         * @enum {string}
+         */
+        TransfersCapability: "active" | "inactive" | "pending" | "unknown";
         /** @description The outcome of a withdrawal. */
         Withdrawal: {
             /** Format: uuid */
@@ -1969,6 +2450,49 @@ export interface operations {
             503: components["responses"]["ServiceUnavailable"];
         };
     };
+    payouts_cron: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PayoutRun"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: {
+                headers: {
+                    "WWW-Authenticate": components["headers"]["WWW-Authenticate"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            429: components["responses"]["TooManyRequests"];
+            /** @description payment_provider_unavailable */
+            503: {
+                headers: {
+                    "Retry-After": components["headers"]["Retry-After"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
     reconcile_purchases: {
         parameters: {
             query?: never;
@@ -2186,6 +2710,61 @@ export interface operations {
             503: components["responses"]["ServiceUnavailable"];
         };
     };
+    payout_transfer_job: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["PayoutTransferMessage"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["TransferJobOutcome"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description invalid_qstash_signature */
+            401: {
+                headers: {
+                    "WWW-Authenticate": components["headers"]["WWW-Authenticate"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            415: components["responses"]["UnsupportedMediaType"];
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
     list_flags: {
         parameters: {
             query?: never;
@@ -2399,6 +2978,136 @@ export interface operations {
                     "application/problem+json": components["schemas"]["Problem"];
                 };
             };
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
+    hold_payouts: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description the creator's id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["HoldRequest"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HoldChange"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            401: {
+                headers: {
+                    "WWW-Authenticate": components["headers"]["WWW-Authenticate"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description admin_required */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            415: components["responses"]["UnsupportedMediaType"];
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
+    release_payouts: {
+        parameters: {
+            query: {
+                /** @description Why (1–500 characters; logged with the admin's id). */
+                reason: string;
+            };
+            header?: never;
+            path: {
+                /** @description the creator's id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HoldChange"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            401: {
+                headers: {
+                    "WWW-Authenticate": components["headers"]["WWW-Authenticate"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description admin_required */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
             429: components["responses"]["TooManyRequests"];
             503: components["responses"]["ServiceUnavailable"];
         };
@@ -3466,6 +4175,357 @@ export interface operations {
             503: components["responses"]["ServiceUnavailable"];
         };
     };
+    my_payout_account: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PayoutAccountView"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: {
+                headers: {
+                    "WWW-Authenticate": components["headers"]["WWW-Authenticate"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description creator_required, feature_disabled */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
+    onboarding_link: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OnboardingLink"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            401: {
+                headers: {
+                    "WWW-Authenticate": components["headers"]["WWW-Authenticate"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description creator_required, feature_disabled */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            429: components["responses"]["TooManyRequests"];
+            /** @description payment_provider_unavailable */
+            503: {
+                headers: {
+                    "Retry-After": components["headers"]["Retry-After"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    request_payout: {
+        parameters: {
+            query?: never;
+            header: {
+                /** @description 1–255 visible ASCII characters */
+                "Idempotency-Key": string;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            201: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PayoutRequest"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            401: {
+                headers: {
+                    "WWW-Authenticate": components["headers"]["WWW-Authenticate"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description creator_required, feature_disabled */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description idempotency_in_progress */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            /** @description below_payout_minimum, idempotency_key_reused */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            429: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    "Retry-After": components["headers"]["Retry-After"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
+    my_payouts: {
+        parameters: {
+            query?: {
+                /** @description 1–50, default 24 (a year of cycles). */
+                limit?: number;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Payout"][];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            401: {
+                headers: {
+                    "WWW-Authenticate": components["headers"]["WWW-Authenticate"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description feature_disabled */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
+    my_payout: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description the payout's id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Payout"];
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            401: {
+                headers: {
+                    "WWW-Authenticate": components["headers"]["WWW-Authenticate"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description feature_disabled */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
+    payout_earnings_csv: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description the payout's id */
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/csv": string;
+                };
+            };
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            401: {
+                headers: {
+                    "WWW-Authenticate": components["headers"]["WWW-Authenticate"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description feature_disabled */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            429: components["responses"]["TooManyRequests"];
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
     openapi_doc: {
         parameters: {
             query?: never;
@@ -3969,6 +5029,70 @@ export interface operations {
                 };
             };
             413: components["responses"]["PayloadTooLarge"];
+            /** @description too many bad signatures from this client IP (`unsigned`), or Stripe's own budget spent */
+            429: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    "Retry-After": components["headers"]["Retry-After"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description the effect failed; Stripe retries */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            503: components["responses"]["ServiceUnavailable"];
+        };
+    };
+    connect_webhook: {
+        parameters: {
+            query?: never;
+            header: {
+                /** @description t=…,v1=… */
+                "Stripe-Signature": string;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        /** @description a Stripe event of a connected account, verified on the raw bytes */
+        requestBody: {
+            content: {
+                "application/json": unknown;
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    RateLimit: components["headers"]["RateLimit"];
+                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ConnectReceived"];
+                };
+            };
+            400: components["responses"]["BadRequest"];
+            /** @description missing, bad or stale signature (`invalid_signature`) */
+            401: {
+                headers: {
+                    "WWW-Authenticate": components["headers"]["WWW-Authenticate"];
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            413: components["responses"]["PayloadTooLarge"];
+            415: components["responses"]["UnsupportedMediaType"];
             /** @description too many bad signatures from this client IP (`unsigned`), or Stripe's own budget spent */
             429: {
                 headers: {

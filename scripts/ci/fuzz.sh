@@ -72,7 +72,8 @@ start_dev() {
   env -u DATABASE_URL HOST=127.0.0.1 PORT="$port" RATE_LIMITS="$limits" \
     CRON_SECRET="$(random)" \
     STRIPE_SECRET_KEY="sk_test_fuzz$(random)" STRIPE_API_BASE="http://127.0.0.1:$STRIPE_PORT" \
-    STRIPE_WEBHOOK_SECRET="whsec_$(random)" \
+    STRIPE_WEBHOOK_SECRET="whsec_$(random)" STRIPE_CONNECT_WEBHOOK_SECRET="whsec_$(random)" \
+    APP_BASE_URL="https://app.stagepass.test" \
     ABLY_API_KEY="fuzzapp.fuzzkey:$(random)" ABLY_API_BASE="http://127.0.0.1:9" \
     QSTASH_TOKEN="$(random)" QSTASH_URL="http://127.0.0.1:9" \
     QSTASH_CURRENT_SIGNING_KEY="sig_$(random)" QSTASH_NEXT_SIGNING_KEY="sig_$(random)" \
@@ -128,12 +129,14 @@ fuzz_as() {
 }
 
 # Flags seeded off would keep the fuzzer at 403 feature_disabled: turn the
-# call routes on for everyone (as an admin would) and give the demo
-# creator call settings, so requests reach the call handlers.
+# call and payout routes on for everyone (as an admin would) and give the
+# demo creator call settings, so requests reach the handlers.
 enable_calls() {
-  curl -fsS -o /dev/null -X PATCH "$BASE/api/v1/admin/flags/calls" \
-    -H "Authorization: Bearer $(token admin)" -H 'Content-Type: application/json' \
-    -d '{"enabled":true,"rollout_basis_points":10000,"reason":"fuzz the call routes"}'
+  for flag in calls payouts; do
+    curl -fsS -o /dev/null -X PATCH "$BASE/api/v1/admin/flags/$flag" \
+      -H "Authorization: Bearer $(token admin)" -H 'Content-Type: application/json' \
+      -d "{\"enabled\":true,\"rollout_basis_points\":10000,\"reason\":\"fuzz the $flag routes\"}"
+  done
   sleep 1.2 # FLAGS_CACHE_SECONDS
   curl -fsS -o /dev/null -X PUT "$BASE/api/v1/me/call-settings" \
     -H "Authorization: Bearer $(token creator)" -H 'Content-Type: application/json' \

@@ -54,6 +54,15 @@ fn binary(name: &str) -> &'static str {
         "cron_bill_calls" => env!("CARGO_BIN_EXE_cron_bill_calls"),
         "jobs_call_tick" => env!("CARGO_BIN_EXE_jobs_call_tick"),
         "webhooks_agora" => env!("CARGO_BIN_EXE_webhooks_agora"),
+        "v1_me_payout_account" => env!("CARGO_BIN_EXE_v1_me_payout_account"),
+        "v1_me_payout_requests" => env!("CARGO_BIN_EXE_v1_me_payout_requests"),
+        "v1_me_payouts" => env!("CARGO_BIN_EXE_v1_me_payouts"),
+        "v1_me_payouts_id" => env!("CARGO_BIN_EXE_v1_me_payouts_id"),
+        "v1_me_payouts_earnings" => env!("CARGO_BIN_EXE_v1_me_payouts_earnings"),
+        "v1_admin_payout_holds" => env!("CARGO_BIN_EXE_v1_admin_payout_holds"),
+        "cron_payouts" => env!("CARGO_BIN_EXE_cron_payouts"),
+        "jobs_payout_transfer" => env!("CARGO_BIN_EXE_jobs_payout_transfer"),
+        "webhooks_stripe_connect" => env!("CARGO_BIN_EXE_webhooks_stripe_connect"),
         other => panic!("unknown function binary {other}"),
     }
 }

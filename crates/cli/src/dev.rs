@@ -204,6 +204,8 @@ fn dev_environment(port: u16, app_url: &str) -> Result<BTreeMap<String, String>>
     default("DATABASE_URL", app_url.to_owned());
     default("SUPABASE_URL", format!("http://127.0.0.1:{port}"));
     default("PUBLIC_BASE_URL", format!("http://127.0.0.1:{port}"));
+    // Where Stripe's hosted onboarding returns a creator (payouts).
+    default("APP_BASE_URL", format!("http://127.0.0.1:{port}"));
     // Per-run random secrets: nothing minted by one run works in another.
     default("SUPABASE_JWT_SECRET", random_alphanumeric(48)?);
     default(
@@ -325,6 +327,14 @@ fn print_money(base: &str, tokens: &[DemoToken], grant: &str, vars: &BTreeMap<St
         println!(
             "card purchases: off (set STRIPE_SECRET_KEY, STRIPE_WEBHOOK_SECRET and, for \
              localstripe, STRIPE_API_BASE; see README \"Try the money features\")"
+        );
+    }
+    if stripe("STRIPE_SECRET_KEY") && stripe("STRIPE_CONNECT_WEBHOOK_SECRET") {
+        println!("payouts: Stripe Connect; Connect webhooks to {base}/api/webhooks/stripe-connect");
+    } else {
+        println!(
+            "payouts: off (set STRIPE_SECRET_KEY and STRIPE_CONNECT_WEBHOOK_SECRET; \
+             localstripe has no Connect: use Stripe test keys; docs/PAYOUTS.md)"
         );
     }
     println!();

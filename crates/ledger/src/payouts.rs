@@ -312,14 +312,12 @@ pub async fn set_hold(
     hold: bool,
     reason: &str,
 ) -> Result<bool, PayoutError> {
-    Ok(
-        sqlx::query_scalar("select app.set_payout_hold($1, $2, $3)")
-            .bind(creator)
-            .bind(hold)
-            .bind(reason)
-            .fetch_one(conn)
-            .await?,
-    )
+    Ok(sqlx::query_scalar("select app.set_payout_hold($1, $2, $3)")
+        .bind(creator)
+        .bind(hold)
+        .bind(reason)
+        .fetch_one(conn)
+        .await?)
 }
 
 /// What the run did with one opt-in.
@@ -474,9 +472,9 @@ pub async fn record_failure(
     .bind(retry_in.as_secs_f64())
     .fetch_one(conn)
     .await?;
-    status
-        .parse()
-        .map_err(|e: crate::status::UnknownStatus| PayoutError::Ledger(LedgerError::Invariant(e.to_string())))
+    status.parse().map_err(|e: crate::status::UnknownStatus| {
+        PayoutError::Ledger(LedgerError::Invariant(e.to_string()))
+    })
 }
 
 /// Service path: payouts whose answer was never recorded (held, the last

@@ -503,9 +503,7 @@ pub async fn request_payout(
         StatusCode::CREATED,
         |conn| {
             Box::pin(async move {
-                let request = payouts::request(conn, Uuid::now_v7())
-                    .await
-                    .or_problem()?;
+                let request = payouts::request(conn, Uuid::now_v7()).await.or_problem()?;
                 serde_json::to_value(&request).map_err(ApiError::internal)
             })
         },
@@ -592,7 +590,8 @@ pub async fn payout_earnings_csv(
     for r in &rows {
         csv.push_str(&format!(
             "{},{},{},{},{}\r\n",
-            r.earned_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            r.earned_at
+                .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             csv_field(&r.source),
             csv_field(&r.reference),
             r.tokens,
@@ -755,7 +754,22 @@ pub async fn run_payouts(s: &RunState) -> ApiResult<PayoutRun> {
         .fetch_one(&mut *tx)
         .await?;
     tx.commit().await?;
-    if run.cycle.is_some() {
+    let due: bool = match run.cycle {
+        Some(cycle) => {
+            let mut tx = db::begin_service(&s.pool).await?;
+            let due = sqlx::query_scalar(
+                "select exists (select 1 from app.payout_requests \
+                  where payout_id is null and cycle <= $1)",
+            )
+            .bind(cycle)
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            due
+        }
+        None => false,
+    };
+    if due {
         // The platform's balance is checked up front: a payout is frozen
         // only while the available balance, less what is in flight, covers it.
         let balance = s
@@ -803,15 +817,9 @@ pub async fn run_payouts(s: &RunState) -> ApiResult<PayoutRun> {
                 .map_err(|e| stripe_unavailable(&e))?;
             if let Some(t) = found.first() {
                 let mut tx = db::begin_service(&s.pool).await?;
-                payouts::record_sent(
-                    &mut tx,
-                    p.id,
-                    &t.id,
-                    Cents::new(t.amount),
-                    &t.destination,
-                )
-                .await
-                .or_problem()?;
+                payouts::record_sent(&mut tx, p.id, &t.id, Cents::new(t.amount), &t.destination)
+                    .await
+                    .or_problem()?;
                 tx.commit().await?;
                 run.reconciled += 1;
                 continue;
@@ -935,13 +943,15 @@ pub async fn transfer_payout(s: &RunState, payout: Uuid) -> ApiResult<TransferOu
 
     // 3. Stripe.
     let answer = match action {
-        AttemptAction::LookupThenSend => match s.connect.stripe.list_transfers(&p.transfer_group()).await {
-            Ok(found) => match found.into_iter().next() {
-                Some(t) => Ok(t),
-                None => create_transfer(&s.connect.stripe, &p).await,
-            },
-            Err(e) => Err(e),
-        },
+        AttemptAction::LookupThenSend => {
+            match s.connect.stripe.list_transfers(&p.transfer_group()).await {
+                Ok(found) => match found.into_iter().next() {
+                    Some(t) => Ok(t),
+                    None => create_transfer(&s.connect.stripe, &p).await,
+                },
+                Err(e) => Err(e),
+            }
+        }
         _ => create_transfer(&s.connect.stripe, &p).await,
     };
 

@@ -112,6 +112,22 @@ impl IntoProblem for PurchaseError {
     }
 }
 
+impl IntoProblem for PayoutError {
+    fn into_problem(self) -> ApiError {
+        let detail = self.to_string();
+        match self {
+            PayoutError::NotCreator => ApiError::Forbidden(codes::CREATOR_REQUIRED),
+            PayoutError::BelowMinimum(_) => {
+                ApiError::Unprocessable(codes::BELOW_PAYOUT_MINIMUM, detail)
+            }
+            PayoutError::NotFound | PayoutError::UnknownCreator => ApiError::NotFound,
+            PayoutError::Busy => ApiError::Unavailable(codes::BUSY, detail),
+            PayoutError::AdminRequired => ApiError::Forbidden(codes::ADMIN_REQUIRED),
+            PayoutError::Ledger(l) => l.into_problem(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,18 +183,3 @@ mod tests {
     }
 }
 
-impl IntoProblem for PayoutError {
-    fn into_problem(self) -> ApiError {
-        let detail = self.to_string();
-        match self {
-            PayoutError::NotCreator => ApiError::Forbidden(codes::CREATOR_REQUIRED),
-            PayoutError::BelowMinimum(_) => {
-                ApiError::Unprocessable(codes::BELOW_PAYOUT_MINIMUM, detail)
-            }
-            PayoutError::NotFound | PayoutError::UnknownCreator => ApiError::NotFound,
-            PayoutError::Busy => ApiError::Unavailable(codes::BUSY, detail.into()),
-            PayoutError::AdminRequired => ApiError::Forbidden(codes::ADMIN_REQUIRED),
-            PayoutError::Ledger(l) => l.into_problem(),
-        }
-    }
-}

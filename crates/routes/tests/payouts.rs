@@ -62,9 +62,14 @@ fn run_state(app: &TestApp, fake: &ConnectFake) -> RunState {
         e
     };
     let mut l = common::loader(&env);
-    let connect = stagepass_routes::payouts::Connect::load(&mut l, &app.resources).expect("connect");
-    let outbox = stagepass_routes::outbox::Outbox::load(&mut l, &app.resources, Some(app.db.app_pool.clone()))
-        .expect("outbox");
+    let connect =
+        stagepass_routes::payouts::Connect::load(&mut l, &app.resources).expect("connect");
+    let outbox = stagepass_routes::outbox::Outbox::load(
+        &mut l,
+        &app.resources,
+        Some(app.db.app_pool.clone()),
+    )
+    .expect("outbox");
     RunState {
         pool: app.db.app_pool.clone(),
         connect,
@@ -133,7 +138,11 @@ async fn connect_event(app: &TestApp, event: &Value, secret: &str) -> TestRespon
 /// the transfers capability active.
 async fn onboarded(app: &TestApp, fake: &ConnectFake) -> (User, String) {
     let c = creator(app).await;
-    let r = app.post("/api/v1/me/payout-account").bearer(&c.token).send().await;
+    let r = app
+        .post("/api/v1/me/payout-account")
+        .bearer(&c.token)
+        .send()
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     let account = r.json()["stripe_account_id"].as_str().unwrap().to_owned();
     for e in fake.complete_onboarding(&account) {
@@ -204,7 +213,10 @@ async fn assert_payouts_clean(app: &TestApp) {
     .fetch_one(&app.db.admin_pool)
     .await
     .expect("clearing");
-    assert_eq!(clearing, held, "payout clearing holds exactly the held payouts");
+    assert_eq!(
+        clearing, held,
+        "payout clearing holds exactly the held payouts"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -254,13 +266,29 @@ async fn cycles_and_periods_follow_the_1st_and_15th_with_the_0600_cutoff() {
         }
     };
     assert_eq!(cycle("2026-12-01T05:59:59.999Z").await, "2026-12-01");
-    assert_eq!(cycle("2026-12-01T06:00:00Z").await, "2026-12-15", "exactly 06:00 is the next cycle");
+    assert_eq!(
+        cycle("2026-12-01T06:00:00Z").await,
+        "2026-12-15",
+        "exactly 06:00 is the next cycle"
+    );
     assert_eq!(cycle("2026-12-14T23:59:59Z").await, "2026-12-15");
     assert_eq!(cycle("2026-12-15T05:59:59.999999Z").await, "2026-12-15");
     assert_eq!(cycle("2026-12-15T06:00:00Z").await, "2027-01-01");
-    assert_eq!(cycle("2026-12-31T23:59:59Z").await, "2027-01-01", "year end");
-    assert_eq!(cycle("2027-02-28T12:00:00Z").await, "2027-03-01", "short month");
-    assert_eq!(cycle("2028-02-29T12:00:00Z").await, "2028-03-01", "leap day");
+    assert_eq!(
+        cycle("2026-12-31T23:59:59Z").await,
+        "2027-01-01",
+        "year end"
+    );
+    assert_eq!(
+        cycle("2027-02-28T12:00:00Z").await,
+        "2027-03-01",
+        "short month"
+    );
+    assert_eq!(
+        cycle("2028-02-29T12:00:00Z").await,
+        "2028-03-01",
+        "leap day"
+    );
     // A time zone other than UTC on the way in changes nothing.
     assert_eq!(cycle("2026-12-15T07:30:00+02:00").await, "2026-12-15");
     let period = |c: &str| {
@@ -279,15 +307,24 @@ async fn cycles_and_periods_follow_the_1st_and_15th_with_the_0600_cutoff() {
     // The 1st pays the previous month's second half; the 15th the first.
     assert_eq!(
         period("2027-03-01").await,
-        ("2027-02-15T00:00:00+00:00".into(), "2027-03-01T00:00:00+00:00".into())
+        (
+            "2027-02-15T00:00:00+00:00".into(),
+            "2027-03-01T00:00:00+00:00".into()
+        )
     );
     assert_eq!(
         period("2027-01-01").await,
-        ("2026-12-15T00:00:00+00:00".into(), "2027-01-01T00:00:00+00:00".into())
+        (
+            "2026-12-15T00:00:00+00:00".into(),
+            "2027-01-01T00:00:00+00:00".into()
+        )
     );
     assert_eq!(
         period("2026-12-15").await,
-        ("2026-12-01T00:00:00+00:00".into(), "2026-12-15T00:00:00+00:00".into())
+        (
+            "2026-12-01T00:00:00+00:00".into(),
+            "2026-12-15T00:00:00+00:00".into()
+        )
     );
 
     // Through the API, with the clock moved: an opt-in at 05:59 on a cycle
@@ -318,7 +355,11 @@ async fn onboarding_creates_one_account_and_fresh_single_use_links() {
     let c = creator(&app).await;
 
     // Before anything: no account, not eligible.
-    let r = app.get("/api/v1/me/payout-account").bearer(&c.token).send().await;
+    let r = app
+        .get("/api/v1/me/payout-account")
+        .bearer(&c.token)
+        .send()
+        .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     assert_eq!(r.json()["account"], Value::Null);
     assert_eq!(r.json()["eligible"], false);
@@ -343,7 +384,9 @@ async fn onboarding_creates_one_account_and_fresh_single_use_links() {
     let created: Vec<Value> = fake
         .requests()
         .into_iter()
-        .filter(|r| r.method == "POST" && r.path == "/v1/accounts" && r.status == 200 && !r.replayed)
+        .filter(|r| {
+            r.method == "POST" && r.path == "/v1/accounts" && r.status == 200 && !r.replayed
+        })
         .map(|r| r.response)
         .collect();
     assert_eq!(created.len(), 1, "Stripe created one account");
@@ -356,15 +399,24 @@ async fn onboarding_creates_one_account_and_fresh_single_use_links() {
     let has = |k: &str, v: &str| form.iter().any(|(fk, fv)| fk == k && fv == v);
     assert!(has("type", "express"));
     assert!(has("capabilities[transfers][requested]", "true"));
-    assert!(has("settings[payouts][schedule][interval]", "daily"), "the bank schedule is set explicitly");
+    assert!(
+        has("settings[payouts][schedule][interval]", "daily"),
+        "the bank schedule is set explicitly"
+    );
     let link = fake
         .requests()
         .into_iter()
         .find(|r| r.path == "/v1/account_links")
         .unwrap();
     let has_link = |k: &str, v: &str| link.form.iter().any(|(fk, fv)| fk == k && fv == v);
-    assert!(has_link("refresh_url", "https://app.stagepass.test/payouts/onboarding/refresh"));
-    assert!(has_link("return_url", "https://app.stagepass.test/payouts/onboarding/return"));
+    assert!(has_link(
+        "refresh_url",
+        "https://app.stagepass.test/payouts/onboarding/refresh"
+    ));
+    assert!(has_link(
+        "return_url",
+        "https://app.stagepass.test/payouts/onboarding/return"
+    ));
     assert!(has_link("type", "account_onboarding"));
 
     // The link is never stored: no column anywhere holds it.
@@ -379,7 +431,11 @@ async fn onboarding_creates_one_account_and_fresh_single_use_links() {
     assert_eq!(stored, 0);
 
     // Requirements are shown until Stripe says the capability is active.
-    let r = app.get("/api/v1/me/payout-account").bearer(&c.token).send().await;
+    let r = app
+        .get("/api/v1/me/payout-account")
+        .bearer(&c.token)
+        .send()
+        .await;
     let body = r.json();
     assert_eq!(body["account"]["transfers"], "inactive");
     assert_eq!(body["eligible"], false);
@@ -392,9 +448,16 @@ async fn onboarding_creates_one_account_and_fresh_single_use_links() {
         assert_eq!(r.status, StatusCode::OK, "{}", r.text());
         outcomes.push(r.json()["outcome"].as_str().unwrap().to_owned());
     }
-    let r = app.get("/api/v1/me/payout-account").bearer(&c.token).send().await;
+    let r = app
+        .get("/api/v1/me/payout-account")
+        .bearer(&c.token)
+        .send()
+        .await;
     let body = r.json();
-    assert_eq!(body["account"]["transfers"], "active", "{body} after {outcomes:?}");
+    assert_eq!(
+        body["account"]["transfers"], "active",
+        "{body} after {outcomes:?}"
+    );
     assert_eq!(body["account"]["details_submitted"], true);
     assert_eq!(body["account"]["currently_due"], json!([]));
     assert_eq!(body["eligible"], true);
@@ -405,13 +468,28 @@ async fn onboarding_creates_one_account_and_fresh_single_use_links() {
     for e in fake.restrict_account(&account) {
         connect_event(&app, &e, STRIPE_CONNECT_WEBHOOK_SECRET).await;
     }
-    let body = app.get("/api/v1/me/payout-account").bearer(&c.token).send().await.json();
+    let body = app
+        .get("/api/v1/me/payout-account")
+        .bearer(&c.token)
+        .send()
+        .await
+        .json();
     assert_eq!(body["eligible"], false);
-    assert!(!body["account"]["currently_due"].as_array().unwrap().is_empty() || !body["account"]["past_due"].as_array().unwrap().is_empty());
+    assert!(
+        !body["account"]["currently_due"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+            || !body["account"]["past_due"].as_array().unwrap().is_empty()
+    );
 
     // Fans are not paid out.
     let fan = app.signed_in_user().await;
-    let r = app.post("/api/v1/me/payout-account").bearer(&fan.token).send().await;
+    let r = app
+        .post("/api/v1/me/payout-account")
+        .bearer(&fan.token)
+        .send()
+        .await;
     r.assert_problem(StatusCode::FORBIDDEN, "creator_required");
 }
 
@@ -420,7 +498,11 @@ async fn connect_events_are_signed_with_their_own_secret_and_mode_checked() {
     let fake = ConnectFake::start().await;
     let app = payouts_app(&fake, false).await;
     let c = creator(&app).await;
-    let r = app.post("/api/v1/me/payout-account").bearer(&c.token).send().await;
+    let r = app
+        .post("/api/v1/me/payout-account")
+        .bearer(&c.token)
+        .send()
+        .await;
     let account = r.json()["stripe_account_id"].as_str().unwrap().to_owned();
     let events = fake.complete_onboarding(&account);
 
@@ -439,12 +521,16 @@ async fn connect_events_are_signed_with_their_own_secret_and_mode_checked() {
     live["livemode"] = json!(true);
     let r = connect_event(&app, &live, STRIPE_CONNECT_WEBHOOK_SECRET).await;
     assert_eq!(r.json()["outcome"], "wrong_mode");
-    let status: String = sqlx::query_scalar("select transfers from app.connect_accounts where creator_id = $1")
-        .bind(c.id)
-        .fetch_one(&app.db.admin_pool)
-        .await
-        .unwrap();
-    assert_eq!(status, "inactive", "nothing forged or foreign changed the account");
+    let status: String =
+        sqlx::query_scalar("select transfers from app.connect_accounts where creator_id = $1")
+            .bind(c.id)
+            .fetch_one(&app.db.admin_pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        status, "inactive",
+        "nothing forged or foreign changed the account"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -475,11 +561,12 @@ async fn a_request_is_refused_below_the_minimum_replayed_and_limited_to_three_an
     let fourth = opt_in(&app, &c, "fourth").await;
     fourth.assert_problem(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
     assert_eq!(fourth.json()["policy"], "payouts");
-    let open: i64 = sqlx::query_scalar("select count(*) from app.payout_requests where creator_id = $1")
-        .bind(c.id)
-        .fetch_one(&app.db.admin_pool)
-        .await
-        .unwrap();
+    let open: i64 =
+        sqlx::query_scalar("select count(*) from app.payout_requests where creator_id = $1")
+            .bind(c.id)
+            .fetch_one(&app.db.admin_pool)
+            .await
+            .unwrap();
     assert_eq!(open, 1);
 }
 
@@ -507,12 +594,19 @@ async fn a_cycle_pays_1000_tokens_as_a_5000_cent_transfer_once_with_a_frozen_sta
     assert_eq!(run["frozen"], 1, "{run}");
     let p = payout_of(&app, c.id).await.unwrap();
     assert_eq!(p["tokens"], 1_000);
-    assert_eq!(p["amount_cents"], 5_000, "tokens × 5 cents, never dollars as cents");
+    assert_eq!(
+        p["amount_cents"], 5_000,
+        "tokens × 5 cents, never dollars as cents"
+    );
     assert_eq!(p["period_tips"], 600);
     assert_eq!(p["period_classes"], 300);
     assert_eq!(p["period_calls"], 100);
     assert_eq!(p["status"], "held");
-    assert_eq!(wallet(&app, c.id).await, 0, "the tokens are held in payout clearing");
+    assert_eq!(
+        wallet(&app, c.id).await,
+        0,
+        "the tokens are held in payout clearing"
+    );
     // The job was queued through the outbox.
     let queued: i64 = sqlx::query_scalar(
         "select count(*) from app.outbox where kind = 'job' and destination = 'payout-transfer' \
@@ -529,7 +623,10 @@ async fn a_cycle_pays_1000_tokens_as_a_5000_cent_transfer_once_with_a_frozen_sta
     let outcomes = futures_util::future::join_all((0..4).map(|_| transfer_payout(&s, id))).await;
     let outcomes: Vec<TransferOutcome> = outcomes.into_iter().map(|o| o.unwrap()).collect();
     assert!(outcomes.contains(&TransferOutcome::Sent), "{outcomes:?}");
-    assert_eq!(transfer_payout(&s, id).await.unwrap(), TransferOutcome::AlreadyDone);
+    assert_eq!(
+        transfer_payout(&s, id).await.unwrap(),
+        TransferOutcome::AlreadyDone
+    );
     let transfers = transfers_to(&fake, &account).await;
     assert_eq!(transfers.len(), 1, "{transfers:?}");
     assert_eq!(transfers[0]["amount"], 5_000);
@@ -551,17 +648,22 @@ async fn a_cycle_pays_1000_tokens_as_a_5000_cent_transfer_once_with_a_frozen_sta
     assert_eq!(p["transfer_id"], transfers[0]["id"]);
 
     // The statement cannot be edited, even by the owner of the tables.
-    let edit = sqlx::query("update app.payouts set tokens = 2000, amount_cents = 10000 where id = $1")
-        .bind(id)
-        .execute(&app.db.admin_pool)
-        .await;
+    let edit =
+        sqlx::query("update app.payouts set tokens = 2000, amount_cents = 10000 where id = $1")
+            .bind(id)
+            .execute(&app.db.admin_pool)
+            .await;
     assert!(edit.is_err(), "a statement is immutable");
 
     // The creator's history, statement and CSV.
     let list = app.get("/api/v1/me/payouts").bearer(&c.token).send().await;
     assert_eq!(list.status, StatusCode::OK, "{}", list.text());
     assert_eq!(list.json().as_array().unwrap().len(), 1);
-    let one = app.get(&format!("/api/v1/me/payouts/{id}")).bearer(&c.token).send().await;
+    let one = app
+        .get(&format!("/api/v1/me/payouts/{id}"))
+        .bearer(&c.token)
+        .send()
+        .await;
     assert_eq!(one.json()["carried_over"], 0);
     let csv = app
         .get(&format!("/api/v1/me/payouts/{id}/earnings"))
@@ -579,10 +681,16 @@ async fn a_cycle_pays_1000_tokens_as_a_5000_cent_transfer_once_with_a_frozen_sta
         .map(|l| l.split(',').nth(3).unwrap().parse::<i64>().unwrap())
         .sum();
     assert_eq!(total, 1_000);
-    assert!(lines.iter().any(|l| l.contains(",class,")) && lines.iter().any(|l| l.contains(",call,")));
+    assert!(
+        lines.iter().any(|l| l.contains(",class,")) && lines.iter().any(|l| l.contains(",call,"))
+    );
     // Another creator sees none of it.
     let other = creator(&app).await;
-    let r = app.get(&format!("/api/v1/me/payouts/{id}")).bearer(&other.token).send().await;
+    let r = app
+        .get(&format!("/api/v1/me/payouts/{id}"))
+        .bearer(&other.token)
+        .send()
+        .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
     let r = app
         .get(&format!("/api/v1/me/payouts/{id}/earnings"))
@@ -622,8 +730,12 @@ async fn a_crash_after_stripe_answered_is_found_by_the_retry_and_by_the_lookup_a
         async move {
             let p = payout_of(app, creator).await.unwrap();
             let id = id_of(&p);
-            let mut tx = stagepass_platform::db::begin_service(&app.db.app_pool).await.unwrap();
-            let (_, attempt) = stagepass_ledger::payouts::begin_attempt(&mut tx, id).await.unwrap();
+            let mut tx = stagepass_platform::db::begin_service(&app.db.app_pool)
+                .await
+                .unwrap();
+            let (_, attempt) = stagepass_ledger::payouts::begin_attempt(&mut tx, id)
+                .await
+                .unwrap();
             tx.commit().await.unwrap();
             fake.client()
                 .create_transfer(
@@ -640,9 +752,19 @@ async fn a_crash_after_stripe_answered_is_found_by_the_retry_and_by_the_lookup_a
     let (c1, account1) = &creators[0];
     let id1 = crash(c1.id).await;
     assert_eq!(payout_of(&app, c1.id).await.unwrap()["status"], "held");
-    assert_eq!(transfer_payout(&s, id1).await.unwrap(), TransferOutcome::Sent);
-    assert_eq!(transfers_to(&fake, account1).await.len(), 1, "no second transfer");
-    assert_eq!(transfer_payout(&s, id1).await.unwrap(), TransferOutcome::AlreadyDone);
+    assert_eq!(
+        transfer_payout(&s, id1).await.unwrap(),
+        TransferOutcome::Sent
+    );
+    assert_eq!(
+        transfers_to(&fake, account1).await.len(),
+        1,
+        "no second transfer"
+    );
+    assert_eq!(
+        transfer_payout(&s, id1).await.unwrap(),
+        TransferOutcome::AlreadyDone
+    );
 
     // 2. After Stripe forgot the key (24 h), the retry looks the transfer up
     //    before creating one.
@@ -651,16 +773,29 @@ async fn a_crash_after_stripe_answered_is_found_by_the_retry_and_by_the_lookup_a
     fake.forget_idempotency_keys();
     app.db.advance_clock(Duration::hours(25)).await;
     let lists_before = fake.count("GET", "/v1/transfers");
-    assert_eq!(transfer_payout(&s, id2).await.unwrap(), TransferOutcome::Sent);
-    assert!(fake.count("GET", "/v1/transfers") > lists_before, "looked up first");
-    assert_eq!(transfers_to(&fake, account2).await.len(), 1, "no second transfer");
+    assert_eq!(
+        transfer_payout(&s, id2).await.unwrap(),
+        TransferOutcome::Sent
+    );
+    assert!(
+        fake.count("GET", "/v1/transfers") > lists_before,
+        "looked up first"
+    );
+    assert_eq!(
+        transfers_to(&fake, account2).await.len(),
+        1,
+        "no second transfer"
+    );
 
     // 3. Nobody retries: the hourly run's reconciliation finds it.
     let (c3, account3) = &creators[2];
     crash(c3.id).await;
     app.db.advance_clock(Duration::minutes(11)).await;
     let run = run_cron(&app).await;
-    assert_eq!(run["reconciled"], 1, "the hourly run found the unrecorded transfer: {run}");
+    assert_eq!(
+        run["reconciled"], 1,
+        "the hourly run found the unrecorded transfer: {run}"
+    );
     assert_eq!(payout_of(&app, c3.id).await.unwrap()["status"], "sent");
     assert_eq!(transfers_to(&fake, account3).await.len(), 1);
     assert_payouts_clean(&app).await;
@@ -681,18 +816,30 @@ async fn an_unseen_answer_keeps_the_tokens_held_and_the_same_key_pays_once() {
 
     // Stripe answers 500 (not executed) twice, then 429: held, retried.
     fake.fail_next("/v1/transfers", 500, 2);
-    assert_eq!(transfer_payout(&s, id).await.unwrap(), TransferOutcome::Retrying);
+    assert_eq!(
+        transfer_payout(&s, id).await.unwrap(),
+        TransferOutcome::Retrying
+    );
     assert_eq!(wallet(&app, c.id).await, 0, "still held");
     fake.fail_next("/v1/transfers", 429, 2);
     app.db.advance_clock(Duration::minutes(1)).await;
-    assert_eq!(transfer_payout(&s, id).await.unwrap(), TransferOutcome::Retrying);
+    assert_eq!(
+        transfer_payout(&s, id).await.unwrap(),
+        TransferOutcome::Retrying
+    );
     // Not due yet: nothing is sent.
-    assert_eq!(transfer_payout(&s, id).await.unwrap(), TransferOutcome::NotDue);
+    assert_eq!(
+        transfer_payout(&s, id).await.unwrap(),
+        TransferOutcome::NotDue
+    );
     // Stripe executes it but the answer is lost twice (the client resends
     // with the same key and gets the saved answer).
     fake.fail_after_execute_next("/v1/transfers", 1);
     app.db.advance_clock(Duration::minutes(5)).await;
-    assert_eq!(transfer_payout(&s, id).await.unwrap(), TransferOutcome::Sent);
+    assert_eq!(
+        transfer_payout(&s, id).await.unwrap(),
+        TransferOutcome::Sent
+    );
     assert_eq!(transfers_to(&fake, &account).await.len(), 1);
     let p = payout_of(&app, c.id).await.unwrap();
     assert_eq!(p["status"], "sent");
@@ -720,23 +867,46 @@ async fn a_refused_transfer_is_released_retried_daily_for_7_days_then_given_up()
         let o = transfer_payout(&s, id).await.unwrap();
         outcomes.push(o.clone());
         if o == TransferOutcome::Released {
-            assert_eq!(wallet(&app, c.id).await, 1_200, "released back to the wallet");
+            assert_eq!(
+                wallet(&app, c.id).await,
+                1_200,
+                "released back to the wallet"
+            );
         }
         if o == TransferOutcome::Abandoned {
             break;
         }
-        app.db.advance_clock(Duration::days(1) + Duration::minutes(1)).await;
+        app.db
+            .advance_clock(Duration::days(1) + Duration::minutes(1))
+            .await;
         fake.forget_idempotency_keys();
     }
-    assert_eq!(outcomes.first(), Some(&TransferOutcome::Released), "{outcomes:?}");
-    assert_eq!(outcomes.last(), Some(&TransferOutcome::Abandoned), "{outcomes:?}");
-    let released = outcomes.iter().filter(|o| **o == TransferOutcome::Released).count();
-    assert!((6..=8).contains(&released), "daily retries for 7 days: {outcomes:?}");
+    assert_eq!(
+        outcomes.first(),
+        Some(&TransferOutcome::Released),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        outcomes.last(),
+        Some(&TransferOutcome::Abandoned),
+        "{outcomes:?}"
+    );
+    let released = outcomes
+        .iter()
+        .filter(|o| **o == TransferOutcome::Released)
+        .count();
+    assert!(
+        (6..=8).contains(&released),
+        "daily retries for 7 days: {outcomes:?}"
+    );
     let p = payout_of(&app, c.id).await.unwrap();
     assert_eq!(p["status"], "abandoned");
     assert_eq!(wallet(&app, c.id).await, 1_200, "nothing lost");
     assert!(transfers_to(&fake, &account).await.is_empty());
-    assert_eq!(transfer_payout(&s, id).await.unwrap(), TransferOutcome::AlreadyDone);
+    assert_eq!(
+        transfer_payout(&s, id).await.unwrap(),
+        TransferOutcome::AlreadyDone
+    );
     assert_payouts_clean(&app).await;
 }
 
@@ -747,7 +917,11 @@ async fn an_ineligible_or_held_creator_is_skipped_and_carried_over_to_the_next_c
     let s = run_state(&app, &fake);
     // Not onboarded yet.
     let c = creator(&app).await;
-    let r = app.post("/api/v1/me/payout-account").bearer(&c.token).send().await;
+    let r = app
+        .post("/api/v1/me/payout-account")
+        .bearer(&c.token)
+        .send()
+        .await;
     let account = r.json()["stripe_account_id"].as_str().unwrap().to_owned();
     earn(&app, c.id, "tip", 1_000).await;
     assert_eq!(opt_in(&app, &c, "k").await.status, StatusCode::CREATED);
@@ -779,7 +953,12 @@ async fn an_ineligible_or_held_creator_is_skipped_and_carried_over_to_the_next_c
     assert_eq!(run["frozen"], 0, "{run}");
     assert_eq!(run["skipped"]["transfers_inactive"], 1, "{run}");
     assert_eq!(run["skipped"]["held"], 1, "{run}");
-    let me = app.get("/api/v1/me/payout-account").bearer(&c.token).send().await.json();
+    let me = app
+        .get("/api/v1/me/payout-account")
+        .bearer(&c.token)
+        .send()
+        .await
+        .json();
     assert_eq!(me["summary"]["skipped_reason"], "transfers_inactive");
 
     // Onboarding completes later that day, the hold is released: both wait
@@ -797,7 +976,11 @@ async fn an_ineligible_or_held_creator_is_skipped_and_carried_over_to_the_next_c
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
     app.db.advance_clock(Duration::hours(3)).await;
-    assert_eq!(run_cron(&app).await["frozen"], 0, "not before the next cycle");
+    assert_eq!(
+        run_cron(&app).await["frozen"],
+        0,
+        "not before the next cycle"
+    );
     let next = next_cycle_day(day);
     advance_to(&app, next + Duration::hours(2)).await;
     let run = run_cron(&app).await;
@@ -807,7 +990,10 @@ async fn an_ineligible_or_held_creator_is_skipped_and_carried_over_to_the_next_c
         assert_eq!(p["cycle"], next.date_naive().to_string());
         assert_eq!(p["tokens"], 1_000);
         assert_eq!(p["carried_over"], 1_000, "earned in an earlier period");
-        assert_eq!(transfer_payout(&s, id_of(&p)).await.unwrap(), TransferOutcome::Sent);
+        assert_eq!(
+            transfer_payout(&s, id_of(&p)).await.unwrap(),
+            TransferOutcome::Sent
+        );
     }
     let log: Vec<String> = sqlx::query_scalar(
         "select action from app.payout_hold_log where creator_id = $1 order by id",
@@ -832,8 +1018,14 @@ async fn a_reversal_after_the_payout_recredits_once_and_bank_payouts_are_shown()
     advance_to(&app, day + Duration::hours(2)).await;
     run_cron(&app).await;
     let id = id_of(&payout_of(&app, c.id).await.unwrap());
-    assert_eq!(transfer_payout(&s, id).await.unwrap(), TransferOutcome::Sent);
-    let transfer = transfers_to(&fake, &account).await[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        transfer_payout(&s, id).await.unwrap(),
+        TransferOutcome::Sent
+    );
+    let transfer = transfers_to(&fake, &account).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     // A partial reversal of 2,503 cents: 500 whole tokens back.
     fake.client()
@@ -848,7 +1040,8 @@ async fn a_reversal_after_the_payout_recredits_once_and_bank_payouts_are_shown()
         .unwrap();
     let body = serde_json::to_vec(&event).unwrap();
     let deliver = || {
-        let sig = webhook::sign(&body, STRIPE_WEBHOOK_SECRET, app.db.clock.now().timestamp()).unwrap();
+        let sig =
+            webhook::sign(&body, STRIPE_WEBHOOK_SECRET, app.db.clock.now().timestamp()).unwrap();
         app.post("/api/webhooks/stripe")
             .header("stripe-signature", &sig)
             .raw_body("application/json", body.clone())
@@ -868,7 +1061,12 @@ async fn a_reversal_after_the_payout_recredits_once_and_bank_payouts_are_shown()
     let failed = fake.bank_payout_event(&account, "failed", 7_497);
     let r = connect_event(&app, &failed, STRIPE_CONNECT_WEBHOOK_SECRET).await;
     assert_eq!(r.json()["outcome"], "applied", "{}", r.text());
-    let me = app.get("/api/v1/me/payout-account").bearer(&c.token).send().await.json();
+    let me = app
+        .get("/api/v1/me/payout-account")
+        .bearer(&c.token)
+        .send()
+        .await
+        .json();
     assert_eq!(me["account"]["bank_payout_status"], "failed");
     assert_eq!(wallet(&app, c.id).await, 500);
     assert_payouts_clean(&app).await;
@@ -994,7 +1192,15 @@ async fn no_interleaving_pays_a_creator_more_than_they_earned() {
     for step in 0..60 {
         let (c, account) = &creators[rng.below(creators.len() as u64) as usize];
         match rng.below(9) {
-            0 | 1 => earn(&app, c.id, ["tip", "class_settlement", "call_minute"][rng.below(3) as usize], 200 + rng.below(900) as i64).await,
+            0 | 1 => {
+                earn(
+                    &app,
+                    c.id,
+                    ["tip", "class_settlement", "call_minute"][rng.below(3) as usize],
+                    200 + rng.below(900) as i64,
+                )
+                .await
+            }
             2 => {
                 // The creator spends some of their earnings (a tip onwards).
                 let w = wallet(&app, c.id).await;
@@ -1017,7 +1223,9 @@ async fn no_interleaving_pays_a_creator_more_than_they_earned() {
             }
             4 => {
                 let now = db_now(&app).await;
-                let next = next_cycle_day(now) + Duration::hours(2) + Duration::minutes(rng.below(300) as i64);
+                let next = next_cycle_day(now)
+                    + Duration::hours(2)
+                    + Duration::minutes(rng.below(300) as i64);
                 advance_to(&app, next).await;
                 run_cron(&app).await;
             }
@@ -1049,7 +1257,9 @@ async fn no_interleaving_pays_a_creator_more_than_they_earned() {
                         transfer_payout(&s, id).await.unwrap();
                     }
                 }
-                app.db.advance_clock(Duration::hours(1 + rng.below(30) as i64)).await;
+                app.db
+                    .advance_clock(Duration::hours(1 + rng.below(30) as i64))
+                    .await;
                 if rng.below(3) == 0 {
                     fake.forget_idempotency_keys();
                 }
@@ -1070,10 +1280,20 @@ async fn no_interleaving_pays_a_creator_more_than_they_earned() {
                         .create_transfer_reversal(&transfer, Some(part), &format!("rev-{step}"))
                         .await
                         .unwrap();
-                    let event = fake.events().into_iter().rev().find(|e| e["type"] == "transfer.reversed").unwrap();
+                    let event = fake
+                        .events()
+                        .into_iter()
+                        .rev()
+                        .find(|e| e["type"] == "transfer.reversed")
+                        .unwrap();
                     let body = serde_json::to_vec(&event).unwrap();
                     for _ in 0..1 + rng.below(2) {
-                        let sig = webhook::sign(&body, STRIPE_WEBHOOK_SECRET, app.db.clock.now().timestamp()).unwrap();
+                        let sig = webhook::sign(
+                            &body,
+                            STRIPE_WEBHOOK_SECRET,
+                            app.db.clock.now().timestamp(),
+                        )
+                        .unwrap();
                         let r = app
                             .post("/api/webhooks/stripe")
                             .header("stripe-signature", &sig)
@@ -1089,7 +1309,9 @@ async fn no_interleaving_pays_a_creator_more_than_they_earned() {
         // Each payout's transfer exists at most once at Stripe.
         let mut groups = std::collections::BTreeMap::<String, usize>::new();
         for t in fake.transfers() {
-            *groups.entry(t["transfer_group"].as_str().unwrap_or("").to_owned()).or_default() += 1;
+            *groups
+                .entry(t["transfer_group"].as_str().unwrap_or("").to_owned())
+                .or_default() += 1;
         }
         assert!(groups.values().all(|n| *n == 1), "step {step}: {groups:?}");
         // What Stripe sent equals what we recorded as sent.
@@ -1099,7 +1321,11 @@ async fn no_interleaving_pays_a_creator_more_than_they_earned() {
         .fetch_one(&app.db.admin_pool)
         .await
         .unwrap();
-        let at_stripe: i64 = fake.transfers().iter().map(|t| t["amount"].as_i64().unwrap()).sum();
+        let at_stripe: i64 = fake
+            .transfers()
+            .iter()
+            .map(|t| t["amount"].as_i64().unwrap())
+            .sum();
         let unrecorded: i64 = sqlx::query_scalar(
             "select coalesce(sum(amount_cents), 0)::bigint from app.payouts where status = 'held' and attempts > 0",
         )

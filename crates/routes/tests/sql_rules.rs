@@ -26,7 +26,9 @@ use common::{TestApp, claims_for};
 use stagepass_ledger::calls::{CallMedia, CallStatus, EndReason};
 use stagepass_ledger::classes::{ClassStatus, EnrollmentStatus};
 use stagepass_ledger::grants::{MAX_GRANT, MAX_REASON_CHARS, MIN_GRANT};
-use stagepass_ledger::payouts::{CENTS_PER_TOKEN, MINIMUM_TOKENS, PayoutStatus, TransfersCapability};
+use stagepass_ledger::payouts::{
+    CENTS_PER_TOKEN, MINIMUM_TOKENS, PayoutStatus, TransfersCapability,
+};
 use stagepass_ledger::purchases::PurchaseStatus;
 use stagepass_ledger::{LedgerError, MAX_TIP, MIN_TIP};
 use stagepass_routes::schedule::CalendarEventStatus;
@@ -439,5 +441,8 @@ async fn the_payout_rate_and_minimum_are_the_ledger_constants() {
     let changed = sqlx::query("update app.payout_config set cents_per_token = 500")
         .execute(&app.db.admin_pool)
         .await;
-    assert!(changed.is_err(), "dollars as cents are refused by the database");
+    assert!(
+        changed.is_err(),
+        "dollars as cents are refused by the database"
+    );
 }
