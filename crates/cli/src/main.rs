@@ -11,6 +11,7 @@
 //! - `bench tips`, `bench enroll-race`: money scenarios through release functions, with invariant checks.
 //! - `bench me`: warm `GET /api/v1/me` against pgbench running the same transaction (issue 13).
 //! - `bench calls`: one billing sweep of many active calls against pgbench's single-row inserts (issue 11).
+//! - `bench payouts`: one payout cycle against the Connect fake's 25 requests/s limit (issue 12).
 //! - `bench crash`: SIGKILL during money requests, retried with the same keys: 0 lost, 0 doubled.
 //!
 //! Arguments are parsed by hand ([`args`]) to keep the build small.
@@ -78,7 +79,6 @@ USAGE:
       creator (hot) and across pairs, the ledger invariants after each, and
       pgbench on the same Postgres as the baseline.
   stagepass bench me [--json] [--seconds S] [--connections C] [--pool P] [--bin-dir DIR]
-  stagepass bench calls [--json] [--calls N]
       Warm GET /api/v1/me through the v1_me binary (--bin-dir, default
       $CARGO_TARGET_DIR/release) with C keep-alive connections (default 32) and
       DATABASE_MAX_CONNECTIONS=P (default 4) for S seconds (default 10) on a
@@ -86,6 +86,16 @@ USAGE:
       P clients, running today's five-statement transaction of the route as
       stagepass_app on the same database, and the ratio (issue 13: >= 1.5x).
       Exit 1 on any non-200 answer or a failed pgbench transaction.
+  stagepass bench calls [--json] [--calls N]
+      One billing sweep of N active calls (default 5000) with a minute due each,
+      against pgbench's single-row inserts on the same database (issue 11).
+  stagepass bench payouts [--json] [--creators N] [--workers W]
+      One payout cycle for N eligible creators (default 2000) against the
+      Stripe Connect fake enforcing 25 requests/s per endpoint (429 beyond):
+      the run (statements frozen, tokens held), then the transfers with W
+      deliveries at once (default 8): the rate as a share of the limit (issue
+      12: >= 85 %), 429s, duplicates, payouts not sent, the ledger audit.
+      Exit 1 on any violation.
   stagepass bench enroll-race [--json] [--runs N] [--connections C] [--fans N] [--seats S]
                               [--bin-dir DIR]
       N fans (default 1000) racing for the S seats (default 100) of one class at
@@ -254,6 +264,7 @@ fn bench_command(rest: &[String]) -> Result<ExitCode> {
         Some("enroll-race") => return bench_enroll_race(&rest[1..]),
         Some("me") => return bench_me(&rest[1..]),
         Some("calls") => return bench_calls(&rest[1..]),
+        Some("payouts") => return bench_payouts(&rest[1..]),
         Some("crash") => return bench_crash(&rest[1..]),
         Some("soak") => return bench_soak(&rest[1..]),
         _ => {}
@@ -393,6 +404,20 @@ fn bench_calls(rest: &[String]) -> Result<ExitCode> {
         calls: p.count_usize("--calls", 5000, 100_000)?,
     };
     current_thread()?.block_on(bench::calls::run(opts))
+}
+
+/// `stagepass bench payouts`: one payout cycle against the Connect fake's
+/// rate limit (see `bench/payouts.rs`).
+fn bench_payouts(rest: &[String]) -> Result<ExitCode> {
+    let p = parse(rest, &["--creators", "--workers"], &["--json"])?;
+    no_positionals(&p)?;
+    let opts = bench::payouts::PayoutsOptions {
+        json: p.switch("--json"),
+        creators: p.count_usize("--creators", 2000, 100_000)?,
+        workers: p.count_usize("--workers", 8, 256)?,
+    };
+    // Several threads: the fake Stripe runs in this process too.
+    multi_thread()?.block_on(bench::payouts::run(opts))
 }
 
 /// `stagepass bench enroll-race`: fans racing for one class's seats (see

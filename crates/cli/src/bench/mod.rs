@@ -18,6 +18,7 @@ mod http;
 mod load;
 pub mod me;
 mod money;
+pub mod payouts;
 mod report;
 pub mod soak;
 pub mod tips;

@@ -230,6 +230,36 @@ impl ConnectFake {
         self.lock().events.clone()
     }
 
+    /// Seeds `n` onboarded Express accounts (transfers active) directly,
+    /// without requests (no rate-limit slot, nothing recorded): a benchmark's
+    /// setup. Returns their ids.
+    ///
+    /// # Panics
+    /// When the seeded account cannot be created (a bug of the fake).
+    pub fn seed_active_accounts(&self, n: usize) -> Vec<String> {
+        let mut state = self.lock();
+        let form = [
+            ("type".to_owned(), "express".to_owned()),
+            ("country".to_owned(), "US".to_owned()),
+            (
+                "capabilities[transfers][requested]".to_owned(),
+                "true".to_owned(),
+            ),
+        ];
+        (0..n)
+            .map(|_| {
+                let account = state.create_account(&form).expect("seed an account");
+                let id = account["id"].as_str().unwrap_or_default().to_owned();
+                let a = state.account_mut(&id);
+                a["details_submitted"] = json!(true);
+                a["payouts_enabled"] = json!(true);
+                a["capabilities"]["transfers"] = json!("active");
+                a["requirements"] = requirements(&[], &[], None, None);
+                id
+            })
+            .collect()
+    }
+
     /// The creator finished onboarding: details submitted, payouts enabled,
     /// `transfers` active, nothing due. Returns the `account.updated` and
     /// `capability.updated` events it recorded.
