@@ -99,6 +99,9 @@ const LAST_RETRY: Duration = Duration::from_secs(3600);
 const RECONCILE_QUIET: Duration = Duration::from_secs(600);
 /// Opt-ins frozen per transaction of the run.
 const FREEZE_BATCH: i32 = 500;
+/// The run stops starting batches after this long (a function has 15 s);
+/// the next hourly run that day continues (2,000 creators take ~5 s).
+const FREEZE_BUDGET: Duration = Duration::from_secs(8);
 /// Largest page of `GET /api/v1/me/payouts`.
 pub const MAX_PAGE: i64 = 50;
 
@@ -780,7 +783,8 @@ pub async fn run_payouts(s: &RunState) -> ApiResult<PayoutRun> {
             .map_err(|e| stripe_unavailable(&e))?;
         let available = balance.available_in("usd");
         run.platform_available_cents = Some(available);
-        loop {
+        let started = std::time::Instant::now();
+        while started.elapsed() < FREEZE_BUDGET {
             let mut tx = db::begin_service(&s.pool).await?;
             let in_flight = payouts::in_flight(&mut tx).await.or_problem()?;
             let budget = Cents::new(available.saturating_sub(in_flight.get()).max(0));

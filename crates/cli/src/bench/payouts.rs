@@ -303,9 +303,9 @@ async fn deliver(state: &RunState, ids: Vec<Uuid>, workers: usize) -> BTreeMap<S
                     *o.entry(label).or_default() += 1;
                 }
                 let again = match outcome {
-                    Ok(TransferOutcome::Busy | TransferOutcome::Paced | TransferOutcome::NotDue) => {
-                        Some(Instant::now() + Duration::from_millis(50))
-                    }
+                    Ok(
+                        TransferOutcome::Busy | TransferOutcome::Paced | TransferOutcome::NotDue,
+                    ) => Some(Instant::now() + Duration::from_millis(50)),
                     // The delayed message of an unseen answer (30 s first).
                     Ok(TransferOutcome::Retrying) | Err(_) => {
                         Some(Instant::now() + Duration::from_secs(31))
