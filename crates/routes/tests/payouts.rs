@@ -617,6 +617,28 @@ async fn a_cycle_pays_1000_tokens_as_a_5000_cent_transfer_once_with_a_frozen_sta
     .await
     .unwrap();
     assert_eq!(queued, 1);
+    // The creator is told, in the published shape.
+    let messages: Vec<Value> = sqlx::query_scalar(
+        "select payload from app.outbox where kind = 'realtime' and name = 'payout.updated' \
+          and destination = $1",
+    )
+    .bind(format!("user:{}", c.id))
+    .fetch_all(&app.db.admin_pool)
+    .await
+    .unwrap();
+    assert_eq!(messages.len(), 1);
+    let (_, _, schema) = stagepass_routes::openapi::REALTIME
+        .iter()
+        .find(|(_, name, _)| *name == "payout.updated")
+        .unwrap();
+    let schema: Value = serde_json::from_str(schema).unwrap();
+    let mut expected: Vec<&String> = schema["properties"].as_object().unwrap().keys().collect();
+    expected.retain(|k| *k != "seq");
+    let mut got: Vec<&String> = messages[0].as_object().unwrap().keys().collect();
+    expected.sort();
+    got.sort();
+    assert_eq!(got, expected);
+    assert_eq!(messages[0]["status"], "held");
 
     // Duplicated and concurrent deliveries: one transfer.
     let id = id_of(&p);

@@ -1,7 +1,9 @@
 """A minimal Stripe API stand-in for the fuzzing run (scripts/ci/fuzz.sh).
 
 Answers what `POST /api/v1/tokens/purchases` calls: create and read a
-PaymentIntent. Honours `Idempotency-Key` like Stripe (same key, same
+PaymentIntent; and what payout onboarding calls (`POST /api/v1/me/payout-account`):
+create an Express account, mint an account link (the Connect fake of the Rust
+tests is the faithful one; this only lets the fuzzer reach the handler). Honours `Idempotency-Key` like Stripe (same key, same
 object), so a fuzzer's retries behave as in production. Only the base URL
 differs from a real deployment (STRIPE_API_BASE); the client code is the
 same. Standard library only.
@@ -33,9 +35,35 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         length = int(self.headers.get("Content-Length") or 0)
         form = dict(parse_qsl(self.rfile.read(length).decode()))
-        if self.path.rstrip("/") != "/v1/payment_intents":
-            return self.reply(404, {"error": {"type": "invalid_request_error"}})
         key = self.headers.get("Idempotency-Key")
+        path = self.path.rstrip("/")
+        if path == "/v1/accounts":
+            with LOCK:
+                if key and key in BY_KEY:
+                    return self.reply(200, BY_KEY[key])
+                account = {
+                    "id": f"acct_fuzz{len(BY_KEY) + len(BY_ID) + 1:08d}",
+                    "object": "account",
+                    "type": form.get("type", "express"),
+                    "details_submitted": False,
+                    "payouts_enabled": False,
+                    "capabilities": {"transfers": "inactive"},
+                    "requirements": {"currently_due": ["external_account"], "past_due": [],
+                                     "eventually_due": [], "current_deadline": None,
+                                     "disabled_reason": "requirements.past_due"},
+                }
+                if key:
+                    BY_KEY[key] = account
+            return self.reply(200, account)
+        if path == "/v1/account_links":
+            return self.reply(200, {
+                "object": "account_link",
+                "url": f"https://connect.stripe.test/setup/e/{form.get('account', '')}/fuzz",
+                "created": 1764460800,
+                "expires_at": 1764461100,
+            })
+        if path != "/v1/payment_intents":
+            return self.reply(404, {"error": {"type": "invalid_request_error"}})
         with LOCK:
             if key and key in BY_KEY:
                 return self.reply(200, BY_KEY[key])
