@@ -745,6 +745,8 @@ pub struct PayoutRun {
     pub reconciled: i64,
     /// Payouts whose transfer job was queued again.
     pub requeued: i64,
+    /// Lookups Stripe did not answer (tried again next hour).
+    pub lookups_failed: i64,
 }
 
 /// Freezes what is due (within the platform's available balance) and
@@ -813,12 +815,16 @@ pub async fn run_payouts(s: &RunState) -> ApiResult<PayoutRun> {
     for p in stale {
         if p.status == PayoutStatus::Held && p.attempts > 0 {
             let group = format!("payout:{}", p.id);
-            let found = s
-                .connect
-                .stripe
-                .list_transfers(&group)
-                .await
-                .map_err(|e| stripe_unavailable(&e))?;
+            let found = match s.connect.stripe.list_transfers(&group).await {
+                Ok(found) => found,
+                Err(e) => {
+                    // One failed lookup does not stop the others; the next
+                    // hourly run looks again.
+                    tracing::warn!(error = %e, payout = %p.id, "a payout lookup failed");
+                    run.lookups_failed += 1;
+                    continue;
+                }
+            };
             if let Some(t) = found.first() {
                 let mut tx = db::begin_service(&s.pool).await?;
                 payouts::record_sent(&mut tx, p.id, &t.id, Cents::new(t.amount), &t.destination)

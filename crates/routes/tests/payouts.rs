@@ -1211,23 +1211,27 @@ async fn no_interleaving_pays_a_creator_more_than_they_earned() {
         creators.push(onboarded(&app, &fake).await);
     }
     let spender = app.signed_in_user().await;
-    for step in 0..60 {
+    for step in 0..150 {
         let (c, account) = &creators[rng.below(creators.len() as u64) as usize];
-        match rng.below(9) {
-            0 | 1 => {
+        let action = rng.below(12);
+        if std::env::var("PAYOUT_TRACE").is_ok() {
+            eprintln!("step {step}: action {action}");
+        }
+        match action {
+            0..=2 => {
                 earn(
                     &app,
                     c.id,
                     ["tip", "class_settlement", "call_minute"][rng.below(3) as usize],
-                    200 + rng.below(900) as i64,
+                    800 + rng.below(1200) as i64,
                 )
                 .await
             }
-            2 => {
+            3 => {
                 // The creator spends some of their earnings (a tip onwards).
                 let w = wallet(&app, c.id).await;
                 if w > 0 {
-                    let n = 1 + rng.below(w as u64) as i64;
+                    let n = 1 + rng.below(1 + w as u64 / 3) as i64;
                     sqlx::query(
                         "select ledger.post('tip', $1, array[ledger.account_of('wallet', $2), ledger.account_of('wallet', $3)], array[-$4::bigint, $4::bigint], null)",
                     )
@@ -1240,29 +1244,47 @@ async fn no_interleaving_pays_a_creator_more_than_they_earned() {
                     .unwrap();
                 }
             }
-            3 => {
-                let _ = opt_in(&app, c, &format!("k{step}")).await;
+            4 | 5 => {
+                let r = opt_in(&app, c, &format!("k{step}")).await;
+                if std::env::var("PAYOUT_TRACE").is_ok() {
+                    eprintln!("step {step}: opt-in {} {}", r.status, r.text());
+                }
             }
-            4 => {
+            6 => {
                 let now = db_now(&app).await;
                 let next = next_cycle_day(now)
                     + Duration::hours(2)
                     + Duration::minutes(rng.below(300) as i64);
                 advance_to(&app, next).await;
-                run_cron(&app).await;
+                let run = run_cron(&app).await;
+                if std::env::var("PAYOUT_TRACE").is_ok() {
+                    eprintln!("step {step}: {run}");
+                }
             }
-            5 => {
-                // Stripe misbehaves for the next calls.
-                match rng.below(4) {
+            7 => {
+                // Stripe misbehaves for the next calls, or changes the
+                // account (and tells us, or not yet).
+                match rng.below(6) {
                     0 => fake.fail_next("/v1/transfers", 500, 1),
                     1 => fake.fail_next("/v1/transfers", 429, 1),
                     2 => fake.fail_after_execute_next("/v1/transfers", 1),
+                    3 => fake.fail_next("/v1/transfers", 503, 1),
+                    4 => {
+                        let events = fake.restrict_account(account);
+                        if rng.below(2) == 0 {
+                            for e in events {
+                                connect_event(&app, &e, STRIPE_CONNECT_WEBHOOK_SECRET).await;
+                            }
+                        }
+                    }
                     _ => {
-                        let _ = fake.restrict_account(account);
+                        for e in fake.complete_onboarding(account) {
+                            connect_event(&app, &e, STRIPE_CONNECT_WEBHOOK_SECRET).await;
+                        }
                     }
                 }
             }
-            6 | 7 => {
+            8 | 9 | 11 => {
                 // Deliver every pending transfer job, some twice at once.
                 let ids: Vec<Uuid> = sqlx::query_scalar(
                     "select id from app.payouts where status in ('held', 'released')",
@@ -1298,10 +1320,21 @@ async fn no_interleaving_pays_a_creator_more_than_they_earned() {
                     && amount > reversed
                 {
                     let part = 1 + rng.below((amount - reversed) as u64) as i64;
-                    fake.client()
-                        .create_transfer_reversal(&transfer, Some(part), &format!("rev-{step}"))
-                        .await
-                        .unwrap();
+                    // An injected failure meant for a transfer may meet the
+                    // reversal first (same path prefix): try again.
+                    let mut reversed_ok = false;
+                    for _ in 0..4 {
+                        if fake
+                            .client()
+                            .create_transfer_reversal(&transfer, Some(part), &format!("rev-{step}"))
+                            .await
+                            .is_ok()
+                        {
+                            reversed_ok = true;
+                            break;
+                        }
+                    }
+                    assert!(reversed_ok, "step {step}: the reversal never went through");
                     let event = fake
                         .events()
                         .into_iter()
@@ -1359,6 +1392,15 @@ async fn no_interleaving_pays_a_creator_more_than_they_earned() {
             "step {step}: recorded {recorded}, at Stripe {at_stripe}, unrecorded at most {unrecorded}"
         );
     }
+    let statuses: Vec<(String, i64)> =
+        sqlx::query_as("select status, count(*) from app.payouts group by status order by status")
+            .fetch_all(&app.db.admin_pool)
+            .await
+            .unwrap();
+    eprintln!(
+        "payouts by status: {statuses:?}; transfers at Stripe: {}",
+        fake.transfers().len()
+    );
 }
 
 /// xorshift64*: a seeded, reproducible sequence.
