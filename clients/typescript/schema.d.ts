@@ -1782,6 +1782,11 @@ export interface components {
             frozen: number;
             /**
              * Format: int64
+             * @description Lookups Stripe did not answer (tried again next hour).
+             */
+            lookups_failed: number;
+            /**
+             * Format: int64
              * @description Cents the platform had available at Stripe before freezing.
              */
             platform_available_cents?: number | null;
