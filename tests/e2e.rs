@@ -417,7 +417,7 @@ async fn every_database_function_binary_reaches_postgres() {
             "v1_admin_payout_holds",
             Method::PUT,
             &payout_hold,
-            Some(r#"{"reason":"e2e"}"#),
+            Some(r#"{"held":true,"reason":"e2e"}"#),
             403,
         ),
         ("v1_admin_users_role", Method::PUT, &admin, Some(role), 403),

@@ -245,13 +245,13 @@ export interface paths {
         };
         get?: never;
         /**
-         * An admin holds a creator's payouts: none is frozen or sent until
-         *     released. Logged (who, when, why).
+         * An admin holds a creator's payouts (`held: true`: none is frozen or sent
+         *     until released) or releases them (`held: false`). Logged (who, when,
+         *     why) in `app.payout_hold_log`.
          */
-        put: operations["hold_payouts"];
+        put: operations["set_payout_hold"];
         post?: never;
-        /** An admin releases a creator's payouts. Logged (who, when, why). */
-        delete: operations["release_payouts"];
+        delete?: never;
         options?: never;
         head?: never;
         patch?: never;
@@ -1484,7 +1484,9 @@ export interface components {
             held: boolean;
         };
         HoldRequest: {
-            /** @description Why (1–500 characters; logged with the admin's id). */
+            /** @description `true` holds the creator's payouts, `false` releases them. */
+            held: boolean;
+            /** @description Why (logged with the admin's id): 1–500 characters, not only spaces, no control characters (tab and line breaks included), no invisible format characters. */
             reason: string;
         };
         JobOutcome: {
@@ -2987,7 +2989,7 @@ export interface operations {
             503: components["responses"]["ServiceUnavailable"];
         };
     };
-    hold_payouts: {
+    set_payout_hold: {
         parameters: {
             query?: never;
             header?: never;
@@ -3049,70 +3051,6 @@ export interface operations {
             };
             413: components["responses"]["PayloadTooLarge"];
             415: components["responses"]["UnsupportedMediaType"];
-            429: components["responses"]["TooManyRequests"];
-            503: components["responses"]["ServiceUnavailable"];
-        };
-    };
-    release_payouts: {
-        parameters: {
-            query: {
-                /** @description Why (1–500 characters; logged with the admin's id). */
-                reason: string;
-            };
-            header?: never;
-            path: {
-                /** @description the creator's id */
-                id: string;
-            };
-            cookie?: never;
-        };
-        requestBody?: never;
-        responses: {
-            200: {
-                headers: {
-                    RateLimit: components["headers"]["RateLimit"];
-                    "RateLimit-Policy": components["headers"]["RateLimit-Policy"];
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["HoldChange"];
-                };
-            };
-            400: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/problem+json": components["schemas"]["Problem"];
-                };
-            };
-            401: {
-                headers: {
-                    "WWW-Authenticate": components["headers"]["WWW-Authenticate"];
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/problem+json": components["schemas"]["Problem"];
-                };
-            };
-            /** @description admin_required */
-            403: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/problem+json": components["schemas"]["Problem"];
-                };
-            };
-            404: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/problem+json": components["schemas"]["Problem"];
-                };
-            };
-            413: components["responses"]["PayloadTooLarge"];
             429: components["responses"]["TooManyRequests"];
             503: components["responses"]["ServiceUnavailable"];
         };

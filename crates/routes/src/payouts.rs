@@ -9,8 +9,8 @@
 //! - `GET /api/v1/me/payouts`, `/api/v1/me/payouts/{id}` (with its
 //!   statement) and `/api/v1/me/payouts/{id}/earnings` (the period's
 //!   earnings as CSV).
-//! - `PUT`/`DELETE /api/v1/admin/payout-holds/{creator_id}`: an admin holds
-//!   or releases a creator's payouts (logged).
+//! - `PUT /api/v1/admin/payout-holds/{creator_id}`: an admin holds or
+//!   releases a creator's payouts (logged).
 //! - `GET /api/cron/payouts` (hourly; the run starts at 02:00 UTC on the 1st
 //!   and 15th): freezes statements, holds tokens and queues one
 //!   `payout-transfer` job per creator; looks up transfers whose answer was
@@ -236,7 +236,7 @@ pub const HOLDS: Function = Function {
         let api = UserApi::load(l, r)?;
         Some(
             Router::new()
-                .route(HOLDS_PATH, put(hold_payouts).delete(release_payouts))
+                .route(HOLDS_PATH, put(set_payout_hold))
                 .with_state(api),
         )
     },
@@ -534,8 +534,9 @@ pub struct PageQuery {
 pub async fn my_payouts(
     State(api): State<UserApi>,
     feature: PayoutsUser,
-    Query(q): Query<PageQuery>,
+    query: Result<Query<PageQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Json<Vec<Payout>>> {
+    let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let limit = q.limit.unwrap_or(24);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::field("limit", "must be between 1 and 50"));
@@ -637,17 +638,9 @@ fn csv_field(raw: &str) -> String {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HoldRequest {
+    /// `true` holds the creator's payouts, `false` releases them.
+    pub held: bool,
     /// Why (1–500 characters; logged with the admin's id).
-    #[schema(min_length = 1, max_length = 500)]
-    pub reason: String,
-}
-
-#[derive(Debug, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-#[serde(deny_unknown_fields)]
-pub struct ReleaseQuery {
-    /// Why (1–500 characters; logged with the admin's id).
-    #[param(min_length = 1, max_length = 500)]
     pub reason: String,
 }
 
@@ -691,8 +684,9 @@ async fn set_hold(
     }))
 }
 
-/// An admin holds a creator's payouts: none is frozen or sent until
-/// released. Logged (who, when, why).
+/// An admin holds a creator's payouts (`held: true`: none is frozen or sent
+/// until released) or releases them (`held: false`). Logged (who, when,
+/// why) in `app.payout_hold_log`.
 #[utoipa::path(put, path = "/api/v1/admin/payout-holds/{id}", tag = "admin", security(("bearer" = [])),
     params(("id" = Uuid, Path, description = "the creator's id")),
     request_body = HoldRequest,
@@ -701,30 +695,13 @@ async fn set_hold(
               (status = 401, body = crate::openapi::Problem),
               (status = 403, description = "admin_required", body = crate::openapi::Problem),
               (status = 404, body = crate::openapi::Problem)))]
-pub async fn hold_payouts(
+pub async fn set_payout_hold(
     State(api): State<UserApi>,
     user: AuthUser,
     Path(id): Path<String>,
     JsonBody(body): JsonBody<HoldRequest>,
 ) -> ApiResult<Json<HoldChange>> {
-    set_hold(&api, &user, &id, true, &body.reason).await
-}
-
-/// An admin releases a creator's payouts. Logged (who, when, why).
-#[utoipa::path(delete, path = "/api/v1/admin/payout-holds/{id}", tag = "admin", security(("bearer" = [])),
-    params(("id" = Uuid, Path, description = "the creator's id"), ReleaseQuery),
-    responses((status = 200, body = HoldChange),
-              (status = 400, body = crate::openapi::Problem),
-              (status = 401, body = crate::openapi::Problem),
-              (status = 403, description = "admin_required", body = crate::openapi::Problem),
-              (status = 404, body = crate::openapi::Problem)))]
-pub async fn release_payouts(
-    State(api): State<UserApi>,
-    user: AuthUser,
-    Path(id): Path<String>,
-    Query(q): Query<ReleaseQuery>,
-) -> ApiResult<Json<HoldChange>> {
-    set_hold(&api, &user, &id, false, &q.reason).await
+    set_hold(&api, &user, &id, body.held, &body.reason).await
 }
 
 // ---------------------------------------------------------------------------

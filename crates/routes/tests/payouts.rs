@@ -955,7 +955,7 @@ async fn an_ineligible_or_held_creator_is_skipped_and_carried_over_to_the_next_c
     let r = app
         .put(&format!("/api/v1/admin/payout-holds/{}", h.id))
         .bearer(&admin.token)
-        .json(&json!({ "reason": "chargeback review" }))
+        .json(&json!({ "held": true, "reason": "chargeback review" }))
         .send()
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());
@@ -964,7 +964,7 @@ async fn an_ineligible_or_held_creator_is_skipped_and_carried_over_to_the_next_c
     let r = app
         .put(&format!("/api/v1/admin/payout-holds/{}", h.id))
         .bearer(&c.token)
-        .json(&json!({ "reason": "x" }))
+        .json(&json!({ "held": true, "reason": "x" }))
         .send()
         .await;
     r.assert_problem(StatusCode::FORBIDDEN, "admin_required");
@@ -989,11 +989,9 @@ async fn an_ineligible_or_held_creator_is_skipped_and_carried_over_to_the_next_c
         connect_event(&app, &e, STRIPE_CONNECT_WEBHOOK_SECRET).await;
     }
     let r = app
-        .request(
-            http::Method::DELETE,
-            &format!("/api/v1/admin/payout-holds/{}?reason=cleared", h.id),
-        )
+        .put(&format!("/api/v1/admin/payout-holds/{}", h.id))
         .bearer(&admin.token)
+        .json(&json!({ "held": false, "reason": "cleared" }))
         .send()
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text());

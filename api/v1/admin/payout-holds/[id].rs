@@ -1,4 +1,4 @@
-//! PUT|DELETE /api/v1/admin/payout-holds/{id} — hold or release a creator's payouts.
+//! PUT /api/v1/admin/payout-holds/{id} — hold or release a creator's payouts.
 fn main() -> std::process::ExitCode {
     stagepass_platform::serve::run(stagepass_routes::payouts::HOLDS)
 }

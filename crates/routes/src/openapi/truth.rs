@@ -698,6 +698,17 @@ fn constrain(schemas: &mut Map<String, Value>) {
                     format characters." }),
     );
 
+    // PUT /api/v1/admin/payout-holds/{id} (payouts.rs): the reason is logged.
+    set(
+        schemas,
+        "HoldRequest",
+        "reason",
+        json!({ "maxLength": 500, "pattern": not_blank_text(""),
+                "description": "Why (logged with the admin's id): 1–500 characters, not only \
+                    spaces, no control characters (tab and line breaks included), no invisible \
+                    format characters." }),
+    );
+
     // Feature flags (flags.rs, platform::flags, ADR 0016): the same rules for
     // a new flag and a change.
     {
