@@ -418,14 +418,13 @@ async fn one_statement_reads_confine_their_claims_to_the_statement() {
     // Not callable as `authenticated` (nor by anyone but the login).
     for f in ["app.read_me(text)", "app.read_balance(text)"] {
         for role in ["authenticated", "anon", "stagepass_service"] {
-            let allowed: bool = sqlx::query_scalar(
-                "select has_function_privilege($1, $2::regprocedure, 'execute')",
-            )
-            .bind(role)
-            .bind(f)
-            .fetch_one(&app.db.admin_pool)
-            .await
-            .expect("privilege");
+            let allowed: bool =
+                sqlx::query_scalar("select has_function_privilege($1, $2::regprocedure, 'execute')")
+                    .bind(role)
+                    .bind(f)
+                    .fetch_one(&app.db.admin_pool)
+                    .await
+                    .expect("privilege");
             assert!(!allowed, "{role} may execute {f}");
         }
     }
@@ -435,22 +434,15 @@ async fn one_statement_reads_confine_their_claims_to_the_statement() {
         .execute(&mut *tx)
         .await
         .expect_err("authenticated cannot impersonate through read_me");
-    assert!(
-        refused.to_string().contains("permission denied"),
-        "{refused}"
-    );
+    assert!(refused.to_string().contains("permission denied"), "{refused}");
     drop(tx);
     // No BEGIN carries the timeout of such a statement: the login's own
     // default does (5 s), whatever the connection's startup options (a
     // transaction pooler sends none).
-    let defaults: Vec<String> = sqlx::query_scalar(
-        "select unnest(rolconfig) from pg_roles where rolname = 'stagepass_app'",
-    )
-    .fetch_all(&app.db.admin_pool)
-    .await
-    .expect("role defaults");
-    assert!(
-        defaults.contains(&"statement_timeout=5s".to_owned()),
-        "{defaults:?}"
-    );
+    let defaults: Vec<String> =
+        sqlx::query_scalar("select unnest(rolconfig) from pg_roles where rolname = 'stagepass_app'")
+            .fetch_all(&app.db.admin_pool)
+            .await
+            .expect("role defaults");
+    assert!(defaults.contains(&"statement_timeout=5s".to_owned()), "{defaults:?}");
 }
