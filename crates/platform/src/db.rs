@@ -99,27 +99,6 @@ pub async fn begin_user<'a>(
     Ok(tx)
 }
 
-/// The verified claims as the text `request.jwt.claims` holds.
-pub fn claims_text(claims: &Claims) -> String {
-    claims.raw.to_string()
-}
-
-/// Runs one statement that reads as the caller — a SQL function that sets
-/// the claims and the `authenticated` role for its own implicit transaction
-/// and then reads under RLS (`app.read_me`, `app.read_balance`; issue 13) —
-/// in one round trip (a cached statement in session mode; through a
-/// transaction pooler, an unnamed one). Its statement timeout is the login
-/// role's default (migration 22), as no `BEGIN` carries one.
-pub async fn read_as_user<'q, T>(
-    pool: &PgPool,
-    query: sqlx::query::QueryAs<'q, Postgres, T, sqlx::postgres::PgArguments>,
-) -> Result<T, sqlx::Error>
-where
-    T: Send + Unpin + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
-{
-    crate::telemetry::db_span("read_as_user", query.fetch_one(pool)).await
-}
-
 /// Begins a transaction as the service role (webhooks, jobs, cron, admin
 /// tooling). Never used for a user's request.
 pub async fn begin_service(pool: &PgPool) -> Result<Transaction<'_, Postgres>, sqlx::Error> {

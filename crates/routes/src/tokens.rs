@@ -71,13 +71,10 @@ pub async fn packages() -> Json<Packages> {
 #[utoipa::path(get, path = "/api/v1/tokens/balance", tag = "tokens", security(("bearer" = [])),
     responses((status = 200, body = Balance), (status = 401, body = crate::openapi::Problem)))]
 pub async fn balance(State(api): State<UserApi>, user: AuthUser) -> ApiResult<Json<Balance>> {
-    // One statement (issue 13): claims, role, first sight and the read.
-    let balance = db::read_as_user(
-        &api.pool,
-        sqlx::query_as::<_, Balance>("select * from app.read_balance($1)")
-            .bind(db::claims_text(user.claims())),
-    )
-    .await?;
+    let mut tx = db::begin_user(&api.pool, user.claims()).await?;
+    crate::me::ensure_user(&mut tx).await?;
+    let balance = stagepass_ledger::my_balance(&mut tx).await.or_problem()?;
+    tx.commit().await?;
     Ok(Json(balance))
 }
 
