@@ -171,8 +171,11 @@ begin
   if not found then
     raise exception 'only creators are paid out' using errcode = 'SP090';
   end if;
+  -- No arbiter: concurrent first onboardings insert the same row, and the
+  -- loser may meet it on either unique index (creator or account); both
+  -- are "already recorded".
   insert into app.connect_accounts (creator_id, stripe_account_id, livemode)
-    values (caller, p_account, p_livemode) on conflict (creator_id) do nothing;
+    values (caller, p_account, p_livemode) on conflict do nothing;
   return (select stripe_account_id from app.connect_accounts where creator_id = caller);
 end
 $$;
