@@ -35,7 +35,7 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode, header};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
-use stagepass_integrations::stripe::webhook::{self, Event};
+use stagepass_integrations::stripe::webhook::Event;
 use stagepass_integrations::stripe::{
     self, CreateAccountLink, CreateExpressAccount, CreateTransfer, StripeClient, StripeError,
 };
@@ -1074,38 +1074,10 @@ pub async fn connect_webhook(
     headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult<Json<ConnectReceived>> {
-    let verified = {
-        let refused = ApiError::Unauthenticated(codes::INVALID_SIGNATURE);
-        match headers
-            .get("stripe-signature")
-            .and_then(|v| v.to_str().ok())
-        {
-            None => Err(refused),
-            Some(signature) => webhook::verify_event(
-                &body,
-                signature,
-                s.secret.expose_secret(),
-                s.clock.now().timestamp(),
-                crate::webhooks::TOLERANCE_SECONDS,
-            )
-            .map_err(|e| {
-                tracing::warn!(error = %e, "refused a Stripe Connect webhook");
-                refused
-            }),
-        }
-    };
+    let verified = crate::webhooks::verify_signed(&s.secret, &s.clock, &headers, &body);
     let event = gate.admit(verified).await?;
     let mut tx = db::begin_service(&s.pool).await?;
-    let first_time = sqlx::query(
-        "insert into app.stripe_events (id, type) values ($1, $2) on conflict (id) do nothing",
-    )
-    .bind(&event.id)
-    .bind(&event.type_)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
-    if !first_time {
+    if !crate::webhooks::first_delivery(&mut tx, &event).await? {
         tx.commit().await?;
         return Ok(Json(ConnectReceived {
             received: true,

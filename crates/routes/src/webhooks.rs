@@ -94,16 +94,7 @@ pub async fn stripe_webhook(
     let event = gate.admit(verify(&state, &headers, &body)).await?;
 
     let mut tx = db::begin_service(&state.pool).await?;
-    let first_time = sqlx::query(
-        "insert into app.stripe_events (id, type) values ($1, $2) on conflict (id) do nothing",
-    )
-    .bind(&event.id)
-    .bind(&event.type_)
-    .execute(&mut *tx)
-    .await?
-    .rows_affected()
-        == 1;
-    if !first_time {
+    if !first_delivery(&mut tx, &event).await? {
         tx.commit().await?;
         return Ok(Json(Received {
             received: true,
@@ -123,9 +114,37 @@ pub async fn stripe_webhook(
     }))
 }
 
-/// Checks `Stripe-Signature` on the raw body (constant time). Missing, bad
-/// and stale signatures are one 401: the sender learns nothing more.
+/// Records a Stripe event's id (platform and Connect endpoints share
+/// `app.stripe_events`: ids are unique across Stripe) in the caller's
+/// transaction; false when it was recorded before (a redelivery).
+pub(crate) async fn first_delivery(
+    conn: &mut PgConnection,
+    event: &Event,
+) -> Result<bool, sqlx::Error> {
+    Ok(sqlx::query(
+        "insert into app.stripe_events (id, type) values ($1, $2) on conflict (id) do nothing",
+    )
+    .bind(&event.id)
+    .bind(&event.type_)
+    .execute(conn)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
 fn verify(state: &StripeWebhookState, headers: &HeaderMap, body: &[u8]) -> ApiResult<Event> {
+    verify_signed(&state.secret, &state.clock, headers, body)
+}
+
+/// Checks `Stripe-Signature` on the raw body (constant time) against
+/// `secret` (the platform or the Connect endpoint's). Missing, bad and stale
+/// signatures are one 401: the sender learns nothing more.
+pub(crate) fn verify_signed(
+    secret: &Secret,
+    clock: &Clock,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> ApiResult<Event> {
     let refused = ApiError::Unauthenticated(codes::INVALID_SIGNATURE);
     let Some(signature) = headers
         .get("stripe-signature")
@@ -136,8 +155,8 @@ fn verify(state: &StripeWebhookState, headers: &HeaderMap, body: &[u8]) -> ApiRe
     webhook::verify_event(
         body,
         signature,
-        state.secret.expose_secret(),
-        state.clock.now().timestamp(),
+        secret.expose_secret(),
+        clock.now().timestamp(),
         TOLERANCE_SECONDS,
     )
     .map_err(|e| {
