@@ -5,15 +5,16 @@
 //! the pool is small (default 4), connects lazily (a cold start that never
 //! touches the database never pays for a connection) and bounds every wait:
 //! acquiring a connection (3 s) and every statement (`statement_timeout`,
-//! 5 s: `SET LOCAL` in the same round trip as each transaction's `BEGIN`,
-//! and in session mode also in the startup packet for statements outside a
-//! transaction).
+//! 5 s: `SET LOCAL` in the same round trip as each transaction's `BEGIN`;
+//! for statements outside a transaction, the login role's default, set by
+//! migration 22, and in session mode also the startup packet).
 //!
 //! Supabase's transaction pooler (port 6543, `DATABASE_POOL_MODE=transaction`)
-//! is supported: unnamed statements only (no statement cache), no startup
-//! `options`, settings only transaction-local, and every statement inside an
-//! explicit transaction ([`PoolMode::Transaction`]; docs/ARCHITECTURE.md,
-//! "Database connections"; ADR 0010).
+//! is supported: unnamed statements only (no statement cache), each sent in
+//! one flight (Parse … Sync, so the pooler never splits it across server
+//! connections; vendor/sqlx-postgres/STAGEPASS-PATCH.md), no startup
+//! `options`, settings only transaction-local ([`PoolMode::Transaction`];
+//! docs/ARCHITECTURE.md, "Database connections"; ADRs 0010 and 0020).
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -99,6 +100,34 @@ pub async fn begin_user<'a>(
     Ok(tx)
 }
 
+/// The verified claims as the text `request.jwt.claims` holds.
+pub fn claims_text(claims: &Claims) -> String {
+    claims.raw.to_string()
+}
+
+/// Runs one statement that reads as the caller — a SQL function that sets
+/// the claims and the `authenticated` role for its own implicit transaction
+/// and then reads under RLS (`app.read_me`, `app.read_balance`; issue 13) —
+/// in one round trip (a cached statement in session mode; through a
+/// transaction pooler, an unnamed one sent in one flight). Its statement
+/// timeout is the login role's default (migration 22), as no `BEGIN`
+/// carries one.
+pub async fn read_as_user<'q, T>(
+    pool: &PgPool,
+    query: sqlx::query::QueryAs<'q, Postgres, T, sqlx::postgres::PgArguments>,
+) -> Result<T, sqlx::Error>
+where
+    T: Send + Unpin + for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+{
+    traced_read(query.fetch_one(pool)).await
+}
+
+/// Any such one-statement read (a `read_*` function of the ledger crate, or
+/// a query on the pool), under the same telemetry span as [`read_as_user`].
+pub async fn traced_read<F: std::future::IntoFuture>(read: F) -> F::Output {
+    crate::telemetry::db_span("read_as_user", read.into_future()).await
+}
+
 /// Begins a transaction as the service role (webhooks, jobs, cron, admin
 /// tooling). Never used for a user's request.
 pub async fn begin_service(pool: &PgPool) -> Result<Transaction<'_, Postgres>, sqlx::Error> {
@@ -121,22 +150,6 @@ pub async fn begin_service_snapshot(
         .execute(&mut *tx)
         .await?;
     Ok(tx)
-}
-
-/// Begins a transaction as the login itself (no role switch) for the few
-/// statements that need no request context (the outbox, trust levels)
-/// through a transaction pooler: there sqlx's extended protocol (Parse …
-/// Sync, then Bind … Sync) must not be split across two server connections,
-/// which only an open transaction prevents. `None` in session mode, where
-/// such a statement runs on the pool as it is (one round trip, cached).
-pub async fn begin_pinned(
-    pool: &PgPool,
-    mode: PoolMode,
-) -> Result<Option<Transaction<'static, Postgres>>, sqlx::Error> {
-    match mode {
-        PoolMode::Session => Ok(None),
-        PoolMode::Transaction => pool.begin_with(BEGIN).await.map(Some),
-    }
 }
 
 /// Runs the embedded migrations (the `migrate` command; never a cold start).

@@ -233,11 +233,10 @@ pub trait FlagSource: Send + Sync {
     fn load(&self) -> BoxFuture<'_, Result<Vec<FlagRule>, ApiError>>;
 }
 
-/// `app.flag_snapshot()` on the process's pool: one round trip in session
-/// mode, in a transaction of its own through a transaction pooler.
+/// `app.flag_snapshot()` on the process's pool: one round trip (a cached
+/// statement in session mode, one flight through a transaction pooler).
 pub struct DbSource {
     pub pool: sqlx::PgPool,
-    pub mode: crate::db::PoolMode,
 }
 
 const SNAPSHOT: &str = "select key, enabled, rollout_basis_points, allow_users, deny_users, roles \
@@ -246,16 +245,9 @@ const SNAPSHOT: &str = "select key, enabled, rollout_basis_points, allow_users, 
 impl FlagSource for DbSource {
     fn load(&self) -> BoxFuture<'_, Result<Vec<FlagRule>, ApiError>> {
         Box::pin(async move {
-            let query = sqlx::query_as::<_, FlagRule>(SNAPSHOT);
-            let rules = match crate::db::begin_pinned(&self.pool, self.mode).await? {
-                Some(mut tx) => {
-                    let rules = query.fetch_all(&mut *tx).await?;
-                    tx.commit().await?;
-                    rules
-                }
-                None => query.fetch_all(&self.pool).await?,
-            };
-            Ok(rules)
+            Ok(sqlx::query_as::<_, FlagRule>(SNAPSHOT)
+                .fetch_all(&self.pool)
+                .await?)
         })
     }
 }

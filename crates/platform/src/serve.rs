@@ -83,7 +83,7 @@ impl Limits {
 /// one HTTP client.
 #[derive(Clone, Default)]
 pub struct Resources {
-    pool: Arc<OnceCell<(sqlx::PgPool, crate::db::PoolMode)>>,
+    pool: Arc<OnceCell<sqlx::PgPool>>,
     http: Arc<std::sync::OnceLock<reqwest::Client>>,
     verifier: Arc<std::sync::OnceLock<Arc<crate::auth::Verifier>>>,
     limiter: Arc<std::sync::OnceLock<Arc<crate::ratelimit::RateLimiter>>>,
@@ -94,34 +94,21 @@ pub struct Resources {
 impl Resources {
     /// The process's pool, created (lazily connecting) on first use.
     pub fn db(&self, cfg: &DbConfig) -> Option<sqlx::PgPool> {
-        if let Some((pool, _)) = self.pool.get() {
+        if let Some(pool) = self.pool.get() {
             return Some(pool.clone());
         }
         let pool = crate::db::connect_lazy(cfg).ok()?;
-        let _ = self.pool.set((pool, cfg.pool_mode));
-        self.pool.get().map(|(pool, _)| pool.clone())
+        let _ = self.pool.set(pool);
+        self.pool.get().cloned()
     }
 
-    /// How the process's pool reaches Postgres (session when there is none
-    /// yet): code that runs statements outside a request transaction asks
-    /// (`db::begin_pinned`).
-    pub fn pool_mode(&self) -> crate::db::PoolMode {
-        self.pool
-            .get()
-            .map_or(crate::db::PoolMode::Session, |(_, mode)| *mode)
-    }
-
-    /// Uses an existing pool, direct or through a session pooler (tests, the
-    /// dev server).
+    /// Uses an existing pool, direct or through a pooler (tests, the dev
+    /// server). Nothing depends on the pool mode outside its connect
+    /// options: single statements are one flight through a transaction
+    /// pooler (vendor/sqlx-postgres/STAGEPASS-PATCH.md).
     pub fn with_pool(pool: sqlx::PgPool) -> Self {
-        Self::with_pool_in(pool, crate::db::PoolMode::Session)
-    }
-
-    /// Uses an existing pool that reaches Postgres as `mode` says (tests
-    /// through a transaction pooler).
-    pub fn with_pool_in(pool: sqlx::PgPool, mode: crate::db::PoolMode) -> Self {
         let r = Resources::default();
-        let _ = r.pool.set((pool, mode));
+        let _ = r.pool.set(pool);
         r
     }
 
@@ -158,10 +145,7 @@ impl Resources {
     ) -> Arc<crate::flags::FlagCache> {
         self.flags
             .get_or_init(|| {
-                let source = crate::flags::DbSource {
-                    pool: pool.clone(),
-                    mode: self.pool_mode(),
-                };
+                let source = crate::flags::DbSource { pool: pool.clone() };
                 Arc::new(crate::flags::FlagCache::new(
                     Box::new(source),
                     self.clock.clone(),
@@ -230,15 +214,15 @@ fn with_limits(
     }
     if matches!(function.limits, Limits::Money | Limits::PayoutRequest) {
         let pool = r.db(&DbConfig::load(l)?)?;
-        layer = layer.with_trust(Arc::new(DbTrust(pool, r.pool_mode())));
+        layer = layer.with_trust(Arc::new(DbTrust(pool)));
     }
     Some(router.layer(layer))
 }
 
 /// Trust levels from Postgres (`app.trust_level`, derived from account
-/// facts; SPEC §4). One round trip in session mode; in a transaction of its
-/// own through a transaction pooler (`db::begin_pinned`).
-struct DbTrust(sqlx::PgPool, crate::db::PoolMode);
+/// facts; SPEC §4). One round trip: a cached statement in session mode, one
+/// flight through a transaction pooler (vendor/sqlx-postgres/STAGEPASS-PATCH.md).
+struct DbTrust(sqlx::PgPool);
 
 impl crate::ratelimit::TrustSource for DbTrust {
     fn trust_level(
@@ -246,15 +230,10 @@ impl crate::ratelimit::TrustSource for DbTrust {
         user: uuid::Uuid,
     ) -> futures_util::future::BoxFuture<'_, Result<crate::ratelimit::TrustLevel, ApiError>> {
         Box::pin(async move {
-            let query = sqlx::query_scalar("select app.trust_level($1)").bind(user);
-            let level: Option<String> = match crate::db::begin_pinned(&self.0, self.1).await? {
-                Some(mut tx) => {
-                    let level = query.fetch_one(&mut *tx).await?;
-                    tx.commit().await?;
-                    level
-                }
-                None => query.fetch_one(&self.0).await?,
-            };
+            let level: Option<String> = sqlx::query_scalar("select app.trust_level($1)")
+                .bind(user)
+                .fetch_one(&self.0)
+                .await?;
             Ok(crate::ratelimit::TrustLevel::parse(
                 level.as_deref().unwrap_or("basic"),
             ))

@@ -121,19 +121,17 @@ async fn many_instances_share_the_pooler_without_leaking_state() {
                 assert_eq!(claims, None, "claims leaked into the next transaction");
                 tx.commit().await.expect("commit");
 
-                // Outside a request: the login itself, in its own transaction.
-                let mut tx = db::begin_pinned(&pool, PoolMode::Transaction)
-                    .await
-                    .expect("begin pinned")
-                    .expect("a transaction in transaction mode");
-                let (role, n): (String, i64) =
-                    sqlx::query_as("select current_user::text, $1::int8 * 2")
-                        .bind(i64::from(round))
-                        .fetch_one(&mut *tx)
-                        .await
-                        .expect("pinned query");
+                // Outside a request: one statement on the pool, as the login
+                // itself, with the login's default timeout (one flight).
+                let (role, n, timeout): (String, i64, String) = sqlx::query_as(
+                    "select current_user::text, $1::int8 * 2, current_setting('statement_timeout')",
+                )
+                .bind(i64::from(round))
+                .fetch_one(&pool)
+                .await
+                .expect("bare statement");
                 assert_eq!((role.as_str(), n), ("stagepass_app", i64::from(round) * 2));
-                tx.commit().await.expect("commit");
+                assert_eq!(timeout, "5s", "the login's default");
             }
         }));
     }
@@ -172,6 +170,16 @@ async fn the_statement_timeout_holds_through_the_pooler() {
         .expect_err("cancelled by statement_timeout");
     assert_eq!(db::sqlstate(&err).as_deref(), Some("57014"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(10));
+    drop(tx);
+    // A single statement outside any transaction (a one-statement read):
+    // no `BEGIN` carries the timeout, the login's default does.
+    let started = std::time::Instant::now();
+    let err = sqlx::query("select pg_sleep(30)")
+        .execute(&pool)
+        .await
+        .expect_err("cancelled by the login's default statement_timeout");
+    assert_eq!(db::sqlstate(&err).as_deref(), Some("57014"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
 }
 
 async fn admin_connection(db: &TestDb) -> sqlx::PgConnection {
@@ -182,13 +190,16 @@ async fn admin_connection(db: &TestDb) -> sqlx::PgConnection {
     options.connect().await.expect("admin connection")
 }
 
-/// Why `db::begin_pinned` exists: outside a transaction, sqlx's extended
-/// protocol (Parse … Sync, then Bind … Sync) is two pooler transactions,
-/// and the second may land on another server connection, where the unnamed
-/// statement does not exist (or is another client's). This shows the hazard
-/// is real, so a statement on the bare pool fails through the pooler.
+/// Outside a transaction, sqlx 0.9 sent an uncached statement as Parse +
+/// Describe + Sync, then Bind + Execute + Sync: two pooler transactions, and
+/// the second could land on another server connection, where the unnamed
+/// statement did not exist or was another client's (this test counted both
+/// before the one-flight patch, vendor/sqlx-postgres/STAGEPASS-PATCH.md).
+/// Now each statement is one flight: through the pooler, every bare
+/// statement of several instances, each with its own SQL, answers its own
+/// result.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_statement_outside_a_transaction_is_split_by_the_pooler() {
+async fn a_statement_outside_a_transaction_is_one_flight_through_the_pooler() {
     if db_proxy().is_none() {
         return;
     }
@@ -203,29 +214,23 @@ async fn a_statement_outside_a_transaction_is_split_by_the_pooler() {
             // Each instance its own statement text, as different functions
             // have: a Bind that lands next to another's Parse shows.
             let sql = format!("select $1::int8 + {k}");
-            let (mut errors, mut wrong) = (0, 0);
-            for i in 0..50_i64 {
+            let mut bad = Vec::new();
+            for i in 0..100_i64 {
                 let r: Result<i64, _> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()))
                     .bind(i)
                     .fetch_one(&pool)
                     .await;
                 match r {
                     Ok(n) if n == i + k => {}
-                    Ok(_) => wrong += 1,
-                    Err(_) => errors += 1,
+                    other => bad.push(format!("{sql} with {i}: {other:?}")),
                 }
             }
-            (errors, wrong)
+            bad
         }));
     }
-    let (mut errors, mut wrong) = (0, 0);
+    let mut bad = Vec::new();
     for t in tasks {
-        let (e, w) = t.await.expect("task");
-        errors += e;
-        wrong += w;
+        bad.extend(t.await.expect("task"));
     }
-    eprintln!(
-        "of 150 bare statements through the pooler: {errors} failed, {wrong} ran another client's SQL"
-    );
-    assert!(errors + wrong > 0);
+    assert!(bad.is_empty(), "of 300 bare statements: {bad:#?}");
 }

@@ -23,8 +23,7 @@ use serde::Serialize;
 use sqlx::PgPool;
 use stagepass_integrations::ably::{AblyClient, AblyKey, Message};
 use stagepass_integrations::qstash::{DEFAULT_RETRIES, Publish, QstashClient};
-use stagepass_platform::config::{AblyConfig, ExposeSecret, Loader, PoolMode, QstashConfig};
-use stagepass_platform::db;
+use stagepass_platform::config::{AblyConfig, ExposeSecret, Loader, QstashConfig};
 use stagepass_platform::http::ApiError;
 use stagepass_platform::serve::{PlatformHandle, Resources};
 use utoipa::ToSchema;
@@ -53,10 +52,9 @@ pub struct Outbox {
     /// kicks during it make it go round once more (under load, one claim
     /// serves many requests' messages).
     kicks: Arc<Kicks>,
+    /// Claims and records are single statements on the pool, outside any
+    /// request's transaction (one flight through a transaction pooler).
     pool: PgPool,
-    /// Claims and records run outside a request transaction: through a
-    /// transaction pooler each in a transaction of its own.
-    pool_mode: PoolMode,
     /// `None` outside production without `ABLY_API_KEY`: realtime messages
     /// are then marked done unsent (and say so in `last_error`).
     ably: Option<AblyClient>,
@@ -135,7 +133,6 @@ impl Outbox {
         Some(Outbox {
             kicks: Arc::default(),
             pool: pool?,
-            pool_mode: r.pool_mode(),
             ably: ably?,
             jobs: jobs?,
             connect,
@@ -219,14 +216,7 @@ impl Outbox {
         )
         .bind(i32::try_from(BATCH).unwrap_or(50))
         .bind(inline);
-        let mut rows = match db::begin_pinned(&self.pool, self.pool_mode).await? {
-            Some(mut tx) => {
-                let rows = query.fetch_all(&mut *tx).await?;
-                tx.commit().await?;
-                rows
-            }
-            None => query.fetch_all(&self.pool).await?,
-        };
+        let mut rows = query.fetch_all(&self.pool).await?;
         rows.sort_by_key(|r| r.id);
         Ok(rows)
     }
@@ -347,15 +337,7 @@ impl Outbox {
             .bind(&done)
             .bind(&errors)
             .bind(MAX_ATTEMPTS);
-        match db::begin_pinned(&self.pool, self.pool_mode).await? {
-            Some(mut tx) => {
-                query.execute(&mut *tx).await?;
-                tx.commit().await?;
-            }
-            None => {
-                query.execute(&self.pool).await?;
-            }
-        }
+        query.execute(&self.pool).await?;
         Ok(())
     }
 }

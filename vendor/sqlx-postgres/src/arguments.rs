@@ -76,6 +76,14 @@ pub struct PgArguments {
 }
 
 impl PgArguments {
+    /// Stagepass patch (one flight, see `STAGEPASS-PATCH.md`): whether the
+    /// encoded arguments are final, i.e. no `Encode` deferred work until
+    /// the statement's parameter types are known (patches) and no type OID
+    /// is still to be looked up by name (holes).
+    pub(crate) fn is_final(&self) -> bool {
+        self.buffer.patches.is_empty() && self.buffer.hole_types.is_empty()
+    }
+
     pub(crate) fn add<'q, T>(&mut self, value: T) -> Result<(), BoxDynError>
     where
         T: Encode<'q, Postgres> + Type<Postgres>,

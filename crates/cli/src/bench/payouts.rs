@@ -252,7 +252,7 @@ fn run_state(db: &TestDb, fake: &ConnectFake) -> Result<RunState> {
         ("STRIPE_API_BASE", fake.base_url().to_string()),
     ];
     let mut l = Loader::from_map(env.iter().map(|(k, v)| (*k, v.clone())));
-    let mut resources = Resources::with_pool_in(db.app_pool.clone(), db.pool_mode());
+    let mut resources = Resources::with_pool(db.app_pool.clone());
     resources.clock = db.clock.clone();
     let Some(connect) = stagepass_routes::payouts::Connect::load(&mut l, &resources) else {
         return fail("the Stripe settings of the benchmark do not load");

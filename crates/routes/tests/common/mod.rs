@@ -146,7 +146,7 @@ impl TestApp {
             env.retain(|(name, _)| name != k);
             env.push((k, v.clone()));
         }
-        let mut resources = Resources::with_pool_in(db.app_pool.clone(), db.pool_mode());
+        let mut resources = Resources::with_pool(db.app_pool.clone());
         // One time for the app and the database: `db.advance_clock` moves both.
         resources.clock = db.clock.clone();
         let (router, failures) = compose(stagepass_routes::FUNCTIONS, || loader(&env), &resources);

@@ -217,7 +217,72 @@ impl PgConnection {
 
         let mut metadata: Arc<PgStatementMetadata>;
 
-        let format = if let Some(mut arguments) = arguments {
+        // Stagepass patch (one flight, see `STAGEPASS-PATCH.md`): a statement
+        // that will not be cached (no statement cache, as through a
+        // transaction pooler, or `persistent(false)`) is sent as Parse + Bind
+        // + Describe (portal) + Execute + Close + Sync in one flight, the way
+        // libpq's `PQexecParams` does, instead of Parse + Describe + Sync and
+        // then, after a round trip, Bind + Execute + Sync. One round trip
+        // instead of two; and, outside an explicit transaction, the first
+        // Sync no longer ends an implicit transaction between the two halves,
+        // after which a transaction pooler may run the second half on another
+        // server connection (where the unnamed statement is missing, or is
+        // another client's). The row description comes from the portal's
+        // Describe; parameter types are the ones the arguments were encoded
+        // with, resolved before anything is written.
+        let one_flight = match &arguments {
+            Some(arguments) => {
+                !(persistent && self.inner.cache_statement.is_enabled())
+                    && !self.inner.cache_statement.contains_key(sql)
+                    && arguments.is_final()
+            }
+            None => false,
+        };
+
+        let (one_flight, arguments) = if one_flight {
+            (arguments, None)
+        } else {
+            (None, arguments)
+        };
+
+        let format = if let Some(arguments) = one_flight {
+            let num_params = u16::try_from(arguments.len()).map_err(|_| {
+                err_protocol!(
+                    "PgConnection::run(): too many arguments for query: {}",
+                    arguments.len()
+                )
+            })?;
+            let param_types = self.resolve_types(&arguments.types).await?;
+            self.wait_until_ready().await?;
+            self.inner.stream.write_msg(Parse {
+                param_types: &param_types,
+                query: sql,
+                statement: StatementId::UNNAMED,
+            })?;
+            self.inner.stream.write_msg(Bind {
+                portal: PortalId::UNNAMED,
+                statement: StatementId::UNNAMED,
+                formats: &[PgValueFormat::Binary],
+                num_params,
+                params: &arguments.buffer,
+                result_formats: &[PgValueFormat::Binary],
+            })?;
+            self.inner
+                .stream
+                .write_msg(message::Describe::Portal(PortalId::UNNAMED))?;
+            self.inner.stream.write_msg(message::Execute {
+                portal: PortalId::UNNAMED,
+                limit: 0,
+            })?;
+            self.inner
+                .stream
+                .write_msg(Close::Portal(PortalId::UNNAMED))?;
+            self.write_sync();
+
+            // Filled in by the portal's RowDescription (none: no rows).
+            metadata = Arc::new(PgStatementMetadata::default());
+            PgValueFormat::Binary
+        } else if let Some(mut arguments) = arguments {
             // Check this before we write anything to the stream.
             //
             // Note: Postgres actually interprets this value as unsigned,
