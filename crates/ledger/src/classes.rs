@@ -205,11 +205,17 @@ async fn write(
 }
 
 /// One class the caller may see (RLS: scheduled, or their own, or one they
-/// enrolled in).
-pub async fn get(conn: &mut PgConnection, id: ClassId) -> Result<Class, ClassError> {
-    sqlx::query_as::<_, Class>("select * from app.class_view where id = $1")
+/// enrolled in), in one statement as the caller (`app.read_class`; `claims`
+/// as `request.jwt.claims` holds them; ADR 0020). Run it on the pool.
+pub async fn read_class<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    claims: &str,
+    id: ClassId,
+) -> Result<Class, ClassError> {
+    sqlx::query_as::<_, Class>("select * from app.read_class($1, $2)")
+        .bind(claims)
         .bind(id)
-        .fetch_optional(conn)
+        .fetch_optional(db)
         .await?
         .ok_or(ClassError::NotFound)
 }
@@ -222,26 +228,25 @@ pub struct ClassCursor {
 }
 
 /// Scheduled classes that have not started, soonest first, optionally of one
-/// creator, after `cursor`.
-pub async fn upcoming(
-    conn: &mut PgConnection,
+/// creator, after `cursor`, in one statement as the caller
+/// (`app.read_upcoming_classes`; ADR 0020). Run it on the pool.
+pub async fn read_upcoming<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    claims: &str,
     creator: Option<UserId>,
     after: Option<ClassCursor>,
     limit: i64,
 ) -> Result<Vec<Class>, ClassError> {
-    Ok(sqlx::query_as::<_, Class>(
-        "select * from app.class_view \
-         where status = 'scheduled' and starts_at > app.now() \
-           and ($1::uuid is null or creator_id = $1) \
-           and ($2::timestamptz is null or (starts_at, id) > ($2, $3::uuid)) \
-         order by starts_at, id limit $4",
+    Ok(
+        sqlx::query_as::<_, Class>("select * from app.read_upcoming_classes($1, $2, $3, $4, $5)")
+            .bind(claims)
+            .bind(creator)
+            .bind(after.map(|c| c.starts_at))
+            .bind(after.map(|c| c.id))
+            .bind(limit)
+            .fetch_all(db)
+            .await?,
     )
-    .bind(creator)
-    .bind(after.map(|c| c.starts_at))
-    .bind(after.map(|c| c.id))
-    .bind(limit)
-    .fetch_all(conn)
-    .await?)
 }
 
 /// The outcome of an enrolment.

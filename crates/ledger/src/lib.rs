@@ -235,17 +235,23 @@ pub struct Entry {
     pub created_at: DateTime<Utc>,
 }
 
-/// The caller's entries, newest first, before the entry id `before`.
-pub async fn my_entries(
-    conn: &mut PgConnection,
+/// The caller's entries, newest first, before the entry id `before`, in one
+/// statement as the caller (`claims`, the verified token's claims as
+/// `request.jwt.claims` holds them): `app.read_entries` sets the claims and
+/// the `authenticated` role for its own transaction, then reads under RLS
+/// (ADR 0020). Run it on the pool, outside any transaction.
+pub async fn read_entries<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    claims: &str,
     before: Option<i64>,
     limit: i32,
 ) -> Result<Vec<Entry>, LedgerError> {
     Ok(
-        sqlx::query_as::<_, Entry>("select * from app.my_entries($1, $2)")
+        sqlx::query_as::<_, Entry>("select * from app.read_entries($1, $2, $3)")
+            .bind(claims)
             .bind(before)
             .bind(limit)
-            .fetch_all(conn)
+            .fetch_all(db)
             .await?,
     )
 }

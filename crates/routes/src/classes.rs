@@ -389,12 +389,18 @@ pub async fn list_classes(
         .map(|c| crate::parse_uuid("creator", c).map(UserId::new))
         .transpose()?;
     let after = q.cursor.as_deref().map(decode_cursor).transpose()?;
-    let mut tx = db::begin_user(&api.pool, user.claims()).await?;
-    // One extra row tells whether another page exists.
-    let mut found = classes::upcoming(&mut tx, creator, after, limit + 1)
-        .await
-        .or_problem()?;
-    tx.commit().await?;
+    // One statement as the caller (ADR 0020). One extra row tells whether
+    // another page exists.
+    let claims = db::claims_text(user.claims());
+    let mut found = db::traced_read(classes::read_upcoming(
+        &api.pool,
+        &claims,
+        creator,
+        after,
+        limit + 1,
+    ))
+    .await
+    .or_problem()?;
     let more = found.len() > usize::try_from(limit).unwrap_or(usize::MAX);
     found.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
     let next_cursor = if more {
@@ -419,9 +425,10 @@ pub async fn get_class(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Class>> {
     let id = parse_id(&id)?;
-    let mut tx = db::begin_user(&api.pool, user.claims()).await?;
-    let class = classes::get(&mut tx, id).await.or_problem()?;
-    tx.commit().await?;
+    let claims = db::claims_text(user.claims());
+    let class = db::traced_read(classes::read_class(&api.pool, &claims, id))
+        .await
+        .or_problem()?;
     Ok(Json(class))
 }
 

@@ -84,14 +84,19 @@ const SELECT_ME: &str = "select u.id, u.role, u.handle, u.display_name, \
     responses((status = 200, body = Me),
               (status = 401, body = crate::openapi::Problem)))]
 pub async fn get_me(State(api): State<UserApi>, user: AuthUser) -> ApiResult<Json<Me>> {
-    let mut tx = db::begin_user(&api.pool, user.claims()).await?;
-    sqlx::query(ENSURE_ME).execute(&mut *tx).await?;
-    let me = sqlx::query_as::<_, Me>(SELECT_ME)
-        .fetch_one(&mut *tx)
-        .await?;
-    tx.commit().await?;
+    // One statement: the claims, the `authenticated` role, first sight and
+    // the read run inside `app.read_me` (issue 13; RLS applies as in
+    // `db::begin_user`).
+    let me = db::read_as_user(
+        &api.pool,
+        sqlx::query_as::<_, Me>(READ_ME).bind(db::claims_text(user.claims())),
+    )
+    .await?;
     Ok(Json(me.with_flags(&api).await))
 }
+
+/// `GET /api/v1/me` in one statement (migration 22).
+const READ_ME: &str = "select * from app.read_me($1)";
 
 /// Fields a user may change about themselves. Unknown fields (`role`,
 /// `email`, …) are refused with a 400 naming them.

@@ -201,22 +201,16 @@ pub async fn schedule(
 ) -> ApiResult<Json<Schedule>> {
     let Query(q) = query.map_err(|e| ApiError::BadRequest(e.body_text()))?;
     let (from, to) = q.parse()?;
-    let mut tx = db::begin_user(&api.pool, user.claims()).await?;
-    // RLS limits the rows to the caller's; the filter says so too, so the
-    // index on (user_id, starts_at) serves it.
-    let mut events = sqlx::query_as::<_, CalendarEvent>(
-        "select id, source_kind, source_id, role, title, starts_at, ends_at, status, sequence, \
-                updated_at \
-         from app.calendar_events \
-         where user_id = auth.uid() and starts_at < $2 and ends_at > $1 \
-         order by starts_at, id limit $3",
+    // One statement as the caller (`app.read_schedule`, under RLS; ADR 0020).
+    let mut events = db::traced_read(
+        sqlx::query_as::<_, CalendarEvent>("select * from app.read_schedule($1, $2, $3, $4)")
+            .bind(db::claims_text(user.claims()))
+            .bind(from)
+            .bind(to)
+            .bind(MAX_EVENTS + 1)
+            .fetch_all(&api.pool),
     )
-    .bind(from)
-    .bind(to)
-    .bind(MAX_EVENTS + 1)
-    .fetch_all(&mut *tx)
     .await?;
-    tx.commit().await?;
     let max = usize::try_from(MAX_EVENTS).unwrap_or(usize::MAX);
     let truncated = events.len() > max;
     events.truncate(max);

@@ -71,10 +71,13 @@ pub async fn packages() -> Json<Packages> {
 #[utoipa::path(get, path = "/api/v1/tokens/balance", tag = "tokens", security(("bearer" = [])),
     responses((status = 200, body = Balance), (status = 401, body = crate::openapi::Problem)))]
 pub async fn balance(State(api): State<UserApi>, user: AuthUser) -> ApiResult<Json<Balance>> {
-    let mut tx = db::begin_user(&api.pool, user.claims()).await?;
-    crate::me::ensure_user(&mut tx).await?;
-    let balance = stagepass_ledger::my_balance(&mut tx).await.or_problem()?;
-    tx.commit().await?;
+    // One statement (issue 13): claims, role, first sight and the read.
+    let balance = db::read_as_user(
+        &api.pool,
+        sqlx::query_as::<_, Balance>("select * from app.read_balance($1)")
+            .bind(db::claims_text(user.claims())),
+    )
+    .await?;
     Ok(Json(balance))
 }
 
@@ -122,11 +125,13 @@ pub async fn ledger(
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::field("limit", "must be between 1 and 100"));
     }
-    let mut tx = db::begin_user(&api.pool, user.claims()).await?;
-    let entries = stagepass_ledger::my_entries(&mut tx, q.cursor, limit)
-        .await
-        .or_problem()?;
-    tx.commit().await?;
+    // One statement as the caller (ADR 0020).
+    let claims = db::claims_text(user.claims());
+    let entries = db::traced_read(stagepass_ledger::read_entries(
+        &api.pool, &claims, q.cursor, limit,
+    ))
+    .await
+    .or_problem()?;
     let next_cursor = if entries.len() == usize::try_from(limit).unwrap_or(0) {
         entries.last().map(|e| e.id)
     } else {

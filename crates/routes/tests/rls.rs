@@ -382,3 +382,82 @@ async fn settings_are_transaction_local_and_do_not_leak_to_the_next_request() {
     assert_eq!(user, "stagepass_app");
     assert_eq!(claims, None);
 }
+
+/// The one-statement reads (issue 13, migration 22) set the claims and the
+/// `authenticated` role for their own implicit transaction only: the next
+/// statement on the same pooled connection is the bare login again. Only
+/// the login may call them (`authenticated` could pass claims of its
+/// choosing), and what they read is the claims' user under RLS.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_statement_reads_confine_their_claims_to_the_statement() {
+    let app = TestApp::new().await;
+    let (a, b) = two_users(&app).await;
+    let claims = |u: Uuid| format!(r#"{{"sub":"{u}","role":"authenticated"}}"#);
+    let mut conn = app.db.app_pool.acquire().await.expect("acquire");
+    let (id, role): (Uuid, String) = sqlx::query_as("select id, role from app.read_me($1)")
+        .bind(claims(a))
+        .fetch_one(&mut *conn)
+        .await
+        .expect("read me");
+    assert_eq!((id, role.as_str()), (a, "fan"));
+    let (user, after): (String, Option<String>) = sqlx::query_as(
+        "select current_user::text, nullif(current_setting('request.jwt.claims', true), '')",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .expect("probe");
+    assert_eq!(user, "stagepass_app", "the role ended with the statement");
+    assert_eq!(after, None, "the claims ended with the statement");
+    // Another user's read sees only them.
+    let balance: Option<i64> = sqlx::query_scalar("select balance from app.read_balance($1)")
+        .bind(claims(b))
+        .fetch_optional(&mut *conn)
+        .await
+        .expect("read balance");
+    assert_eq!(balance, Some(0));
+    // Not callable as `authenticated` (nor by anyone but the login).
+    for f in [
+        "app.read_me(text)",
+        "app.read_balance(text)",
+        "app.read_entries(text, bigint, integer)",
+        "app.read_upcoming_classes(text, uuid, timestamptz, uuid, bigint)",
+        "app.read_class(text, uuid)",
+        "app.read_schedule(text, timestamptz, timestamptz, bigint)",
+    ] {
+        for role in ["authenticated", "anon", "stagepass_service"] {
+            let allowed: bool = sqlx::query_scalar(
+                "select has_function_privilege($1, $2::regprocedure, 'execute')",
+            )
+            .bind(role)
+            .bind(f)
+            .fetch_one(&app.db.admin_pool)
+            .await
+            .expect("privilege");
+            assert!(!allowed, "{role} may execute {f}");
+        }
+    }
+    let mut tx = as_user(&app.db.app_pool, a).await;
+    let refused = sqlx::query("select * from app.read_me($1)")
+        .bind(claims(b))
+        .execute(&mut *tx)
+        .await
+        .expect_err("authenticated cannot impersonate through read_me");
+    assert!(
+        refused.to_string().contains("permission denied"),
+        "{refused}"
+    );
+    drop(tx);
+    // No BEGIN carries the timeout of such a statement: the login's own
+    // default does (5 s), whatever the connection's startup options (a
+    // transaction pooler sends none).
+    let defaults: Vec<String> = sqlx::query_scalar(
+        "select unnest(rolconfig) from pg_roles where rolname = 'stagepass_app'",
+    )
+    .fetch_all(&app.db.admin_pool)
+    .await
+    .expect("role defaults");
+    assert!(
+        defaults.contains(&"statement_timeout=5s".to_owned()),
+        "{defaults:?}"
+    );
+}
