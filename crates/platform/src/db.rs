@@ -85,19 +85,51 @@ pub fn pool_options(max_connections: u32) -> PgPoolOptions {
 /// role with the verified token's claims visible to policies (`auth.uid()`),
 /// exactly as Supabase's PostgREST does. Both settings are transaction-local,
 /// so a pooled connection never carries them to another request.
+///
+/// One round trip: `BEGIN`, the timeout, the claims and the role travel in
+/// one simple-protocol message ([`begin_user_sql`]; issue 13).
 pub async fn begin_user<'a>(
     pool: &'a PgPool,
     claims: &Claims,
 ) -> Result<Transaction<'a, Postgres>, sqlx::Error> {
-    let mut tx = crate::telemetry::db_span("begin_user", pool.begin_with(BEGIN)).await?;
-    // `set_config('role', …)` is `SET LOCAL ROLE` in a form that takes a bind
-    // parameter. One round trip for both settings.
-    sqlx::query("select set_config('request.jwt.claims', $1, true), set_config('role', $2, true)")
-        .bind(claims.raw.to_string())
-        .bind(USER_ROLE)
-        .execute(&mut *tx)
-        .await?;
-    Ok(tx)
+    begin_user_then(pool, claims, None).await
+}
+
+/// [`begin_user`], then `then` — a statement without parameters, run as the
+/// caller — in the same round trip (first sight: `routes::me::begin_seen`).
+/// A failure of `then` fails the `BEGIN` and rolls the transaction back.
+pub async fn begin_user_then<'a>(
+    pool: &'a PgPool,
+    claims: &Claims,
+    then: Option<&'static str>,
+) -> Result<Transaction<'a, Postgres>, sqlx::Error> {
+    let mut sql = begin_user_sql(&claims.raw.to_string());
+    if let Some(then) = then {
+        sql.push_str("; ");
+        sql.push_str(then);
+    }
+    crate::telemetry::db_span("begin_user", pool.begin_with(sqlx::AssertSqlSafe(sql))).await
+}
+
+/// The statement [`begin_user`] sends: [`BEGIN`], then `set_config` for the
+/// claims and the role (`set_config('role', …)` is `SET LOCAL ROLE`). The
+/// simple protocol has no bind parameters, so the claims travel as hex
+/// digits decoded by the server: whatever the claims hold (quotes,
+/// backslashes, `$$`), the statement's text is only `[0-9a-f]` where they
+/// go, and nothing depends on `standard_conforming_strings`.
+pub fn begin_user_sql(claims: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut sql = String::with_capacity(BEGIN.len() + 160 + 2 * claims.len());
+    sql.push_str(BEGIN);
+    sql.push_str("; select set_config('request.jwt.claims', convert_from(decode('");
+    for b in claims.bytes() {
+        sql.push(char::from(HEX[usize::from(b >> 4)]));
+        sql.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    sql.push_str("', 'hex'), 'UTF8'), true), set_config('role', '");
+    sql.push_str(USER_ROLE);
+    sql.push_str("', true)");
+    sql
 }
 
 /// The verified claims as the text `request.jwt.claims` holds.
@@ -219,5 +251,31 @@ mod tests {
         for begin in [BEGIN, BEGIN_SNAPSHOT] {
             assert!(begin.ends_with(&set), "{begin}");
         }
+        assert!(begin_user_sql("{}").starts_with(&format!("{BEGIN};")));
+    }
+
+    /// Whatever the claims hold, what reaches the statement's text is hex
+    /// digits only, and they decode back to the claims.
+    #[test]
+    fn claims_reach_begin_user_as_hex_digits_only() {
+        let claims = r#"{"sub":"x","evil":"'); drop table app.users; --","b":"\\","d":"$$é"}"#;
+        let sql = begin_user_sql(claims);
+        let start = sql.find("decode('").expect("decode") + "decode('".len();
+        let end = start + sql[start..].find('\'').expect("closing quote");
+        let hex = &sql[start..end];
+        assert!(
+            hex.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()),
+            "{hex}"
+        );
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect();
+        assert_eq!(String::from_utf8(bytes).expect("utf-8"), claims);
+        assert!(
+            sql.ends_with("), 'UTF8'), true), set_config('role', 'authenticated', true)"),
+            "{sql}"
+        );
     }
 }

@@ -143,29 +143,30 @@ impl Idempotency {
     /// Step 1 and 2 of the module docs. `Ok(Some(replay))`: answer with it
     /// and do nothing else.
     pub async fn begin(&self, conn: &mut PgConnection) -> Result<Option<Replay>, ApiError> {
-        let locked: bool = sqlx::query_scalar(
-            "select pg_try_advisory_xact_lock(hashtextextended($1 || '|' || $2 || '|' || $3, 7402))",
-        )
-        .bind(self.user.to_string())
-        .bind(self.route)
-        .bind(self.key.as_str())
-        .fetch_one(&mut *conn)
-        .await?;
+        // One round trip: the in-flight lock, then (a statement of its own,
+        // so it sees what a request that held the lock committed) the
+        // stored response (migration 23).
+        let (locked, fingerprint, status, body): (
+            bool,
+            Option<String>,
+            Option<i16>,
+            Option<serde_json::Value>,
+        ) = sqlx::query_as("select * from app.idempotency_begin($1, $2, $3)")
+            .bind(self.user)
+            .bind(self.route)
+            .bind(self.key.as_str())
+            .fetch_one(&mut *conn)
+            .await?;
         if !locked {
             return Err(ApiError::Conflict(
                 crate::http::codes::IDEMPOTENCY_IN_PROGRESS,
                 "a request with this Idempotency-Key is still being processed".into(),
             ));
         }
-        let stored: Option<(String, i16, serde_json::Value)> = sqlx::query_as(
-            "select fingerprint, status_code, response from app.idempotency_keys \
-             where user_id = $1 and route = $2 and key = $3 and expires_at > app.now()",
-        )
-        .bind(self.user)
-        .bind(self.route)
-        .bind(self.key.as_str())
-        .fetch_optional(&mut *conn)
-        .await?;
+        let stored = fingerprint
+            .zip(status)
+            .zip(body)
+            .map(|((f, s), b)| (f, s, b));
         match stored {
             None => Ok(None),
             Some((fingerprint, _, _)) if fingerprint != self.fingerprint => {

@@ -317,8 +317,7 @@ pub async fn call_action(
     let (api, user) = (&api, &user);
     // Charges and refunds credit wallets a concurrent tip may hold.
     let call = retry::on_deadlock(|| async move {
-        let mut tx = db::begin_user(&api.pool, user.claims()).await?;
-        crate::me::ensure_user(&mut tx).await?;
+        let mut tx = crate::me::begin_seen(&api.pool, user.claims()).await?;
         let call = match calls::act(&mut tx, id, action).await {
             Err(e) if e.is_deadlock() => return Err(retry::deadlocked(tx).await),
             // Rolled back before answering: the call's row lock is gone by
@@ -531,8 +530,7 @@ pub async fn put_call_settings(
             "must be between 1 and 10000",
         ));
     }
-    let mut tx = db::begin_user(&api.pool, user.claims()).await?;
-    crate::me::ensure_user(&mut tx).await?;
+    let mut tx = crate::me::begin_seen(&api.pool, user.claims()).await?;
     let settings = calls::set_settings(
         &mut tx,
         input.price_per_minute,

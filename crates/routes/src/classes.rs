@@ -310,8 +310,7 @@ pub async fn create_class(
     JsonBody(request): JsonBody<NewClass>,
 ) -> ApiResult<(StatusCode, Json<Class>)> {
     let fields = request.parse()?;
-    let mut tx = db::begin_user(&api.pool, user.claims()).await?;
-    crate::me::ensure_user(&mut tx).await?;
+    let mut tx = crate::me::begin_seen(&api.pool, user.claims()).await?;
     let class = classes::create(&mut tx, ClassId::new(Uuid::now_v7()), &fields)
         .await
         .or_problem()?;
@@ -454,8 +453,7 @@ pub async fn patch_class(
     if fields_empty(&fields) {
         return Err(ApiError::field("body", "give at least one field to change"));
     }
-    let mut tx = db::begin_user(&api.pool, user.claims()).await?;
-    crate::me::ensure_user(&mut tx).await?;
+    let mut tx = crate::me::begin_seen(&api.pool, user.claims()).await?;
     let class = classes::update(&mut tx, id, &fields).await.or_problem()?;
     tx.commit().await?;
     api.kick(&platform);
@@ -542,8 +540,7 @@ pub async fn withdraw(
     let class = parse_id(&id)?;
     let (api, user) = (&api, &user);
     retry::on_deadlock(|| async move {
-        let mut tx = db::begin_user(&api.pool, user.claims()).await?;
-        crate::me::ensure_user(&mut tx).await?;
+        let mut tx = crate::me::begin_seen(&api.pool, user.claims()).await?;
         let withdrawal = match classes::withdraw(&mut tx, class).await {
             Err(e) if e.is_deadlock() => return Err(retry::deadlocked(tx).await),
             other => other.or_problem()?,
@@ -575,8 +572,7 @@ pub async fn cancel_class(
     // concurrent tip between two of those fans in a deadlock.
     let (api, user) = (&api, &user);
     retry::on_deadlock(|| async move {
-        let mut tx = db::begin_user(&api.pool, user.claims()).await?;
-        crate::me::ensure_user(&mut tx).await?;
+        let mut tx = crate::me::begin_seen(&api.pool, user.claims()).await?;
         let cancellation = match classes::cancel(&mut tx, class).await {
             Err(e) if e.is_deadlock() => return Err(retry::deadlocked(tx).await),
             other => other.or_problem()?,

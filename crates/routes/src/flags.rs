@@ -18,7 +18,6 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use stagepass_ledger::sqlstate::{self, Refusal};
 use stagepass_platform::auth::AuthUser;
-use stagepass_platform::db;
 use stagepass_platform::flags::{self, FlagFields};
 use stagepass_platform::http::{ApiError, ApiResult, FieldError, JsonBody, codes};
 use stagepass_platform::serve::{Function, Limits};
@@ -224,8 +223,7 @@ const CHANGE: &str = "select key, description, enabled, rollout_basis_points, al
      deny_users, roles, created_at, updated_at from app.admin_change_flag($1, $2, $3, $4)";
 
 async fn read(api: &UserApi, user: &AuthUser, key: Option<&str>) -> ApiResult<Vec<FeatureFlag>> {
-    let mut tx = db::begin_user(&api.pool, user.claims()).await?;
-    crate::me::ensure_user(&mut tx).await?;
+    let mut tx = crate::me::begin_seen(&api.pool, user.claims()).await?;
     let flags = sqlx::query_as::<_, FeatureFlag>(LIST)
         .bind(key)
         .fetch_all(&mut *tx)
@@ -243,8 +241,7 @@ async fn change(
     fields: &FlagFields,
     reason: &str,
 ) -> ApiResult<FeatureFlag> {
-    let mut tx = db::begin_user(&api.pool, user.claims()).await?;
-    crate::me::ensure_user(&mut tx).await?;
+    let mut tx = crate::me::begin_seen(&api.pool, user.claims()).await?;
     let flag = sqlx::query_as::<_, FeatureFlag>(CHANGE)
         .bind(key)
         .bind(create)

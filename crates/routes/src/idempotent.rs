@@ -13,7 +13,6 @@ use futures_util::future::BoxFuture;
 use http::StatusCode;
 use sqlx::{Acquire, PgConnection};
 use stagepass_platform::auth::AuthUser;
-use stagepass_platform::db;
 use stagepass_platform::http::{ApiError, ApiResult};
 use stagepass_platform::idempotency::Idempotency;
 use stagepass_platform::serve::PlatformHandle;
@@ -74,8 +73,7 @@ async fn attempt<F>(
 where
     F: Effect,
 {
-    let mut tx = db::begin_user(&api.pool, user.claims()).await?;
-    crate::me::ensure_user(&mut tx).await?;
+    let mut tx = crate::me::begin_seen(&api.pool, user.claims()).await?;
     if let Some(replay) = idempotency.begin(&mut tx).await? {
         tx.commit().await?;
         return Ok(replay.into_response());

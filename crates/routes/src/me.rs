@@ -75,6 +75,15 @@ pub async fn ensure_user(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Erro
     sqlx::query(ENSURE_ME).execute(conn).await.map(|_| ())
 }
 
+/// `db::begin_user` with first sight ([`ensure_user`]) in the same round
+/// trip: the transaction of a route that touches the caller's data.
+pub async fn begin_seen<'a>(
+    pool: &'a sqlx::PgPool,
+    claims: &stagepass_platform::auth::Claims,
+) -> Result<sqlx::Transaction<'a, sqlx::Postgres>, sqlx::Error> {
+    db::begin_user_then(pool, claims, Some(ENSURE_ME)).await
+}
+
 const SELECT_ME: &str = "select u.id, u.role, u.handle, u.display_name, \
      p.email, coalesce(p.email_verified, false) as email_verified, u.created_at \
      from app.users u left join app.user_private p on p.user_id = u.id \

@@ -118,8 +118,7 @@ pub async fn create_purchase(
     let idempotency = Idempotency::new(user.id(), ROUTE, key, &request, DEFAULT_TTL_HOURS)?;
 
     // 1. Claim the purchase (or replay a finished request).
-    let mut tx = db::begin_user(&state.api.pool, user.claims()).await?;
-    crate::me::ensure_user(&mut tx).await?;
+    let mut tx = crate::me::begin_seen(&state.api.pool, user.claims()).await?;
     if let Some(replay) = idempotency.begin(&mut tx).await? {
         tx.commit().await?;
         return Ok(replay.into_response());

@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 use stagepass_integrations::ably::{self, AblyKey, Capability};
 use stagepass_platform::auth::{AuthUser, Verifier};
 use stagepass_platform::config::{AblyConfig, ExposeSecret};
-use stagepass_platform::db;
 use stagepass_platform::http::{ApiError, ApiResult};
 use stagepass_platform::serve::{Function, Limits};
 use utoipa::ToSchema;
@@ -107,8 +106,7 @@ pub async fn realtime_token(
     body: Bytes,
 ) -> ApiResult<Json<RealtimeToken>> {
     check_body(&body)?;
-    let mut tx = db::begin_user(&s.api.pool, user.claims()).await?;
-    crate::me::ensure_user(&mut tx).await?;
+    let mut tx = crate::me::begin_seen(&s.api.pool, user.claims()).await?;
     // The caller's classes from both sides, each through its own index
     // (hosted: `classes_creator` from 8 hours back, the longest class;
     // attended: `enrollments_user_enrolled`), not a walk over every

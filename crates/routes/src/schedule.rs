@@ -263,8 +263,7 @@ pub async fn rotate_feed_token(
     getrandom::fill(&mut secret)
         .map_err(|e| ApiError::internal(std::io::Error::other(e.to_string())))?;
     let token = URL_SAFE_NO_PAD.encode(secret);
-    let mut tx = db::begin_user(&s.api.pool, user.claims()).await?;
-    crate::me::ensure_user(&mut tx).await?;
+    let mut tx = crate::me::begin_seen(&s.api.pool, user.claims()).await?;
     let created_at: DateTime<Utc> = sqlx::query_scalar("select app.rotate_calendar_feed($1)")
         .bind(token_hash(&token))
         .fetch_one(&mut *tx)
