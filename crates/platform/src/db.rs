@@ -92,23 +92,14 @@ pub async fn begin_user<'a>(
     pool: &'a PgPool,
     claims: &Claims,
 ) -> Result<Transaction<'a, Postgres>, sqlx::Error> {
-    begin_user_then(pool, claims, None).await
-}
-
-/// [`begin_user`], then `then` — a statement without parameters, run as the
-/// caller — in the same round trip (first sight: `routes::me::begin_seen`).
-/// A failure of `then` fails the `BEGIN` and rolls the transaction back.
-pub async fn begin_user_then<'a>(
-    pool: &'a PgPool,
-    claims: &Claims,
-    then: Option<&'static str>,
-) -> Result<Transaction<'a, Postgres>, sqlx::Error> {
-    let mut sql = begin_user_sql(&claims.raw.to_string());
-    if let Some(then) = then {
-        sql.push_str("; ");
-        sql.push_str(then);
-    }
-    crate::telemetry::db_span("begin_user", pool.begin_with(sqlx::AssertSqlSafe(sql))).await
+    // Nothing that can fail may join this message: a failure after `BEGIN`
+    // inside it comes before sqlx counts the transaction, so nothing would
+    // roll it back and the connection would return to the pool inside an
+    // aborted transaction (`routes::me::begin_seen`). `set_config` of valid
+    // text cannot fail; the hex digits are always valid and decode to the
+    // claims' UTF-8.
+    let begin = sqlx::AssertSqlSafe(begin_user_sql(&claims.raw.to_string()));
+    crate::telemetry::db_span("begin_user", pool.begin_with(begin)).await
 }
 
 /// The statement [`begin_user`] sends: [`BEGIN`], then `set_config` for the

@@ -75,13 +75,23 @@ pub async fn ensure_user(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Erro
     sqlx::query(ENSURE_ME).execute(conn).await.map(|_| ())
 }
 
-/// `db::begin_user` with first sight ([`ensure_user`]) in the same round
-/// trip: the transaction of a route that touches the caller's data.
+/// `db::begin_user`, then first sight ([`ensure_user`]): the transaction of
+/// a route that touches the caller's data.
+///
+/// First sight is a statement of its own, not part of the `BEGIN` message:
+/// it can fail (a claim it cannot read, a lock timeout), and a failure
+/// inside the `BEGIN` message happens before sqlx counts the transaction,
+/// so nothing would roll it back and the pooled connection would go back
+/// to the pool inside an aborted transaction, failing the next requests of
+/// other users (`tests/session.rs`). Here it fails inside a transaction
+/// sqlx rolls back.
 pub async fn begin_seen<'a>(
     pool: &'a sqlx::PgPool,
     claims: &stagepass_platform::auth::Claims,
 ) -> Result<sqlx::Transaction<'a, sqlx::Postgres>, sqlx::Error> {
-    db::begin_user_then(pool, claims, Some(ENSURE_ME)).await
+    let mut tx = db::begin_user(pool, claims).await?;
+    ensure_user(&mut tx).await?;
+    Ok(tx)
 }
 
 const SELECT_ME: &str = "select u.id, u.role, u.handle, u.display_name, \

@@ -485,3 +485,54 @@ async fn patch_without_token_is_401() {
         .await;
     r.assert_problem(StatusCode::UNAUTHORIZED, "missing_token");
 }
+
+/// A first sight that fails (here a claim it cannot read:
+/// `user_metadata.email_verified` is user-editable in Supabase) fails that
+/// request only. The pooled connection goes back clean: the next
+/// transaction on the same single connection, another user's, works. (First
+/// sight inside the `BEGIN` message would leave the connection in an
+/// aborted transaction that sqlx does not know to roll back.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_first_sight_leaves_the_pooled_connection_clean() {
+    let app = TestApp::new().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&app.db.app_url())
+        .await
+        .expect("one-connection pool");
+    let claims = |sub: Uuid, raw: serde_json::Value| stagepass_platform::auth::Claims {
+        sub,
+        email: None,
+        email_verified: false,
+        app_role: None,
+        session_id: None,
+        exp: 0,
+        raw,
+    };
+    let mallory = Uuid::new_v4();
+    let bad = claims(
+        mallory,
+        json!({"sub": mallory, "role": "authenticated", "user_metadata": {"email_verified": "maybe"}}),
+    );
+    for _ in 0..2 {
+        let err = stagepass_routes::me::begin_seen(&pool, &bad)
+            .await
+            .expect_err("first sight cannot read the claim");
+        assert_eq!(
+            stagepass_platform::db::sqlstate(&err).as_deref(),
+            Some("22P02"),
+            "{err}"
+        );
+    }
+    let alice = Uuid::new_v4();
+    let good = claims(alice, json!({"sub": alice, "role": "authenticated"}));
+    let mut tx = stagepass_routes::me::begin_seen(&pool, &good)
+        .await
+        .expect("the next transaction on the same connection");
+    let seen: Option<Uuid> = sqlx::query_scalar("select id from app.users where id = auth.uid()")
+        .fetch_optional(&mut *tx)
+        .await
+        .expect("read as alice");
+    assert_eq!(seen, Some(alice));
+    tx.commit().await.expect("commit");
+}
