@@ -495,11 +495,16 @@ async fn patch_without_token_is_401() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_first_sight_leaves_the_pooled_connection_clean() {
     let app = TestApp::new().await;
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .connect(&app.db.app_url())
-        .await
-        .expect("one-connection pool");
+    // A function's own pool (connect options of its pool mode, also
+    // through PgBouncer), with one connection.
+    let mut env = stagepass_platform::config::Loader::from_map([
+        ("APP_ENV", "test".to_owned()),
+        ("DATABASE_URL", app.db.app_url()),
+        ("DATABASE_MAX_CONNECTIONS", "1".to_owned()),
+    ]);
+    let cfg = stagepass_platform::config::DbConfig::load(&mut env).expect("db config");
+    env.finish().expect("no problems");
+    let pool = stagepass_platform::db::connect_lazy(&cfg).expect("one-connection pool");
     let claims = |sub: Uuid, raw: serde_json::Value| stagepass_platform::auth::Claims {
         sub,
         email: None,
