@@ -922,7 +922,10 @@ export interface components {
         AuditReport: {
             /** Format: int64 */
             accounts_checked: number;
-            /** @description Accounts whose stored balance differs from the sum of their entries. */
+            /**
+             * @description Accounts whose balance (row plus pending credits) differs from the
+             *     sum of their entries.
+             */
             drifted_accounts: string[];
             /**
              * @description Hourly spending totals (`ledger.spend_hours`, read by the 24-hour
@@ -932,6 +935,11 @@ export interface components {
             drifted_spend_hours: string[];
             /** Format: int64 */
             journals_checked: number;
+            /**
+             * @description Pending credits that are not their entry's (another account, another
+             *     amount, or not a credit): entry ids.
+             */
+            misplaced_pending_credits: string[];
             /** @description Payouts that paid a creator more than they earned (creator ids). */
             overpaid_creators: string[];
             /**
@@ -1326,6 +1334,12 @@ export interface components {
              * @description Failed this time; retried later.
              */
             failed: number;
+            /**
+             * Format: int32
+             * @description Accounts whose deferred credits were folded into their balance row
+             *     first (the cron only; ADR 0021).
+             */
+            folded_accounts: number;
             /**
              * Format: int32
              * @description Not sent because the service is not configured (development only).

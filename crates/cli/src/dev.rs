@@ -370,7 +370,7 @@ async fn grant_demo_tokens(admin: &PgPool) -> Result<String> {
         )),
         Err(LedgerError::AlreadyApplied) => {
             let balance: i64 = sqlx::query_scalar(
-                "select balance from ledger.accounts where kind = 'wallet' \
+                "select balance from ledger.balances where kind = 'wallet' \
                  and owner_id = $1 and reference is null",
             )
             .bind(DEMO_FAN)

@@ -12,8 +12,12 @@ use crate::LedgerError;
 pub struct AuditReport {
     /// Journals whose entries do not sum to zero.
     pub unbalanced_journals: Vec<String>,
-    /// Accounts whose stored balance differs from the sum of their entries.
+    /// Accounts whose balance (row plus pending credits) differs from the
+    /// sum of their entries.
     pub drifted_accounts: Vec<String>,
+    /// Pending credits that are not their entry's (another account, another
+    /// amount, or not a credit): entry ids.
+    pub misplaced_pending_credits: Vec<String>,
     /// Wallets, escrows or payout clearing below zero, debt or promotions
     /// above zero.
     pub sign_violations: Vec<String>,
@@ -39,6 +43,7 @@ impl AuditReport {
     pub fn is_clean(&self) -> bool {
         self.unbalanced_journals.is_empty()
             && self.drifted_accounts.is_empty()
+            && self.misplaced_pending_credits.is_empty()
             && self.sign_violations.is_empty()
             && self.unaudited_grants.is_empty()
             && self.drifted_spend_hours.is_empty()
@@ -57,15 +62,24 @@ pub async fn audit(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> 
     .fetch_all(&mut *conn)
     .await?;
     let drifted_accounts: Vec<String> = sqlx::query_scalar(
-        "select a.id::text from ledger.accounts a \
+        "select a.id::text from ledger.balances a \
          left join (select account_id, sum(amount) as s from ledger.entries group by account_id) e \
            on e.account_id = a.id \
          where a.balance <> coalesce(e.s, 0) limit 100",
     )
     .fetch_all(&mut *conn)
     .await?;
+    // Deferred credits (ADR 0021): each is its own entry, a credit.
+    let misplaced_pending_credits: Vec<String> = sqlx::query_scalar(
+        "select p.entry_id::text from ledger.pending_credits p \
+         left join ledger.entries e on e.id = p.entry_id \
+         where e.id is null or e.account_id <> p.account_id or e.amount <> p.amount \
+            or p.amount <= 0 limit 100",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
     let sign_violations: Vec<String> = sqlx::query_scalar(
-        "select id::text from ledger.accounts where \
+        "select id::text from ledger.balances where \
          (kind in ('wallet', 'escrow', 'payout_clearing', 'platform_revenue') and balance < 0) \
          or (kind in ('debt', 'promotions') and balance > 0) limit 100",
     )
@@ -121,7 +135,7 @@ pub async fn audit(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> 
     .fetch_all(&mut *conn)
     .await?;
     let (total_balance, accounts_checked): (i64, i64) =
-        sqlx::query_as("select coalesce(sum(balance), 0)::bigint, count(*) from ledger.accounts")
+        sqlx::query_as("select coalesce(sum(balance), 0)::bigint, count(*) from ledger.balances")
             .fetch_one(&mut *conn)
             .await?;
     let journals_checked: i64 = sqlx::query_scalar("select count(*) from ledger.journals")
@@ -130,6 +144,7 @@ pub async fn audit(conn: &mut PgConnection) -> Result<AuditReport, LedgerError> 
     Ok(AuditReport {
         unbalanced_journals,
         drifted_accounts,
+        misplaced_pending_credits,
         sign_violations,
         unaudited_grants,
         drifted_spend_hours,

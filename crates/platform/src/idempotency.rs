@@ -16,6 +16,10 @@
 //! After the effect, [`Idempotency::store`] writes the response. Client
 //! errors (4xx) of the effect are stored too, so a replay answers the same;
 //! server errors are not, so the client may retry.
+//!
+//! [`Idempotency::settle_in_one_call`] does all of it — first sight, steps
+//! 1–2, the effect and the record — in one statement
+//! (`app.money_request`, migration 25) for the effects that have one.
 
 use axum::extract::FromRequestParts;
 use axum::response::{IntoResponse, Response};
@@ -26,6 +30,7 @@ use sha2::{Digest, Sha256};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::auth::Claims;
 use crate::http::ApiError;
 
 pub const HEADER: &str = "idempotency-key";
@@ -82,6 +87,18 @@ pub struct Idempotency {
     key: IdempotencyKey,
     fingerprint: String,
     ttl_hours: i32,
+}
+
+/// What [`Idempotency::settle_in_one_call`] did.
+#[derive(Debug)]
+pub enum Settled {
+    /// The effect ran and its response was recorded with the key: the body.
+    Applied(serde_json::Value),
+    /// The key's stored response, to replay.
+    Replay(Replay),
+    /// The effect refused (nothing ran, nothing was recorded): run the
+    /// request the multi-statement way, which records the refusal.
+    Refused,
 }
 
 /// A stored response, replayed as it was.
@@ -158,30 +175,85 @@ impl Idempotency {
             .fetch_one(&mut *conn)
             .await?;
         if !locked {
-            return Err(ApiError::Conflict(
-                crate::http::codes::IDEMPOTENCY_IN_PROGRESS,
-                "a request with this Idempotency-Key is still being processed".into(),
+            return Err(in_flight());
+        }
+        match fingerprint.zip(status).zip(body) {
+            None => Ok(None),
+            Some(((fingerprint, status), body)) => {
+                self.replay(&fingerprint, status, body).map(Some)
+            }
+        }
+    }
+
+    /// A stored record found under the key: its response if it was stored
+    /// for this same request, else 422 `idempotency_key_reused`.
+    fn replay(
+        &self,
+        fingerprint: &str,
+        status: i16,
+        body: serde_json::Value,
+    ) -> Result<Replay, ApiError> {
+        if fingerprint != self.fingerprint {
+            return Err(ApiError::Unprocessable(
+                crate::http::codes::IDEMPOTENCY_KEY_REUSED,
+                "this Idempotency-Key was used with a different request".into(),
             ));
         }
-        let stored = fingerprint
-            .zip(status)
-            .zip(body)
-            .map(|((f, s), b)| (f, s, b));
-        match stored {
-            None => Ok(None),
-            Some((fingerprint, _, _)) if fingerprint != self.fingerprint => {
-                Err(ApiError::Unprocessable(
-                    crate::http::codes::IDEMPOTENCY_KEY_REUSED,
-                    "this Idempotency-Key was used with a different request".into(),
-                ))
+        Ok(Replay {
+            status: u16::try_from(status)
+                .ok()
+                .and_then(|s| StatusCode::from_u16(s).ok())
+                .unwrap_or(StatusCode::OK),
+            body,
+        })
+    }
+
+    /// The whole request in one statement on the pool, as the caller:
+    /// first sight, the in-flight lock and lookup, `effect` (an effect
+    /// `app.money_request` knows: `tip`, `enroll`) with `args`, and the
+    /// record of its `success` response — one implicit transaction, one
+    /// round trip. A deadlock is an error ([`ApiError::is_deadlock`]); the
+    /// whole statement was rolled back and may be retried.
+    pub async fn settle_in_one_call(
+        &self,
+        pool: &sqlx::PgPool,
+        claims: &Claims,
+        success: StatusCode,
+        effect: &str,
+        args: &serde_json::Value,
+    ) -> Result<Settled, ApiError> {
+        let (outcome, status, body, fingerprint): (
+            String,
+            Option<i16>,
+            Option<serde_json::Value>,
+            Option<String>,
+        ) = crate::telemetry::db_span(
+            "money_request",
+            sqlx::query_as(
+                "select outcome, status_code, response, fingerprint \
+                   from app.money_request($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(crate::db::claims_text(claims))
+            .bind(self.route)
+            .bind(self.key.as_str())
+            .bind(&self.fingerprint)
+            .bind(self.ttl_hours)
+            .bind(i16::try_from(success.as_u16()).unwrap_or(200))
+            .bind(effect)
+            .bind(args)
+            .fetch_one(pool),
+        )
+        .await?;
+        match (outcome.as_str(), status, body, fingerprint) {
+            ("applied", _, Some(body), _) => Ok(Settled::Applied(body)),
+            ("stored", Some(status), Some(body), Some(fingerprint)) => {
+                self.replay(&fingerprint, status, body).map(Settled::Replay)
             }
-            Some((_, status, body)) => Ok(Some(Replay {
-                status: u16::try_from(status)
-                    .ok()
-                    .and_then(|s| StatusCode::from_u16(s).ok())
-                    .unwrap_or(StatusCode::OK),
-                body,
-            })),
+            ("in_flight", ..) => Err(in_flight()),
+            ("refused", ..) => Ok(Settled::Refused),
+            (other, ..) => Err(ApiError::internal(std::io::Error::other(format!(
+                "app.money_request answered {other:?}"
+            )))),
         }
     }
 
@@ -211,4 +283,12 @@ impl Idempotency {
         .await?;
         Ok(())
     }
+}
+
+/// 409 `idempotency_in_progress`: a request with the key holds its lock.
+fn in_flight() -> ApiError {
+    ApiError::Conflict(
+        crate::http::codes::IDEMPOTENCY_IN_PROGRESS,
+        "a request with this Idempotency-Key is still being processed".into(),
+    )
 }

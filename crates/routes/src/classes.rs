@@ -503,12 +503,15 @@ pub async fn enroll(
         &fingerprint,
         DEFAULT_TTL_HOURS,
     )?;
-    crate::idempotent::run(
+    let args = serde_json::json!({"class_id": class.get(), "enrollment_id": Uuid::now_v7()});
+    crate::idempotent::run_in_one_call(
         &api,
         &user,
         &platform,
         &idempotency,
         StatusCode::CREATED,
+        "enroll",
+        args,
         |conn| {
             Box::pin(async move {
                 let enrollment = classes::enroll(conn, class, EnrollmentId::new(Uuid::now_v7()))

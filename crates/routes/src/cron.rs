@@ -242,8 +242,14 @@ pub async fn deliver_outbox(
 ) -> ApiResult<Json<Delivery>> {
     gate.admit(cron::authorize(&headers, &s.cron.secret))
         .await?;
+    // Folds first, so their balance.updated messages go out in this run.
+    let folded_accounts = s.outbox.fold_all().await?;
     // No lock: deliverers claim disjoint rows (`SKIP LOCKED`).
-    Ok(Json(s.outbox.deliver_pending(OUTBOX_ROUNDS).await?))
+    let delivery = s.outbox.deliver_pending(OUTBOX_ROUNDS).await?;
+    Ok(Json(Delivery {
+        folded_accounts,
+        ..delivery
+    }))
 }
 
 #[derive(Debug, Serialize, ToSchema)]

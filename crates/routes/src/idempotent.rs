@@ -2,6 +2,10 @@
 //! transaction under RLS holding first-sight user creation, the idempotency
 //! check, the effect in a savepoint, and the record of the response.
 //!
+//! Tips and enrolments send all of it as one statement
+//! ([`run_in_one_call`], `app.money_request`); a refusal there comes back
+//! here to be answered and recorded ([`run`]).
+//!
 //! A refusal of the effect (4xx: insufficient funds, class full, …) is
 //! rolled back to the savepoint and recorded with the key, so a replay
 //! answers the same; a server error records nothing, so the client may
@@ -14,7 +18,7 @@ use http::StatusCode;
 use sqlx::{Acquire, PgConnection};
 use stagepass_platform::auth::AuthUser;
 use stagepass_platform::http::{ApiError, ApiResult};
-use stagepass_platform::idempotency::Idempotency;
+use stagepass_platform::idempotency::{Idempotency, Settled};
 use stagepass_platform::serve::PlatformHandle;
 
 use crate::UserApi;
@@ -49,15 +53,52 @@ where
     for _ in 0..retry::DEADLOCK_ATTEMPTS {
         match attempt(api, user, idempotency, success, &mut effect).await {
             Ok(response) => {
-                if response.status() == success
-                    && !response.headers().contains_key("idempotency-replayed")
-                {
+                if is_fresh(&response, success) {
                     api.kick(platform);
                 }
                 return Ok(response);
             }
             Err(Retry::Fail(e)) => return Err(e),
             Err(Retry::Deadlock) => {}
+        }
+    }
+    Err(retry::busy())
+}
+
+/// [`run`] in one round trip: `effect` (one `app.money_request` knows)
+/// with `args` runs with first sight and the idempotency record in one
+/// statement. A refusal of the effect — rare — is answered by [`run`] with
+/// `slow`, the same effect as Rust code, which records the problem document
+/// with the key; a deadlock retries the statement.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_in_one_call<F>(
+    api: &UserApi,
+    user: &AuthUser,
+    platform: &PlatformHandle,
+    idempotency: &Idempotency,
+    success: StatusCode,
+    effect: &'static str,
+    args: serde_json::Value,
+    slow: F,
+) -> ApiResult<Response>
+where
+    F: Effect,
+{
+    for _ in 0..retry::DEADLOCK_ATTEMPTS {
+        let settled = idempotency
+            .settle_in_one_call(&api.pool, user.claims(), success, effect, &args)
+            .await;
+        match settled {
+            Ok(Settled::Applied(body)) => {
+                api.kick(platform);
+                return Ok(json_response(success, body));
+            }
+            Ok(Settled::Replay(replay)) => return Ok(replay.into_response()),
+            Ok(Settled::Refused) => {
+                return run(api, user, platform, idempotency, success, slow).await;
+            }
+            Err(e) if e.is_deadlock() => {}
+            Err(e) => return Err(e),
         }
     }
     Err(retry::busy())
@@ -97,6 +138,12 @@ where
     idempotency.store(&mut tx, status, &body).await?;
     tx.commit().await?;
     Ok(json_response(status, body))
+}
+
+/// Whether `response` is this request's own success (not a replay of an
+/// earlier one, not a refusal): its effect was committed just now.
+pub fn is_fresh(response: &Response, success: StatusCode) -> bool {
+    response.status() == success && !response.headers().contains_key("idempotency-replayed")
 }
 
 /// A JSON response; client errors are problem documents.

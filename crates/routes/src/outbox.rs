@@ -15,8 +15,8 @@
 //! (`app.record_outbox`); a failure is retried with exponential backoff and
 //! given up after [`MAX_ATTEMPTS`] (logged as an error).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -27,11 +27,14 @@ use stagepass_platform::config::{AblyConfig, ExposeSecret, Loader, QstashConfig}
 use stagepass_platform::http::ApiError;
 use stagepass_platform::serve::{PlatformHandle, Resources};
 use utoipa::ToSchema;
+use uuid::Uuid;
 
 /// Rows claimed per round.
 const BATCH: i64 = 50;
 /// Attempts before a message is given up.
 pub const MAX_ATTEMPTS: i32 = 15;
+/// Accounts folded per cron run (ADR 0021; the next run takes the rest).
+const FOLD_BATCH: i32 = 1000;
 
 /// Where jobs go.
 #[derive(Clone)]
@@ -73,6 +76,9 @@ pub struct Delivery {
     pub skipped: u32,
     /// Failed this time; retried later.
     pub failed: u32,
+    /// Accounts whose deferred credits were folded into their balance row
+    /// first (the cron only; ADR 0021).
+    pub folded_accounts: u32,
 }
 
 #[derive(sqlx::FromRow)]
@@ -91,6 +97,8 @@ struct Pending {
 struct Kicks {
     running: AtomicBool,
     pending: AtomicBool,
+    /// Users whose wallets received deferred credits since the last fold.
+    folds: Mutex<Vec<Uuid>>,
 }
 
 enum Outcome {
@@ -139,6 +147,17 @@ impl Outbox {
         })
     }
 
+    /// After a committed change that credited `users` deferred credits
+    /// (a tip): folds their wallets, then delivers, right after the
+    /// response. The fold's `balance.updated` carries the balance; the
+    /// cron folds what a lost kick left.
+    pub fn fold_then_kick(&self, platform: &PlatformHandle, users: &[Uuid]) {
+        if let Ok(mut folds) = self.kicks.folds.lock() {
+            folds.extend_from_slice(users);
+        }
+        self.kick(platform);
+    }
+
     /// Delivers what is pending right after the response (a failure is
     /// logged; the cron retries).
     pub fn kick(&self, platform: &PlatformHandle) {
@@ -151,6 +170,9 @@ impl Outbox {
         platform.after_response(async move {
             loop {
                 while outbox.kicks.pending.swap(false, Ordering::SeqCst) {
+                    if let Err(e) = outbox.fold_requested().await {
+                        tracing::warn!(error = %e, "folding credits after the response failed");
+                    }
                     if let Err(e) = outbox.deliver_pending(4).await {
                         tracing::warn!(error = %e, "outbox delivery after the response failed");
                     }
@@ -165,6 +187,36 @@ impl Outbox {
                 }
             }
         });
+    }
+
+    /// Folds the wallets [`Outbox::fold_then_kick`] asked for, in one
+    /// statement (all of them, in account order).
+    async fn fold_requested(&self) -> Result<(), ApiError> {
+        let mut users = match self.kicks.folds.lock() {
+            Ok(mut folds) => std::mem::take(&mut *folds),
+            Err(_) => return Ok(()),
+        };
+        if users.is_empty() {
+            return Ok(());
+        }
+        users.sort_unstable();
+        users.dedup();
+        sqlx::query("select app.fold_credits($1)")
+            .bind(&users)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Folds up to a batch of accounts with deferred credits (the cron:
+    /// platform revenue, and recipients whose fold after the response was
+    /// lost). Returns how many it folded.
+    pub async fn fold_all(&self) -> Result<u32, ApiError> {
+        let folded: i32 = sqlx::query_scalar("select app.fold_all_credits($1)")
+            .bind(FOLD_BATCH)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u32::try_from(folded).unwrap_or(0))
     }
 
     /// Delivers due rows, up to `rounds` batches.

@@ -51,6 +51,14 @@ impl UserApi {
             outbox.kick(platform);
         }
     }
+
+    /// After a committed change that gave `users` deferred credits (ADR
+    /// 0021): fold their wallets, then deliver, once the response is sent.
+    pub fn fold_then_kick(&self, platform: &PlatformHandle, users: &[uuid::Uuid]) {
+        if let Some(outbox) = &self.outbox {
+            outbox.fold_then_kick(platform, users);
+        }
+    }
 }
 
 impl FromRef<UserApi> for Arc<Verifier> {

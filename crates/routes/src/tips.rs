@@ -1,10 +1,13 @@
 //! `POST /api/v1/tips` — a fan tips a creator.
 //!
-//! One transaction under RLS holds everything: first-sight user creation,
-//! the idempotency record, and `app.tip` (which locks the tipper's wallet,
-//! checks debt, funds and the daily spending limit, and posts the journal).
+//! One statement under RLS holds everything (`app.money_request`, one round
+//! trip): first-sight user creation, the idempotency record, and `app.tip`
+//! (which locks the tipper's wallet, checks debt, funds and the daily
+//! spending limit, and posts the journal). A refusal is answered by the
+//! multi-statement path (`idempotent::run`), which records it.
 //! A tip's client errors are recorded with the key, so a replay answers the
-//! same; a deadlock between two mutual tips is retried.
+//! same; a deadlock is retried. The creator's share is a deferred credit
+//! (ADR 0021): their wallet is folded right after the response.
 
 use crate::problems::OrProblem;
 use axum::Router;
@@ -86,12 +89,20 @@ pub async fn create_tip(
     let amount = request.validate()?;
     let idempotency = Idempotency::new(user.id(), ROUTE, key, &request, DEFAULT_TTL_HOURS)?;
     let (recipient, message) = (request.recipient_id, request.message);
-    crate::idempotent::run(
+    let args = serde_json::json!({
+        "tip_id": Uuid::now_v7(),
+        "recipient_id": recipient,
+        "amount": amount.get(),
+        "message": message,
+    });
+    let response = crate::idempotent::run_in_one_call(
         &api,
         &user,
         &platform,
         &idempotency,
         StatusCode::CREATED,
+        "tip",
+        args,
         |conn| {
             let message = message.clone();
             Box::pin(async move {
@@ -108,5 +119,9 @@ pub async fn create_tip(
             })
         },
     )
-    .await
+    .await?;
+    if crate::idempotent::is_fresh(&response, StatusCode::CREATED) {
+        api.fold_then_kick(&platform, &[recipient]);
+    }
+    Ok(response)
 }

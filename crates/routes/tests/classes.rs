@@ -604,7 +604,7 @@ async fn settlement_pays_the_creator_the_escrow_once() {
     // 10 % of 75 is 7 (rounded down): the platform's; the rest the creator's.
     assert_eq!(wallet(&app, c.id).await, 68);
     let platform: i64 =
-        sqlx::query_scalar("select balance from ledger.accounts where kind = 'platform_revenue'")
+        sqlx::query_scalar("select balance from ledger.balances where kind = 'platform_revenue'")
             .fetch_one(&app.db.admin_pool)
             .await
             .expect("platform");

@@ -1084,19 +1084,28 @@ async fn messages_of_concurrent_requests_all_go_out_after_their_responses() {
     .await;
     assert!(results.iter().all(|r| r.status == StatusCode::CREATED));
     let channel = format!("user:{}", host.id);
+    // The creator's balance message comes from the fold after the tips'
+    // responses (ADR 0021): its last one (by seq) must come to say 20.
+    let last_balance = |got: &[Published]| {
+        named(got, "balance.updated", &channel)
+            .into_iter()
+            .max_by_key(|m| m.data["seq"].as_i64())
+            .map(|m| m.data["balance"].clone())
+    };
     let got = fake
         .wait_for(WAIT, |r| {
-            named(&published(r), "tip.received", &channel).len() >= 20
+            let got = published(r);
+            named(&got, "tip.received", &channel).len() >= 20
+                && last_balance(&got) == Some(json!(20))
         })
         .await;
     let got = published(&got);
     assert_eq!(named(&got, "tip.received", &channel).len(), 20);
-    // The creator's last balance message says 20.
-    let last = named(&got, "balance.updated", &channel)
-        .into_iter()
-        .max_by_key(|m| m.data["seq"].as_i64())
-        .expect("balance messages");
-    assert_eq!(last.data["balance"], 20);
+    assert_eq!(
+        last_balance(&got),
+        Some(json!(20)),
+        "the creator's last balance message"
+    );
     settled(&app).await;
 }
 

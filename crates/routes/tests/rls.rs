@@ -415,6 +415,30 @@ async fn one_statement_reads_confine_their_claims_to_the_statement() {
         .await
         .expect("read balance");
     assert_eq!(balance, Some(0));
+    // A money request the same way (migration 25): a refused tip (b is no
+    // creator) records nothing, and its claims and role end with it too.
+    let outcome: String = sqlx::query_scalar(
+        "select outcome from app.money_request($1, 'POST /api/v1/tips', 'rls-key', 'f', 24, \
+           201::smallint, 'tip', $2)",
+    )
+    .bind(claims(a))
+    .bind(serde_json::json!({"tip_id": Uuid::now_v7(), "recipient_id": b, "amount": 1}))
+    .fetch_one(&mut *conn)
+    .await
+    .expect("money request");
+    assert_eq!(outcome, "refused");
+    let (user, after): (String, Option<String>) = sqlx::query_as(
+        "select current_user::text, nullif(current_setting('request.jwt.claims', true), '')",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .expect("probe");
+    assert_eq!((user.as_str(), after), ("stagepass_app", None));
+    let recorded: i64 = sqlx::query_scalar("select count(*) from app.idempotency_keys")
+        .fetch_one(&app.db.admin_pool)
+        .await
+        .expect("records");
+    assert_eq!(recorded, 0, "a refusal in one statement records nothing");
     // Not callable as `authenticated` (nor by anyone but the login).
     for f in [
         "app.read_me(text)",
@@ -423,6 +447,7 @@ async fn one_statement_reads_confine_their_claims_to_the_statement() {
         "app.read_upcoming_classes(text, uuid, timestamptz, uuid, bigint)",
         "app.read_class(text, uuid)",
         "app.read_schedule(text, timestamptz, timestamptz, bigint)",
+        "app.money_request(text, text, text, text, integer, smallint, text, jsonb)",
     ] {
         for role in ["authenticated", "anon", "stagepass_service"] {
             let allowed: bool = sqlx::query_scalar(

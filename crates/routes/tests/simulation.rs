@@ -224,6 +224,9 @@ enum TipCrash {
     KeyLocked,
     Spent,
     Recorded,
+    /// The route's one statement (`app.money_request`: first sight, key,
+    /// tip, record) ran; the process dies before its commit.
+    OneStatement,
 }
 
 /// How far a webhook's transaction gets before its process dies.
@@ -319,6 +322,14 @@ enum Op {
     },
     /// A sweep's process dies mid-transaction; the next one runs.
     CrashSweep,
+    /// Deferred credits are folded into balance rows (ADR 0021): one
+    /// user's wallet or every account, alone or while a burst of requests
+    /// runs; or the folding process dies mid-fold.
+    Fold {
+        user: Option<usize>,
+        with: Vec<Call>,
+        crash: bool,
+    },
 }
 
 // ------------------------------------------------------------------- model
@@ -800,7 +811,7 @@ fn now() -> i64 {
 // -------------------------------------------------------------- simulator
 
 /// How often each kind of operation is chosen.
-const MIX: [(OpKind, u64); 19] = [
+const MIX: [(OpKind, u64); 20] = [
     (OpKind::StartPurchase, 10),
     (OpKind::ForeignIntent, 1),
     (OpKind::Pay, 12),
@@ -820,6 +831,7 @@ const MIX: [(OpKind, u64); 19] = [
     (OpKind::Clock, 2),
     (OpKind::Sweeps, 2),
     (OpKind::CrashCall, 1),
+    (OpKind::Fold, 4),
 ];
 
 #[derive(Debug, Clone, Copy)]
@@ -843,6 +855,7 @@ enum OpKind {
     Clock,
     Sweeps,
     CrashCall,
+    Fold,
 }
 
 struct Sim {
@@ -1016,6 +1029,15 @@ impl Sim {
     }
 
     async fn finish(&mut self) {
+        // As the outbox cron would: every deferred credit folded, after
+        // which each wallet's last balance.updated must be its balance.
+        fold_credits(self.app.db.app_pool.clone(), None).await;
+        let unfolded: i64 = sqlx::query_scalar("select count(*) from ledger.pending_credits")
+            .fetch_one(&self.app.db.admin_pool)
+            .await
+            .expect("pending credits");
+        ensure!(self, unfolded == 0, "{unfolded} credits left unfolded");
+        self.check_invariants().await;
         let calls = self.calls.clone();
         for c in &calls {
             let how = c.end_reason.as_deref().unwrap_or(c.status.as_str());
@@ -1088,7 +1110,8 @@ impl Sim {
                     TipCrash::KeyLocked,
                     TipCrash::Spent,
                     TipCrash::Recorded,
-                ][self.rng.below(4)];
+                    TipCrash::OneStatement,
+                ][self.rng.below(5)];
                 Op::CrashTip { call, stage }
             }
             OpKind::CrashWebhook => Op::CrashWebhook {
@@ -1125,6 +1148,16 @@ impl Sim {
                     None
                 },
             },
+            OpKind::Fold => {
+                let crash = self.rng.percent(15);
+                let user = self.rng.percent(50).then(|| self.rng.below(ACTORS));
+                let with = if !crash && self.rng.percent(50) {
+                    self.burst()
+                } else {
+                    Vec::new()
+                };
+                Op::Fold { user, with, crash }
+            }
             OpKind::CrashCall => {
                 if self.rng.percent(25) {
                     Op::CrashSweep
@@ -1421,6 +1454,24 @@ impl Sim {
                 self.check_invariants().await;
                 self.sweeps(None).await
             }
+            Op::Fold { user, with, crash } => {
+                let users = self.fold_scope(user);
+                if crash {
+                    self.die_mid_fold(users.as_deref()).await;
+                    self.count("crash fold");
+                    return Vec::new();
+                }
+                let fold = fold_credits(self.app.db.app_pool.clone(), users);
+                if with.is_empty() {
+                    fold.await;
+                    self.count("fold");
+                    Vec::new()
+                } else {
+                    self.count("fold during a burst");
+                    let (_, touched) = tokio::join!(fold, self.burst_at_once(with));
+                    touched
+                }
+            }
         }
     }
 
@@ -1666,8 +1717,8 @@ impl Sim {
     /// Every actor's (wallet, debt) in the database.
     async fn database_balances(&self) -> Vec<(i64, i64)> {
         let rows: Vec<(Uuid, i64, i64)> = sqlx::query_as(
-            "select w.owner_id, w.balance, -d.balance from ledger.accounts w \
-             join ledger.accounts d on d.owner_id = w.owner_id and d.kind = 'debt' \
+            "select w.owner_id, w.balance, -d.balance from ledger.balances w \
+             join ledger.balances d on d.owner_id = w.owner_id and d.kind = 'debt' \
                and d.reference is null \
              where w.kind = 'wallet' and w.reference is null",
         )
@@ -1696,6 +1747,23 @@ impl Sim {
             Recipient::Stranger(id) => id,
         };
         let (mut conn, pid) = self.doomed_connection().await;
+        if stage == TipCrash::OneStatement {
+            let outcome = sqlx::query_scalar::<_, String>(
+                "select outcome from app.money_request($1, $2, $3, 'crashed', 24, 201::smallint, \
+                   'tip', $4)",
+            )
+            .bind(json!({"sub": user, "role": "authenticated"}).to_string())
+            .bind(TIPS_ROUTE)
+            .bind(&call.key)
+            .bind(json!({"tip_id": Uuid::now_v7(), "recipient_id": recipient,
+                         "amount": call.body.amount, "message": call.body.message}))
+            .fetch_one(&mut conn)
+            .await;
+            // Applied, refused, replayed or failed: the transaction dies.
+            drop(outcome);
+            self.kill(conn, pid).await;
+            return;
+        }
         set_user_claims(&mut conn, user).await;
         let request = TipRequest {
             recipient_id: recipient,
@@ -2908,6 +2976,39 @@ impl Sim {
 
     /// A sweep's transaction (the service role, `app.sweep_calls`) dies
     /// before it commits.
+    /// The users whose wallets a fold covers (`None`: every account).
+    fn fold_scope(&self, user: Option<usize>) -> Option<Vec<Uuid>> {
+        user.map(|u| vec![self.actors[u].id])
+    }
+
+    /// A fold's process dies after its statement, before COMMIT: the
+    /// rows it deleted and the balances it raised must come back as they
+    /// were (the audit and the model comparison after the step).
+    async fn die_mid_fold(&mut self, users: Option<&[Uuid]>) {
+        let before: i64 = sqlx::query_scalar("select count(*) from ledger.pending_credits")
+            .fetch_one(&self.app.db.admin_pool)
+            .await
+            .expect("pending credits");
+        let (mut conn, pid) = self.doomed_connection().await;
+        let _ = match users {
+            Some(users) => sqlx::query("select app.fold_credits($1)").bind(users.to_vec()),
+            None => sqlx::query("select app.fold_all_credits(1000)"),
+        }
+        .execute(&mut conn)
+        .await
+        .expect("fold in the doomed transaction");
+        self.kill(conn, pid).await;
+        let after: i64 = sqlx::query_scalar("select count(*) from ledger.pending_credits")
+            .fetch_one(&self.app.db.admin_pool)
+            .await
+            .expect("pending credits");
+        ensure!(
+            self,
+            after == before,
+            "a dead fold changed the pending credits ({before} → {after})"
+        );
+    }
+
     async fn die_mid_sweep(&mut self) {
         let (mut conn, pid) = self.doomed_connection().await;
         sqlx::query("select set_config('role', 'stagepass_service', true)")
@@ -2921,6 +3022,18 @@ impl Sim {
         let touched = self.sync_calls().await;
         ensure!(self, touched.is_empty(), "a dead sweep changed a call");
     }
+}
+
+/// Folds deferred credits as the function login does after a tip's
+/// response (`users`) or as the outbox cron does (`None`).
+async fn fold_credits(pool: PgPool, users: Option<Vec<Uuid>>) {
+    match users {
+        Some(users) => sqlx::query("select app.fold_credits($1)").bind(users),
+        None => sqlx::query("select app.fold_all_credits(100000)"),
+    }
+    .execute(&pool)
+    .await
+    .expect("fold");
 }
 
 // ---------------------------------------------------------- snapshots
@@ -3021,7 +3134,7 @@ impl Snapshot {
                 .expect("audit")
         };
         let accounts = sqlx::query_as(
-            "select owner_id, kind, balance from ledger.accounts where reference is null",
+            "select owner_id, kind, balance from ledger.balances where reference is null",
         )
         .fetch_all(pool);
         let purchases = sqlx::query_as(PURCHASES_SQL).fetch_all(pool);

@@ -481,3 +481,230 @@ async fn packages_are_the_spec_table() {
     assert_eq!(mega["credited_tokens"], 8_868);
     assert_eq!(mega["price_cents"], 54_900);
 }
+
+/// A transaction as `user`, as a function's `db::begin_user` opens one.
+async fn user_tx(app: &TestApp, user: &User) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = app.db.app_pool.begin().await.expect("begin");
+    sqlx::query(
+        "select set_config('request.jwt.claims', $1, true), set_config('role', 'authenticated', true)",
+    )
+    .bind(json!({"sub": user.id, "role": "authenticated"}).to_string())
+    .execute(&mut *tx)
+    .await
+    .expect("claims");
+    tx
+}
+
+/// (row, pending) of a user's wallet: the folded balance and the deferred
+/// credits not folded yet (ADR 0021).
+async fn wallet_parts(app: &TestApp, user: Uuid) -> (i64, i64) {
+    sqlx::query_as(
+        "select folded_balance, balance - folded_balance from ledger.balances \
+         where kind = 'wallet' and owner_id = $1 and reference is null",
+    )
+    .bind(user)
+    .fetch_one(&app.db.admin_pool)
+    .await
+    .expect("wallet parts")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tips_into_one_creator_do_not_wait_for_each_other() {
+    // ADR 0021: a credit neither locks nor updates the creator's row. One
+    // fan's tip is left uncommitted, holding everything it took; another
+    // fan's tip to the same creator still completes, and the creator can
+    // spend meanwhile.
+    let app = TestApp::unlimited().await;
+    let c = creator(&app).await;
+    let other = creator(&app).await;
+    let slow = fan_with(&app, 100).await;
+    let quick = fan_with(&app, 100).await;
+    fund(&app, c.id, 50).await;
+
+    let mut open = user_tx(&app, &slow).await;
+    sqlx::query("select * from app.tip($1, $2, 10, null)")
+        .bind(Uuid::now_v7())
+        .bind(c.id)
+        .execute(&mut *open)
+        .await
+        .expect("the open tip");
+
+    let within = std::time::Duration::from_secs(3);
+    let r = tokio::time::timeout(
+        within,
+        tip(
+            &app,
+            &quick,
+            "quick",
+            &json!({"recipient_id": c.id, "amount": 7}),
+        ),
+    )
+    .await
+    .expect("a tip into the creator waited for another fan's open tip");
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    let spend = tokio::time::timeout(
+        within,
+        tip(
+            &app,
+            &c,
+            "spend",
+            &json!({"recipient_id": other.id, "amount": 57}),
+        ),
+    )
+    .await
+    .expect("the creator's own spend waited for a fan's open tip");
+    assert_eq!(spend.status, StatusCode::CREATED, "{}", spend.text());
+    assert_eq!(spend.json()["balance"], 0, "50 + 7 received, 57 spent");
+
+    open.commit().await.expect("commit the open tip");
+    assert_eq!(wallet(&app, c.id).await, 10);
+    assert_eq!(wallet(&app, slow.id).await, 90);
+    assert_ledger_clean(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_credit_not_folded_yet_is_in_the_balance_and_can_be_spent() {
+    let app = TestApp::unlimited().await;
+    let c = creator(&app).await;
+    let other = creator(&app).await;
+    let f = fan_with(&app, 100).await;
+    // The tip as the route's effect runs it, without the route's fold
+    // after the response: the credit stays pending.
+    let mut tx = user_tx(&app, &f).await;
+    sqlx::query("select * from app.tip($1, $2, 40, null)")
+        .bind(Uuid::now_v7())
+        .bind(c.id)
+        .execute(&mut *tx)
+        .await
+        .expect("tip");
+    tx.commit().await.expect("commit");
+    assert_eq!(wallet_parts(&app, c.id).await, (0, 40));
+
+    // Read right after: the balance route counts it.
+    let balance = app
+        .get("/api/v1/tokens/balance")
+        .bearer(&c.token)
+        .send()
+        .await;
+    assert_eq!(balance.json()["balance"], 40);
+    assert_ledger_clean(&app).await;
+
+    // Spending more than the row holds folds first, under the spend's lock.
+    let spend = tip(
+        &app,
+        &c,
+        "spend-pending",
+        &json!({"recipient_id": other.id, "amount": 40}),
+    )
+    .await;
+    assert_eq!(spend.status, StatusCode::CREATED, "{}", spend.text());
+    assert_eq!(spend.json()["balance"], 0);
+    assert_eq!(wallet_parts(&app, c.id).await, (0, 0));
+    // One token more than there is: refused, the credit is not minted twice.
+    let over = tip(
+        &app,
+        &c,
+        "over",
+        &json!({"recipient_id": other.id, "amount": 1}),
+    )
+    .await;
+    over.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "insufficient_funds");
+    assert_ledger_clean(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fold_after_the_response_and_the_cron_fold_leave_nothing_pending() {
+    let app = TestApp::unlimited().await;
+    let c = creator(&app).await;
+    let f = fan_with(&app, 100).await;
+    let r = tip(
+        &app,
+        &f,
+        "folded",
+        &json!({"recipient_id": c.id, "amount": 9}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text());
+    // The route folds its recipient right after the response.
+    let mut parts = wallet_parts(&app, c.id).await;
+    for _ in 0..200 {
+        if parts == (9, 0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        parts = wallet_parts(&app, c.id).await;
+    }
+    assert_eq!(parts, (9, 0), "folded after the response");
+
+    // A credit whose fold was lost (no route around it) waits for the cron.
+    let mut tx = user_tx(&app, &f).await;
+    sqlx::query("select * from app.tip($1, $2, 5, null)")
+        .bind(Uuid::now_v7())
+        .bind(c.id)
+        .execute(&mut *tx)
+        .await
+        .expect("tip");
+    tx.commit().await.expect("commit");
+    assert_eq!(wallet_parts(&app, c.id).await, (9, 5));
+    let cron = app
+        .get("/api/cron/deliver-outbox")
+        .bearer(common::CRON_SECRET)
+        .send()
+        .await;
+    assert_eq!(cron.status, StatusCode::OK, "{}", cron.text());
+    assert_eq!(cron.json()["folded_accounts"], 1);
+    assert_eq!(wallet_parts(&app, c.id).await, (14, 0));
+    assert_ledger_clean(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_one_statement_tip_answers_in_the_shape_of_the_multi_statement_one() {
+    // `app.money_request` builds the body in SQL; a refusal goes the
+    // multi-statement way (Rust builds that body). Both must be `Tip`s.
+    let app = TestApp::unlimited().await;
+    let c = creator(&app).await;
+    let f = fan_with(&app, 10).await;
+    let fast = tip(
+        &app,
+        &f,
+        "shape",
+        &json!({"recipient_id": c.id, "amount": 4}),
+    )
+    .await;
+    assert_eq!(fast.status, StatusCode::CREATED, "{}", fast.text());
+    let rust = serde_json::to_value(stagepass_ledger::Tip {
+        tip_id: Uuid::nil(),
+        journal_id: Uuid::nil(),
+        balance: 0,
+    })
+    .expect("tip");
+    let keys = |v: &Value| {
+        let mut k: Vec<String> = v.as_object().expect("object").keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&fast.json()), keys(&rust));
+    let parsed: stagepass_ledger::Tip = serde_json::from_value(fast.json()).expect("a Tip");
+    assert_eq!(parsed.balance, 6);
+    assert_eq!(journal_count(&app, "tip").await, 1);
+    let journal: String = sqlx::query_scalar(
+        "select id::text from ledger.journals where kind = 'tip' and reference = $1",
+    )
+    .bind(parsed.tip_id.to_string())
+    .fetch_one(&app.db.admin_pool)
+    .await
+    .expect("the tip's journal");
+    assert_eq!(journal, parsed.journal_id.to_string());
+
+    // A refusal is recorded by the other path and replayed the same.
+    let body = json!({"recipient_id": c.id, "amount": 7});
+    let refused = tip(&app, &f, "too-much", &body).await;
+    refused.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "insufficient_funds");
+    fund(&app, f.id, 100).await;
+    let again = tip(&app, &f, "too-much", &body).await;
+    assert_eq!(again.header("idempotency-replayed"), Some("true"));
+    assert_eq!(again.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(again.json(), refused.json());
+    assert_eq!(journal_count(&app, "tip").await, 1);
+    assert_ledger_clean(&app).await;
+}

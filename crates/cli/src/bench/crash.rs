@@ -497,6 +497,32 @@ pub async fn run(opts: CrashOptions) -> Result<ExitCode> {
     {
         let mut conn = db.admin_pool.acquire().await.context("check connection")?;
         violations.extend(check(&mut conn, &model).await?);
+        // Credits whose fold after the response died with its process
+        // (ADR 0021): the outbox cron folds them; after that no credit is
+        // pending and every wallet's last balance.updated is its balance.
+        sqlx::query("select app.fold_all_credits(100000)")
+            .execute(&mut *conn)
+            .await
+            .context("the cron's fold")?;
+        let unfolded: i64 = sqlx::query_scalar("select count(*) from ledger.pending_credits")
+            .fetch_one(&mut *conn)
+            .await
+            .context("pending credits")?;
+        if unfolded != 0 {
+            violations.push(Violation {
+                check: "deferred credits",
+                detail: format!("{unfolded} credits still pending after the cron's fold"),
+            });
+        }
+        violations.extend(
+            check(&mut conn, &model)
+                .await?
+                .into_iter()
+                .map(|v| Violation {
+                    detail: format!("after the cron's fold: {}", v.detail),
+                    ..v
+                }),
+        );
     }
     db.app_pool.close().await;
     db.admin_pool.close().await;
@@ -1145,7 +1171,7 @@ pub async fn check(conn: &mut sqlx::PgConnection, m: &Model) -> Result<Vec<Viola
     }
     let users: Vec<Uuid> = m.wallets.keys().copied().collect();
     let balances: Vec<(Uuid, i64)> = sqlx::query_as(
-        "select u, coalesce((select balance from ledger.accounts a where a.kind = 'wallet' \
+        "select u, coalesce((select balance from ledger.balances a where a.kind = 'wallet' \
            and a.reference is null and a.owner_id = u), 0) from unnest($1::uuid[]) u",
     )
     .bind(&users)

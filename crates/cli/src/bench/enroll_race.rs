@@ -456,7 +456,7 @@ pub async fn check(conn: &mut sqlx::PgConnection, e: &Expected<'_>) -> Result<Ve
               join ledger.journals j on j.id = en.journal_id \
               where en.account_id = w.id and j.kind = 'class_enrollment') \
          from unnest($2::uuid[]) with ordinality f(id, n) \
-         left join ledger.accounts w on w.kind = 'wallet' and w.owner_id = f.id \
+         left join ledger.balances w on w.kind = 'wallet' and w.owner_id = f.id \
            and w.reference is null \
          order by f.n",
     )

@@ -94,6 +94,12 @@ pub async fn ledger_violations(conn: &mut sqlx::PgConnection) -> Result<Vec<Stri
     );
     out.extend(
         report
+            .misplaced_pending_credits
+            .iter()
+            .map(|e| format!("pending credit of entry {e} is not its entry's")),
+    );
+    out.extend(
+        report
             .sign_violations
             .iter()
             .map(|a| format!("account {a}: balance of the wrong sign")),

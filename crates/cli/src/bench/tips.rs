@@ -228,7 +228,7 @@ async fn audit(db: &TestDb, hosts: &[Uuid], ok: u64) -> Result<usize> {
     let mut conn = db.admin_pool.acquire().await.context("audit connection")?;
     let mut violations = money::ledger_violations(&mut conn).await?.len();
     let received: i64 = sqlx::query_scalar(
-        "select coalesce(sum(balance), 0)::bigint from ledger.accounts where kind = 'wallet' and owner_id = any($1)",
+        "select coalesce(sum(balance), 0)::bigint from ledger.balances where kind = 'wallet' and owner_id = any($1)",
     )
     .bind(hosts)
     .fetch_one(&mut *conn)

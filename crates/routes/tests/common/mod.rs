@@ -429,7 +429,7 @@ pub async fn fund(app: &TestApp, user: Uuid, tokens: i64) {
 /// A user's wallet balance.
 pub async fn wallet(app: &TestApp, user: Uuid) -> i64 {
     sqlx::query_scalar(
-        "select balance from ledger.accounts where kind = 'wallet' and owner_id = $1 \
+        "select balance from ledger.balances where kind = 'wallet' and owner_id = $1 \
          and reference is null",
     )
     .bind(user)
