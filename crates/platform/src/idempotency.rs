@@ -229,9 +229,14 @@ impl Idempotency {
             Option<String>,
         ) = crate::telemetry::db_span(
             "money_request",
+            // The arguments as text: a `serde_json::Value` argument is not
+            // final before the server has described the statement (sqlx
+            // patches the jsonb version byte in then), so it would go in
+            // two flights, which a transaction pooler may split
+            // (vendor/sqlx-postgres/STAGEPASS-PATCH.md).
             sqlx::query_as(
                 "select outcome, status_code, response, fingerprint \
-                   from app.money_request($1, $2, $3, $4, $5, $6, $7, $8)",
+                   from app.money_request($1, $2, $3, $4, $5, $6, $7, $8::jsonb)",
             )
             .bind(crate::db::claims_text(claims))
             .bind(self.route)
@@ -240,7 +245,7 @@ impl Idempotency {
             .bind(self.ttl_hours)
             .bind(i16::try_from(success.as_u16()).unwrap_or(200))
             .bind(effect)
-            .bind(args)
+            .bind(args.to_string())
             .fetch_one(pool),
         )
         .await?;

@@ -419,10 +419,10 @@ async fn one_statement_reads_confine_their_claims_to_the_statement() {
     // creator) records nothing, and its claims and role end with it too.
     let outcome: String = sqlx::query_scalar(
         "select outcome from app.money_request($1, 'POST /api/v1/tips', 'rls-key', 'f', 24, \
-           201::smallint, 'tip', $2)",
+           201::smallint, 'tip', $2::jsonb)",
     )
     .bind(claims(a))
-    .bind(serde_json::json!({"tip_id": Uuid::now_v7(), "recipient_id": b, "amount": 1}))
+    .bind(serde_json::json!({"tip_id": Uuid::now_v7(), "recipient_id": b, "amount": 1}).to_string())
     .fetch_one(&mut *conn)
     .await
     .expect("money request");
