@@ -15,25 +15,22 @@
 --    (the route answers 409). A record: outcome `stored` with its
 --    fingerprint, status and body (the route replays it, or answers 422 for
 --    a different body — the comparison stays in Rust, in one place);
--- 3. the effect, in a block with an exception handler (a subtransaction,
---    the SAVEPOINT it replaces). Its response body is built here, with the
---    fields of the Rust type the route answers with (`Tip`, `Enrollment`;
---    `crates/routes/tests/tips.rs` and `classes.rs` compare them);
+-- 3. the effect. Its response body is built here, with the fields of the
+--    Rust type the route answers with (`Tip`, `Enrollment`;
+--    `crates/routes/tests/tips.rs` compares them);
 -- 4. the record (status and body) with the key, as `Idempotency::store`
 --    writes it; outcome `applied`.
 --
--- A refusal of the effect (SQLSTATE class SP, other than SP000, the
--- invariant breach) is rolled back to the block and answered `refused`
--- with nothing recorded: the route then runs its request the old way
--- (`idempotent::run`, eight round trips), which maps the refusal to its
--- problem document and records that with the key — so the problem's
--- wording and fields keep one source, the Rust error types. A refusal is
--- the rare path; a success costs one round trip. Between the two the key's
--- lock is released; the old way takes it again and looks again, so a
--- duplicate that slipped in between is found and replayed.
---
--- Any other error (a deadlock among them) fails the statement and rolls
--- the whole transaction back; the route retries a deadlock, as before.
+-- An error fails the statement and rolls all of it back (no SAVEPOINT is
+-- needed: nothing before the effect must survive it). A deadlock is
+-- retried by the route, as before. A refusal of the effect (insufficient
+-- funds, class full, …: SQLSTATE class SP) reaches the route as the same
+-- error the effect raised; the route maps it to its problem document (one
+-- source: the Rust error types) and records that with the key in a second
+-- statement, `app.money_request_refused`, which keeps a record already
+-- there: between the two statements the key's lock is free, and a request
+-- with the same key that recorded first (it may have succeeded) is the
+-- answer for both.
 --
 -- Security invoker, executable only by the functions' login, for the same
 -- reasons as the `app.read_*` functions (migration 22).
@@ -61,30 +58,22 @@ begin
     return query select 'stored'::text, found_key.status_code, found_key.response, found_key.fingerprint;
     return;
   end if;
-  begin
-    case p_effect
-      when 'tip' then
-        select jsonb_build_object('tip_id', p_args ->> 'tip_id', 'journal_id', t.journal_id,
-                                  'balance', t.balance)
-          into body
-          from app.tip((p_args ->> 'tip_id')::uuid, (p_args ->> 'recipient_id')::uuid,
-                       (p_args ->> 'amount')::bigint, p_args ->> 'message') t;
-      when 'enroll' then
-        select jsonb_build_object('enrollment_id', e.enrollment_id, 'class_id', p_args ->> 'class_id',
-                                  'journal_id', e.journal_id, 'price_tokens', e.price_tokens,
-                                  'balance', e.balance)
-          into body
-          from app.enroll((p_args ->> 'class_id')::uuid, (p_args ->> 'enrollment_id')::uuid) e;
-      else
-        raise exception 'unknown money request effect %', p_effect using errcode = 'SP000';
-    end case;
-  exception when others then
-    if sqlstate like 'SP%' and sqlstate <> 'SP000' then
-      return query select 'refused'::text, null::smallint, null::jsonb, null::text;
-      return;
-    end if;
-    raise;
-  end;
+  case p_effect
+    when 'tip' then
+      select jsonb_build_object('tip_id', p_args ->> 'tip_id', 'journal_id', t.journal_id,
+                                'balance', t.balance)
+        into body
+        from app.tip((p_args ->> 'tip_id')::uuid, (p_args ->> 'recipient_id')::uuid,
+                     (p_args ->> 'amount')::bigint, p_args ->> 'message') t;
+    when 'enroll' then
+      select jsonb_build_object('enrollment_id', e.enrollment_id, 'class_id', p_args ->> 'class_id',
+                                'journal_id', e.journal_id, 'price_tokens', e.price_tokens,
+                                'balance', e.balance)
+        into body
+        from app.enroll((p_args ->> 'class_id')::uuid, (p_args ->> 'enrollment_id')::uuid) e;
+    else
+      raise exception 'unknown money request effect %', p_effect using errcode = 'SP000';
+  end case;
   insert into app.idempotency_keys as k
       (user_id, route, key, fingerprint, status_code, response, expires_at)
     values (caller, p_route, p_key, p_fingerprint, p_success, body,
@@ -97,3 +86,41 @@ end
 $$;
 revoke all on function app.money_request(text, text, text, text, integer, smallint, text, jsonb) from public;
 grant execute on function app.money_request(text, text, text, text, integer, smallint, text, jsonb) to stagepass_app;
+
+-- A refused money request's answer, recorded with its key unless a record is
+-- there already (see above). Returns the record that stands: this one
+-- (`recorded`), or the one found.
+create function app.money_request_refused(
+  p_claims text, p_route text, p_key text, p_fingerprint text, p_ttl_hours integer,
+  p_status smallint, p_response jsonb)
+  returns table (recorded boolean, fingerprint text, status_code smallint, response jsonb)
+  language plpgsql volatile set search_path = '' as $$
+declare
+  caller uuid;
+begin
+  perform set_config('request.jwt.claims', p_claims, true);
+  perform set_config('role', 'authenticated', true);
+  caller := auth.uid();
+  -- An expired record is replaced, as `Idempotency::store` does; a live one
+  -- stands.
+  insert into app.idempotency_keys as k
+      (user_id, route, key, fingerprint, status_code, response, expires_at)
+    values (caller, p_route, p_key, p_fingerprint, p_status, p_response,
+            app.now() + make_interval(hours => p_ttl_hours))
+    on conflict (user_id, route, key) do update set
+      fingerprint = excluded.fingerprint, status_code = excluded.status_code,
+      response = excluded.response, created_at = app.now(), expires_at = excluded.expires_at
+      where k.expires_at <= app.now();
+  if found then
+    return query select true, p_fingerprint, p_status, p_response;
+    return;
+  end if;
+  -- A statement of its own: it sees the record the conflict found.
+  return query
+  select false, k.fingerprint, k.status_code, k.response
+    from app.idempotency_keys k
+   where k.user_id = caller and k.route = p_route and k.key = p_key;
+end
+$$;
+revoke all on function app.money_request_refused(text, text, text, text, integer, smallint, jsonb) from public;
+grant execute on function app.money_request_refused(text, text, text, text, integer, smallint, jsonb) to stagepass_app;

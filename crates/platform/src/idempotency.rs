@@ -94,11 +94,13 @@ pub struct Idempotency {
 pub enum Settled {
     /// The effect ran and its response was recorded with the key: the body.
     Applied(serde_json::Value),
+    /// The effect refused; this problem document was recorded with the key.
+    Refused {
+        status: StatusCode,
+        body: serde_json::Value,
+    },
     /// The key's stored response, to replay.
     Replay(Replay),
-    /// The effect refused (nothing ran, nothing was recorded): run the
-    /// request the multi-statement way, which records the refusal.
-    Refused,
 }
 
 /// A stored response, replayed as it was.
@@ -212,8 +214,14 @@ impl Idempotency {
     /// first sight, the in-flight lock and lookup, `effect` (an effect
     /// `app.money_request` knows: `tip`, `enroll`) with `args`, and the
     /// record of its `success` response — one implicit transaction, one
-    /// round trip. A deadlock is an error ([`ApiError::is_deadlock`]); the
-    /// whole statement was rolled back and may be retried.
+    /// round trip.
+    ///
+    /// When the statement fails, `refusal` maps its error to the route's
+    /// problem (the same mapping as the effect's Rust function). A client
+    /// error is a refusal: it is recorded with the key in a second
+    /// statement, unless a request with the same key recorded first, whose
+    /// record then answers. A deadlock or a server error is returned (the
+    /// statement was rolled back whole: a deadlock may be retried).
     pub async fn settle_in_one_call(
         &self,
         pool: &sqlx::PgPool,
@@ -221,7 +229,56 @@ impl Idempotency {
         success: StatusCode,
         effect: &str,
         args: &serde_json::Value,
+        refusal: impl FnOnce(sqlx::Error) -> ApiError,
     ) -> Result<Settled, ApiError> {
+        let claims = crate::db::claims_text(claims);
+        let settled = self.one_call(pool, &claims, success, effect, args).await;
+        let problem = match settled {
+            Ok(settled) => return settled,
+            Err(e) => refusal(e),
+        };
+        if problem.is_deadlock() || !problem.status().is_client_error() {
+            return Err(problem);
+        }
+        let (status, body) = (problem.status(), problem.body_json());
+        let (recorded, fingerprint, stored_status, stored_body): (
+            bool,
+            String,
+            i16,
+            serde_json::Value,
+        ) = crate::telemetry::db_span(
+            "money_request_refused",
+            sqlx::query_as(
+                "select recorded, fingerprint, status_code, response \
+                   from app.money_request_refused($1, $2, $3, $4, $5, $6, $7::jsonb)",
+            )
+            .bind(&claims)
+            .bind(self.route)
+            .bind(self.key.as_str())
+            .bind(&self.fingerprint)
+            .bind(self.ttl_hours)
+            .bind(i16::try_from(status.as_u16()).unwrap_or(422))
+            .bind(body.to_string())
+            .fetch_one(pool),
+        )
+        .await?;
+        if recorded {
+            Ok(Settled::Refused { status, body })
+        } else {
+            self.replay(&fingerprint, stored_status, stored_body)
+                .map(Settled::Replay)
+        }
+    }
+
+    /// `app.money_request` itself: the outcome, or the statement's error.
+    async fn one_call(
+        &self,
+        pool: &sqlx::PgPool,
+        claims: &str,
+        success: StatusCode,
+        effect: &str,
+        args: &serde_json::Value,
+    ) -> Result<Result<Settled, ApiError>, sqlx::Error> {
         let (outcome, status, body, fingerprint): (
             String,
             Option<i16>,
@@ -238,7 +295,7 @@ impl Idempotency {
                 "select outcome, status_code, response, fingerprint \
                    from app.money_request($1, $2, $3, $4, $5, $6, $7, $8::jsonb)",
             )
-            .bind(crate::db::claims_text(claims))
+            .bind(claims)
             .bind(self.route)
             .bind(self.key.as_str())
             .bind(&self.fingerprint)
@@ -249,17 +306,16 @@ impl Idempotency {
             .fetch_one(pool),
         )
         .await?;
-        match (outcome.as_str(), status, body, fingerprint) {
+        Ok(match (outcome.as_str(), status, body, fingerprint) {
             ("applied", _, Some(body), _) => Ok(Settled::Applied(body)),
             ("stored", Some(status), Some(body), Some(fingerprint)) => {
                 self.replay(&fingerprint, status, body).map(Settled::Replay)
             }
             ("in_flight", ..) => Err(in_flight()),
-            ("refused", ..) => Ok(Settled::Refused),
             (other, ..) => Err(ApiError::internal(std::io::Error::other(format!(
                 "app.money_request answered {other:?}"
             )))),
-        }
+        })
     }
 
     /// Records the response of the effect (same transaction).

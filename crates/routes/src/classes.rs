@@ -8,7 +8,7 @@
 //! is idempotent like a tip: the key's record and the payment commit
 //! together, refusals are rolled back to a savepoint and stored with the key.
 
-use crate::problems::OrProblem;
+use crate::problems::{IntoProblem, OrProblem};
 use axum::extract::{Path, Query, State};
 use axum::middleware::from_fn;
 use axum::response::Response;
@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use stagepass_ledger::classes::{
     self, Cancellation, Class, ClassCursor, ClassFields, Enrollment, Withdrawal,
 };
-use stagepass_ledger::{ClassId, EnrollmentId, UserId};
+use stagepass_ledger::{ClassId, UserId};
 use stagepass_platform::auth::AuthUser;
 use stagepass_platform::db;
 use stagepass_platform::http::guard;
@@ -512,14 +512,7 @@ pub async fn enroll(
         StatusCode::CREATED,
         "enroll",
         args,
-        |conn| {
-            Box::pin(async move {
-                let enrollment = classes::enroll(conn, class, EnrollmentId::new(Uuid::now_v7()))
-                    .await
-                    .or_problem()?;
-                serde_json::to_value(&enrollment).map_err(ApiError::internal)
-            })
-        },
+        |e| classes::ClassError::from(e).into_problem(),
     )
     .await
 }

@@ -3,8 +3,8 @@
 //! check, the effect in a savepoint, and the record of the response.
 //!
 //! Tips and enrolments send all of it as one statement
-//! ([`run_in_one_call`], `app.money_request`); a refusal there comes back
-//! here to be answered and recorded ([`run`]).
+//! ([`run_in_one_call`], `app.money_request`); a refusal costs a second
+//! statement, its record.
 //!
 //! A refusal of the effect (4xx: insufficient funds, class full, …) is
 //! rolled back to the savepoint and recorded with the key, so a replay
@@ -67,11 +67,11 @@ where
 
 /// [`run`] in one round trip: `effect` (one `app.money_request` knows)
 /// with `args` runs with first sight and the idempotency record in one
-/// statement. A refusal of the effect — rare — is answered by [`run`] with
-/// `slow`, the same effect as Rust code, which records the problem document
-/// with the key; a deadlock retries the statement.
+/// statement. `refusal` maps the statement's error as the effect's Rust
+/// function would (`LedgerError`, `ClassError`); a refusal (4xx) is recorded
+/// with the key and answered, a deadlock retries the statement.
 #[allow(clippy::too_many_arguments)]
-pub async fn run_in_one_call<F>(
+pub async fn run_in_one_call(
     api: &UserApi,
     user: &AuthUser,
     platform: &PlatformHandle,
@@ -79,24 +79,19 @@ pub async fn run_in_one_call<F>(
     success: StatusCode,
     effect: &'static str,
     args: serde_json::Value,
-    slow: F,
-) -> ApiResult<Response>
-where
-    F: Effect,
-{
+    refusal: fn(sqlx::Error) -> ApiError,
+) -> ApiResult<Response> {
     for _ in 0..retry::DEADLOCK_ATTEMPTS {
         let settled = idempotency
-            .settle_in_one_call(&api.pool, user.claims(), success, effect, &args)
+            .settle_in_one_call(&api.pool, user.claims(), success, effect, &args, refusal)
             .await;
         match settled {
             Ok(Settled::Applied(body)) => {
                 api.kick(platform);
                 return Ok(json_response(success, body));
             }
+            Ok(Settled::Refused { status, body }) => return Ok(json_response(status, body)),
             Ok(Settled::Replay(replay)) => return Ok(replay.into_response()),
-            Ok(Settled::Refused) => {
-                return run(api, user, platform, idempotency, success, slow).await;
-            }
             Err(e) if e.is_deadlock() => {}
             Err(e) => return Err(e),
         }

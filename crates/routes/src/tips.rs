@@ -3,20 +3,20 @@
 //! One statement under RLS holds everything (`app.money_request`, one round
 //! trip): first-sight user creation, the idempotency record, and `app.tip`
 //! (which locks the tipper's wallet, checks debt, funds and the daily
-//! spending limit, and posts the journal). A refusal is answered by the
-//! multi-statement path (`idempotent::run`), which records it.
+//! spending limit, and posts the journal). A refusal is recorded with the
+//! key in a second statement.
 //! A tip's client errors are recorded with the key, so a replay answers the
 //! same; a deadlock is retried. The creator's share is a deferred credit
 //! (ADR 0021): their wallet is folded right after the response.
 
-use crate::problems::OrProblem;
+use crate::problems::{IntoProblem, OrProblem};
 use axum::Router;
 use axum::extract::State;
 use axum::response::Response;
 use axum::routing::post;
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
-use stagepass_ledger::{MAX_TIP, MIN_TIP, Tip, TipId, TokenAmount, UserId};
+use stagepass_ledger::{MAX_TIP, MIN_TIP, Tip, TokenAmount};
 use stagepass_platform::auth::AuthUser;
 use stagepass_platform::http::{ApiError, ApiResult, JsonBody, text};
 use stagepass_platform::idempotency::{DEFAULT_TTL_HOURS, Idempotency, IdempotencyKey};
@@ -103,21 +103,7 @@ pub async fn create_tip(
         StatusCode::CREATED,
         "tip",
         args,
-        |conn| {
-            let message = message.clone();
-            Box::pin(async move {
-                let tip = stagepass_ledger::tip(
-                    conn,
-                    TipId::new(Uuid::now_v7()),
-                    UserId::new(recipient),
-                    amount,
-                    message.as_deref(),
-                )
-                .await
-                .or_problem()?;
-                serde_json::to_value(&tip).map_err(ApiError::internal)
-            })
-        },
+        |e| stagepass_ledger::LedgerError::from(e).into_problem(),
     )
     .await?;
     if crate::idempotent::is_fresh(&response, StatusCode::CREATED) {

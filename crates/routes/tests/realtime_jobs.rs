@@ -393,16 +393,15 @@ async fn a_refused_tip_publishes_nothing() {
     let app = app_with(&fake, None).await;
     let creator = creator(&app).await;
     let fan = fan_with(&app, 5).await;
-    // The funding itself is a balance change: let it go out first.
+    // The funding itself is a balance change: let it go out first, and the
+    // creator's balance from the fold after the response (ADR 0021).
     let warm = tip(&app, &fan, creator.id, 1, "warm").await;
     assert_eq!(warm.status, StatusCode::CREATED);
+    let channel = format!("user:{}", creator.id);
     fake.wait_for(WAIT, |r| {
-        !named(
-            &published(r),
-            "tip.received",
-            &format!("user:{}", creator.id),
-        )
-        .is_empty()
+        let got = published(r);
+        !named(&got, "tip.received", &channel).is_empty()
+            && !named(&got, "balance.updated", &channel).is_empty()
     })
     .await;
     settled(&app).await;

@@ -416,17 +416,18 @@ async fn one_statement_reads_confine_their_claims_to_the_statement() {
         .expect("read balance");
     assert_eq!(balance, Some(0));
     // A money request the same way (migration 25): a refused tip (b is no
-    // creator) records nothing, and its claims and role end with it too.
-    let outcome: String = sqlx::query_scalar(
+    // creator) fails whole and records nothing, and its claims and role end
+    // with it too.
+    let refused = sqlx::query(
         "select outcome from app.money_request($1, 'POST /api/v1/tips', 'rls-key', 'f', 24, \
            201::smallint, 'tip', $2::jsonb)",
     )
     .bind(claims(a))
     .bind(serde_json::json!({"tip_id": Uuid::now_v7(), "recipient_id": b, "amount": 1}).to_string())
-    .fetch_one(&mut *conn)
+    .execute(&mut *conn)
     .await
-    .expect("money request");
-    assert_eq!(outcome, "refused");
+    .expect_err("a tip to a fan is refused");
+    assert!(refused.to_string().contains("not a creator"), "{refused}");
     let (user, after): (String, Option<String>) = sqlx::query_as(
         "select current_user::text, nullif(current_setting('request.jwt.claims', true), '')",
     )
@@ -448,6 +449,7 @@ async fn one_statement_reads_confine_their_claims_to_the_statement() {
         "app.read_class(text, uuid)",
         "app.read_schedule(text, timestamptz, timestamptz, bigint)",
         "app.money_request(text, text, text, text, integer, smallint, text, jsonb)",
+        "app.money_request_refused(text, text, text, text, integer, smallint, jsonb)",
     ] {
         for role in ["authenticated", "anon", "stagepass_service"] {
             let allowed: bool = sqlx::query_scalar(

@@ -659,8 +659,8 @@ async fn the_fold_after_the_response_and_the_cron_fold_leave_nothing_pending() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_one_statement_tip_answers_in_the_shape_of_the_multi_statement_one() {
-    // `app.money_request` builds the body in SQL; a refusal goes the
-    // multi-statement way (Rust builds that body). Both must be `Tip`s.
+    // `app.money_request` builds the body in SQL; the Rust type is the
+    // contract (OpenAPI, clients): the two must have the same fields.
     let app = TestApp::unlimited().await;
     let c = creator(&app).await;
     let f = fan_with(&app, 10).await;
@@ -696,7 +696,8 @@ async fn the_one_statement_tip_answers_in_the_shape_of_the_multi_statement_one()
     .expect("the tip's journal");
     assert_eq!(journal, parsed.journal_id.to_string());
 
-    // A refusal is recorded by the other path and replayed the same.
+    // A refusal is recorded with the key (a second statement) and replayed
+    // the same.
     let body = json!({"recipient_id": c.id, "amount": 7});
     let refused = tip(&app, &f, "too-much", &body).await;
     refused.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "insufficient_funds");
@@ -706,5 +707,56 @@ async fn the_one_statement_tip_answers_in_the_shape_of_the_multi_statement_one()
     assert_eq!(again.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(again.json(), refused.json());
     assert_eq!(journal_count(&app, "tip").await, 1);
+    assert_ledger_clean(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refusal_recorded_after_another_answer_under_its_key_gives_way_to_it() {
+    // Between a refused `app.money_request` and the record of its refusal
+    // the key's lock is free: a request with the same key may record first
+    // (and may have succeeded). The refusal's record then keeps that one.
+    let app = TestApp::unlimited().await;
+    let c = creator(&app).await;
+    let f = fan_with(&app, 10).await;
+    let body = json!({"recipient_id": c.id, "amount": 4});
+    let first = tip(&app, &f, "raced", &body).await;
+    assert_eq!(first.status, StatusCode::CREATED, "{}", first.text());
+    let claims = json!({"sub": f.id, "role": "authenticated"}).to_string();
+    let refused = |fingerprint: &'static str| {
+        sqlx::query_as::<_, (bool, String, i16, Value)>(
+            "select recorded, fingerprint, status_code, response from app.money_request_refused(\
+               $1, 'POST /api/v1/tips', $2, $3, 24, 422::smallint, '{\"code\": \"insufficient_funds\"}')",
+        )
+        .bind(&claims)
+        .bind("raced")
+        .bind(fingerprint)
+    };
+    let stored_fingerprint: String =
+        sqlx::query_scalar("select fingerprint from app.idempotency_keys where key = 'raced'")
+            .fetch_one(&app.db.admin_pool)
+            .await
+            .expect("the success's record");
+    let (recorded, fingerprint, status, response) = refused("other")
+        .fetch_one(&app.db.app_pool)
+        .await
+        .expect("record the refusal");
+    assert!(!recorded, "the success recorded first stands");
+    assert_eq!((fingerprint, status), (stored_fingerprint, 201));
+    assert_eq!(response, first.json());
+    // A fresh key records the refusal.
+    let (recorded, _, status, _) = sqlx::query_as::<_, (bool, String, i16, Value)>(
+        "select recorded, fingerprint, status_code, response from app.money_request_refused(\
+           $1, 'POST /api/v1/tips', 'fresh', 'f', 24, 422::smallint, '{}')",
+    )
+    .bind(&claims)
+    .fetch_one(&app.db.app_pool)
+    .await
+    .expect("record");
+    assert!(recorded);
+    assert_eq!(status, 422);
+    // The route answers a replay of the raced key with the success.
+    let again = tip(&app, &f, "raced", &body).await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert_eq!(again.json(), first.json());
     assert_ledger_clean(&app).await;
 }
