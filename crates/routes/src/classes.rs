@@ -513,6 +513,7 @@ pub async fn enroll(
         "enroll",
         args,
         |e| classes::ClassError::from(e).into_problem(),
+        &[],
     )
     .await
 }

@@ -53,7 +53,9 @@ where
     for _ in 0..retry::DEADLOCK_ATTEMPTS {
         match attempt(api, user, idempotency, success, &mut effect).await {
             Ok(response) => {
-                if is_fresh(&response, success) {
+                if response.status() == success
+                    && !response.headers().contains_key("idempotency-replayed")
+                {
                     api.kick(platform);
                 }
                 return Ok(response);
@@ -69,7 +71,9 @@ where
 /// with `args` runs with first sight and the idempotency record in one
 /// statement. `refusal` maps the statement's error as the effect's Rust
 /// function would (`LedgerError`, `ClassError`); a refusal (4xx) is recorded
-/// with the key and answered, a deadlock retries the statement.
+/// with the key and answered, a deadlock retries the statement. After an
+/// applied effect, the wallets of `credited` (deferred credits, ADR 0021)
+/// are folded and the outbox delivered, once the response is sent.
 #[allow(clippy::too_many_arguments)]
 pub async fn run_in_one_call(
     api: &UserApi,
@@ -80,6 +84,7 @@ pub async fn run_in_one_call(
     effect: &'static str,
     args: serde_json::Value,
     refusal: fn(sqlx::Error) -> ApiError,
+    credited: &[uuid::Uuid],
 ) -> ApiResult<Response> {
     for _ in 0..retry::DEADLOCK_ATTEMPTS {
         let settled = idempotency
@@ -87,7 +92,7 @@ pub async fn run_in_one_call(
             .await;
         match settled {
             Ok(Settled::Applied(body)) => {
-                api.kick(platform);
+                api.fold_then_kick(platform, credited);
                 return Ok(json_response(success, body));
             }
             Ok(Settled::Refused { status, body }) => return Ok(json_response(status, body)),
@@ -133,12 +138,6 @@ where
     idempotency.store(&mut tx, status, &body).await?;
     tx.commit().await?;
     Ok(json_response(status, body))
-}
-
-/// Whether `response` is this request's own success (not a replay of an
-/// earlier one, not a refusal): its effect was committed just now.
-pub fn is_fresh(response: &Response, success: StatusCode) -> bool {
-    response.status() == success && !response.headers().contains_key("idempotency-replayed")
 }
 
 /// A JSON response; client errors are problem documents.

@@ -95,7 +95,7 @@ pub async fn create_tip(
         "amount": amount.get(),
         "message": message,
     });
-    let response = crate::idempotent::run_in_one_call(
+    crate::idempotent::run_in_one_call(
         &api,
         &user,
         &platform,
@@ -104,10 +104,7 @@ pub async fn create_tip(
         "tip",
         args,
         |e| stagepass_ledger::LedgerError::from(e).into_problem(),
+        &[recipient],
     )
-    .await?;
-    if crate::idempotent::is_fresh(&response, StatusCode::CREATED) {
-        api.fold_then_kick(&platform, &[recipient]);
-    }
-    Ok(response)
+    .await
 }
