@@ -388,12 +388,7 @@ async fn the_database_refuses_an_overdraft_even_from_the_superuser() {
 async fn users_cannot_touch_the_ledger_directly() {
     let app = TestApp::unlimited().await;
     let f = fan_with(&app, 10).await;
-    let mut tx = app.db.app_pool.begin().await.expect("begin");
-    sqlx::query("select set_config('request.jwt.claims', $1, true), set_config('role', 'authenticated', true)")
-        .bind(json!({"sub": f.id, "role": "authenticated"}).to_string())
-        .execute(&mut *tx)
-        .await
-        .expect("claims");
+    let mut tx = user_tx(&app, &f).await;
     for sql in [
         "select count(*) from ledger.entries",
         "select ledger.post('purchase', 'x', array[]::uuid[], array[]::bigint[], null)",
