@@ -58,6 +58,9 @@ const PROBE_CONNECTIONS: usize = 8;
 const MAX_IN_FLIGHT: u64 = 256;
 const PROBE: Duration = Duration::from_secs(10);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the harness keeps an idle connection: well under the local
+/// server's [`stagepass_platform::local::HEADER_READ_TIMEOUT`].
+const CLIENT_IDLE: Duration = Duration::from_secs(5);
 /// The ledger-audit cron reads every journal (its cost grows with the
 /// ledger, as it must); production runs it hourly (vercel.json). The soak
 /// sends it every 15 s: often enough to run under load many times, not so
@@ -107,6 +110,8 @@ struct Sample {
     at: Instant,
     status: u16,
     latency: Duration,
+    /// A transport failure (status 0): the error and its causes.
+    error: Option<String>,
 }
 
 pub async fn run(opts: SoakOptions) -> Result<ExitCode> {
@@ -175,6 +180,11 @@ pub async fn run(opts: SoakOptions) -> Result<ExitCode> {
     let client = reqwest::Client::builder()
         .timeout(REQUEST_TIMEOUT)
         .pool_max_idle_per_host(usize::try_from(MAX_IN_FLIGHT).unwrap_or(256))
+        // Below the server's keep-alive limit (`HEADER_READ_TIMEOUT`, 10 s):
+        // a connection idle that long is closed by the server, and a request
+        // sent on it as it closes gets no answer and is not retried (a POST).
+        // Connections opened during a latency spike sit idle afterwards.
+        .pool_idle_timeout(CLIENT_IDLE)
         .build()
         .context("HTTP client")?;
     wait_healthy(&client, &base, &mut child)
@@ -478,12 +488,15 @@ async fn one(mix: &Mix) -> Sample {
         _ => c.get(url("/api/v1/tokens/balance")).bearer_auth(&creator.1),
     };
     let started = Instant::now();
-    let (status, body) = match request.send().await {
+    let (status, body, error) = match request.send().await {
         Ok(r) => {
             let status = r.status().as_u16();
-            (status, r.text().await.ok())
+            match r.text().await {
+                Ok(body) => (status, Some(body), None),
+                Err(e) => (0, None, Some(error_chain(&e))),
+            }
         }
-        Err(_) => (0, None),
+        Err(e) => (0, None, Some(error_chain(&e))),
     };
     if n % 40 == 24
         && status == 201
@@ -504,7 +517,21 @@ async fn one(mix: &Mix) -> Sample {
         at: started,
         status,
         latency: started.elapsed(),
+        error,
     }
+}
+
+/// An error with its causes ("error sending request: … : connection closed
+/// before message completed"), so a soak failure says which kind it was.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// Whether the ledger-audit cron is due (and, if so, the next one is set).
@@ -824,8 +851,25 @@ impl Report {
                 server_errors + probe_5xx as u64
             ));
         }
+        // The first few, with their family and error.
+        let unanswered: Vec<String> = samples
+            .iter()
+            .filter(|s| s.status == 0)
+            .take(5)
+            .map(|s| {
+                format!(
+                    "{} after {:.1} ms: {}",
+                    s.family,
+                    s.latency.as_secs_f64() * 1e3,
+                    s.error.as_deref().unwrap_or("no error recorded")
+                )
+            })
+            .collect();
         if transport > 0 {
-            failures.push(format!("{transport} requests got no answer"));
+            failures.push(format!(
+                "{transport} requests got no answer ({})",
+                unanswered.join("; ")
+            ));
         }
         if rss_end > bound {
             failures.push(format!(
@@ -844,7 +888,7 @@ impl Report {
             "requests": samples.len(), "behind": behind,
             "statuses": statuses.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "by_family": families.iter().map(|(f, st)| (f.to_string(), json!(st.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>()))).collect::<serde_json::Map<_, _>>(),
-            "server_errors": server_errors, "transport_errors": transport,
+            "server_errors": server_errors, "transport_errors": transport, "unanswered": unanswered,
             "window_s": window, "per_window": per_window, "per_family": per_family,
             "p99_growth": growth.iter().map(|(g, f, a, b)| json!({"family": f, "first_p99_ms": a, "last_p99_ms": b, "factor": (g * 100.0).round() / 100.0})).collect::<Vec<_>>(),
             "drift_bound": {"factor": DRIFT_FACTOR, "slack_ms": DRIFT_SLACK_MS, "min_samples": DRIFT_MIN_SAMPLES},
