@@ -83,6 +83,79 @@ async fn a_later_token_email_is_the_only_email_source() {
     assert_eq!(me["email"], "changed@example.test");
 }
 
+/// First sight answers a known user whose token says nothing new in one
+/// lookup (migration 27); anything new must still be written. Here: the
+/// verification flips, and a user row made by an operator (no private
+/// row yet) gains its private row on the next request.
+#[tokio::test(flavor = "multi_thread")]
+async fn what_a_later_token_says_anew_is_still_recorded() {
+    let app = TestApp::new().await;
+    let private = |id: Uuid| {
+        let pool = app.db.admin_pool.clone();
+        async move {
+            sqlx::query_as::<_, (Option<String>, bool)>(
+                "select email, email_verified from app.user_private where user_id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&pool)
+            .await
+            .expect("user_private")
+        }
+    };
+
+    let user = app.new_user();
+    let mut claims = claims_for(user.id, Some(&user.email), 3600);
+    claims["user_metadata"]["email_verified"] = json!(false);
+    let me = app
+        .get("/api/v1/me")
+        .bearer(&sign_claims(&claims))
+        .send()
+        .await
+        .json();
+    assert_eq!(me["email_verified"], false);
+    // The same token again: nothing new, same answer.
+    let again = app
+        .get("/api/v1/me")
+        .bearer(&sign_claims(&claims))
+        .send()
+        .await
+        .json();
+    assert_eq!(again, me);
+    // The address is confirmed; the next token says so.
+    let me = app
+        .get("/api/v1/me")
+        .bearer(&user.token)
+        .send()
+        .await
+        .json();
+    assert_eq!(me["email_verified"], true);
+    assert_eq!(
+        private(user.id).await,
+        Some((Some(user.email.clone()), true))
+    );
+
+    // An operator made this user a creator before they ever signed in.
+    let early = app.new_user();
+    app.set_role(early.id, "creator").await;
+    assert_eq!(
+        private(early.id).await,
+        None,
+        "the operator writes no private row"
+    );
+    let me = app
+        .get("/api/v1/me")
+        .bearer(&early.token)
+        .send()
+        .await
+        .json();
+    assert_eq!(me["role"], "creator");
+    assert_eq!(me["email"], early.email);
+    assert_eq!(
+        private(early.id).await,
+        Some((Some(early.email.clone()), true))
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn token_claims_cannot_set_the_role() {
     let app = TestApp::new().await;
