@@ -30,6 +30,9 @@ use crate::config::{DbConfig, ExposeSecret};
 pub const STATEMENT_TIMEOUT: &str = "5s";
 /// Longest wait for a free connection before a request fails with 503.
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+/// A pooled connection idle at least this long is checked (one empty round
+/// trip) before it is handed out; one used more recently is not.
+pub const CHECK_AFTER_IDLE: Duration = Duration::from_secs(1);
 
 /// The database role user requests run as (Supabase's name, so policies
 /// written for Supabase apply unchanged).
@@ -72,6 +75,23 @@ pub fn connect_options(cfg: &DbConfig) -> Result<PgConnectOptions, sqlx::Error> 
 
 pub fn pool_options(max_connections: u32) -> PgPoolOptions {
     PgPoolOptions::new()
+        // sqlx checks every idle connection with a round trip (`Sync`)
+        // before handing it out: a one-statement read cost two round trips,
+        // not one (issue 13). The check is kept where it can find something —
+        // a connection that sat idle (an instance thawed after a freeze, a
+        // quiet minute after a database restart) — and skipped for one
+        // released a moment ago, which was alive then. A connection that
+        // died in between fails its statement: a 503 problem
+        // (`database_unavailable`), and sqlx discards it (tests/outage.rs).
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= CHECK_AFTER_IDLE {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .min_connections(0)
         .max_connections(max_connections)
         .acquire_timeout(ACQUIRE_TIMEOUT)

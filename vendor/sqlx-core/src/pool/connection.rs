@@ -311,7 +311,14 @@ impl<DB: Database> Floating<DB, Live<DB>> {
         // returned to the pool; also of course, if it was dropped due to an error
         // this is simply a band-aid as SQLx-next connections should be able
         // to recover from cancellations
-        if let Err(error) = self.raw.ping().await {
+        //
+        // Stagepass patch: `flush` instead of `ping`. Both send what is
+        // buffered (a dropped transaction's ROLLBACK) and wait for every
+        // answer still owed (a dropped query's rows); `ping` then added a
+        // round trip to an idle connection after every use. Liveness is
+        // checked on acquire instead, for connections idle long enough to
+        // have died (`before_acquire` in stagepass-platform's `db`).
+        if let Err(error) = crate::connection::Connection::flush(&mut self.raw).await {
             tracing::warn!(
                 %error,
                 "error occurred while testing the connection on-release",
