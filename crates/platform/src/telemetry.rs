@@ -485,6 +485,20 @@ mod log_filter_tests {
     }
 }
 
+/// An error and its causes in one line ("error sending request: … :
+/// Connection refused"): a client library's own message alone often says
+/// too little (the Upstash client, the soak's report of unanswered requests).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::scrub;

@@ -290,7 +290,9 @@ impl Upstash {
             TransportError::TooLarge => malformed("the answer is too large"),
             TransportError::Http(e) if e.is_timeout() => UpstashError::Timeout(self.timeout),
             // Without the URL: it is configuration, and the message goes to logs.
-            TransportError::Http(e) => UpstashError::Unreachable(describe(e.without_url())),
+            TransportError::Http(e) => {
+                UpstashError::Unreachable(crate::telemetry::error_chain(&e.without_url()))
+            }
         }
     }
 }
@@ -304,19 +306,6 @@ impl From<reqwest::Error> for TransportError {
     fn from(e: reqwest::Error) -> Self {
         TransportError::Http(e)
     }
-}
-
-/// The error and its causes in one line ("error sending request: … :
-/// Connection refused"): reqwest's own message alone says too little.
-fn describe(e: reqwest::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 /// Reads the body up to [`MAX_RESPONSE_BYTES`].

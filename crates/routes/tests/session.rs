@@ -103,32 +103,21 @@ async fn what_a_later_token_says_anew_is_still_recorded() {
         }
     };
 
+    let app_ref = &app;
+    let me = move |token: String| async move {
+        app_ref.get("/api/v1/me").bearer(&token).send().await.json()
+    };
+
     let user = app.new_user();
     let mut claims = claims_for(user.id, Some(&user.email), 3600);
     claims["user_metadata"]["email_verified"] = json!(false);
-    let me = app
-        .get("/api/v1/me")
-        .bearer(&sign_claims(&claims))
-        .send()
-        .await
-        .json();
-    assert_eq!(me["email_verified"], false);
+    let unverified = sign_claims(&claims);
+    let first = me(unverified.clone()).await;
+    assert_eq!(first["email_verified"], false);
     // The same token again: nothing new, same answer.
-    let again = app
-        .get("/api/v1/me")
-        .bearer(&sign_claims(&claims))
-        .send()
-        .await
-        .json();
-    assert_eq!(again, me);
+    assert_eq!(me(unverified).await, first);
     // The address is confirmed; the next token says so.
-    let me = app
-        .get("/api/v1/me")
-        .bearer(&user.token)
-        .send()
-        .await
-        .json();
-    assert_eq!(me["email_verified"], true);
+    assert_eq!(me(user.token.clone()).await["email_verified"], true);
     assert_eq!(
         private(user.id).await,
         Some((Some(user.email.clone()), true))
@@ -142,14 +131,9 @@ async fn what_a_later_token_says_anew_is_still_recorded() {
         None,
         "the operator writes no private row"
     );
-    let me = app
-        .get("/api/v1/me")
-        .bearer(&early.token)
-        .send()
-        .await
-        .json();
-    assert_eq!(me["role"], "creator");
-    assert_eq!(me["email"], early.email);
+    let seen = me(early.token.clone()).await;
+    assert_eq!(seen["role"], "creator");
+    assert_eq!(seen["email"], early.email);
     assert_eq!(
         private(early.id).await,
         Some((Some(early.email.clone()), true))

@@ -30,6 +30,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use stagepass_platform::auth::testing::mint_hs256;
+use stagepass_platform::telemetry::error_chain;
 
 use crate::error::{Context as _, Result, fail};
 use crate::pgcluster::Cluster;
@@ -519,19 +520,6 @@ async fn one(mix: &Mix) -> Sample {
         latency: started.elapsed(),
         error,
     }
-}
-
-/// An error with its causes ("error sending request: … : connection closed
-/// before message completed"), so a soak failure says which kind it was.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// Whether the ledger-audit cron is due (and, if so, the next one is set).
