@@ -7,6 +7,14 @@
 # TPC-B-like on the same cluster, and the costliest functions
 # (`track_functions = all`) of the pairs run.
 #
+# Then the floor: a function doing only what a tip writes (the journal, the
+# payer's balance, the legs and their pending credits, `tip.received`, the
+# idempotency record; every trigger and index as deployed, so also the
+# spending hours, `balance.updated` and the deferred balance check), with
+# every id known in advance and no check at all. No tip can be cheaper than
+# its writes: "pairs ÷ floor" is how much of a tip's cost is anything else,
+# and "floor ÷ TPC-B" is the best any tip could reach against TPC-B-like.
+#
 #   scripts/bench/sql-tips.sh [SECONDS] [CLIENTS]     (default 20 s, 4 clients)
 #
 # Needs DATABASE_ADMIN_URL (a superuser URL of the cluster; default
@@ -105,3 +113,50 @@ awk -v p="$pairs" -v h="$hot" -v t="$tpcb" 'BEGIN {
   printf "  pairs ÷ TPC-B %.2f×, hot ÷ pairs %.2f×\n", p / t, h / p }'
 echo "costliest functions of the pairs run (self ms per call, calls):"
 sed 's/^/  /' "$work/functions.txt"
+
+psql -q "$admin_db" -v ON_ERROR_STOP=1 >/dev/null <<'SQL'
+create table public.bench_floor as
+  select b.i, (b.claims::jsonb ->> 'sub')::uuid as payer, b.recipient,
+         ledger.account_of('wallet', (b.claims::jsonb ->> 'sub')::uuid) as payer_wallet,
+         ledger.account_of('wallet', b.recipient) as recipient_wallet
+    from public.bench_pairs b;
+grant select on public.bench_floor to stagepass_app;
+-- A one-token tip's writes (the fee of 1 token is 0: two legs, one credit).
+create function public.bench_floor_tip(p_payer uuid, p_recipient uuid, p_from uuid, p_to uuid)
+  returns integer language plpgsql security definer set search_path = '' as $$
+declare
+  tip uuid := gen_random_uuid();
+  journal uuid;
+begin
+  insert into ledger.journals (kind, reference, metadata)
+    values ('tip', tip::text, jsonb_build_object('from', p_payer, 'to', p_recipient, 'message', null))
+    returning id into journal;
+  update ledger.accounts set balance = balance - 1 where id = p_from;
+  with e as (insert into ledger.entries (journal_id, account_id, amount)
+               values (journal, p_from, -1), (journal, p_to, 1) returning id, account_id, amount)
+  insert into ledger.pending_credits (entry_id, account_id, amount)
+    select e.id, e.account_id, e.amount from e where e.amount > 0;
+  insert into app.outbox (kind, destination, name, payload, dedup_key)
+    values ('realtime', 'user:' || p_recipient, 'tip.received',
+            jsonb_build_object('tip_id', tip, 'from', p_payer, 'amount', 1, 'message', null),
+            'tip:' || tip);
+  insert into app.idempotency_keys (user_id, route, key, fingerprint, status_code, response, expires_at)
+    values (p_payer, 'POST /api/v1/tips', tip::text, 'bench', 201,
+            jsonb_build_object('tip_id', tip, 'journal_id', journal, 'balance', 0),
+            app.now() + interval '24 hours');
+  return 1;
+end
+$$;
+grant execute on function public.bench_floor_tip(uuid, uuid, uuid, uuid) to stagepass_app;
+SQL
+cat > "$work/floor.sql" <<SQL
+\set i random(1, 64)
+select public.bench_floor_tip(f.payer, f.recipient, f.payer_wallet, f.recipient_wallet)
+  from public.bench_floor f where f.i = :i;
+SQL
+run -T 3 -f "$work/floor.sql" "$app_db" >/dev/null
+floor=$(run -f "$work/floor.sql" "$app_db" | tps)
+tpcb_again=$(run "$admin_db" | tps)
+echo "  floor        ${floor} tips/s (a tip's writes only; TPC-B-like again: ${tpcb_again} tps)"
+awk -v f="$floor" -v t="$tpcb_again" -v p="$pairs" 'BEGIN {
+  printf "  floor ÷ TPC-B %.2f×, pairs ÷ floor %.2f×\n", f / t, p / f }'
