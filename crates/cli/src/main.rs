@@ -74,17 +74,21 @@ USAGE:
       (code in DIR/<binary>/, default target/lambda, as `cargo lambda build` lays
       it out), HTTP API routes, the crons as EventBridge schedules, parameters.
   stagepass bench tips [--json] [--seconds S] [--connections C] [--fans N] [--bin-dir DIR]
-                       [--sslmode MODE]
+                       [--sslmode MODE] [--db-rtt-us U]
       Tips/s and p50/p99 through the release v1_tips with many fans tipping one
       creator (hot) and across pairs, the ledger invariants after each, and
-      pgbench on the same Postgres as the baseline.
+      pgbench on the same Postgres as the baseline. --db-rtt-us as for bench me.
   stagepass bench me [--json] [--seconds S] [--connections C] [--pool P] [--bin-dir DIR]
+                     [--db-rtt-us U]
       Warm GET /api/v1/me through the v1_me binary (--bin-dir, default
       $CARGO_TARGET_DIR/release) with C keep-alive connections (default 32) and
       DATABASE_MAX_CONNECTIONS=P (default 4) for S seconds (default 10) on a
       throwaway database: requests/s, p50/p99, statuses; then pgbench -M prepared,
       P clients, running today's five-statement transaction of the route as
       stagepass_app on the same database, and the ratio (issue 13: >= 1.5x).
+      --db-rtt-us adds U microseconds to every round trip to the database, for
+      the function and pgbench alike (a relay on 127.0.0.1; deployed, a function
+      and its database are about 1000 us apart). Default: loopback.
       Exit 1 on any non-200 answer or a failed pgbench transaction.
   stagepass bench calls [--json] [--calls N]
       One billing sweep of N active calls (default 5000) with a minute due each,
@@ -353,6 +357,7 @@ fn bench_tips(rest: &[String]) -> Result<ExitCode> {
             "--fans",
             "--bin-dir",
             "--sslmode",
+            "--db-rtt-us",
         ],
         &["--json"],
     )?;
@@ -368,6 +373,7 @@ fn bench_tips(rest: &[String]) -> Result<ExitCode> {
             Some(m @ ("disable" | "prefer" | "require")) => Some(m.to_owned()),
             Some(_) => return fail("--sslmode must be disable, prefer or require"),
         },
+        db_rtt: db_rtt(&p)?,
     };
     current_thread()?.block_on(bench::tips::run(opts))
 }
@@ -377,7 +383,13 @@ fn bench_tips(rest: &[String]) -> Result<ExitCode> {
 fn bench_me(rest: &[String]) -> Result<ExitCode> {
     let p = parse(
         rest,
-        &["--seconds", "--connections", "--pool", "--bin-dir"],
+        &[
+            "--seconds",
+            "--connections",
+            "--pool",
+            "--bin-dir",
+            "--db-rtt-us",
+        ],
         &["--json"],
     )?;
     no_positionals(&p)?;
@@ -388,6 +400,7 @@ fn bench_me(rest: &[String]) -> Result<ExitCode> {
         // DATABASE_MAX_CONNECTIONS accepts 1 to 32.
         pool: p.count_usize("--pool", 4, 32)?,
         bin_dir: p.release_bin_dir(),
+        db_rtt: db_rtt(&p)?,
     };
     // One thread, like the other benchmarks: the load generator takes at
     // most one core from the function and Postgres.
@@ -491,6 +504,19 @@ fn no_positionals(p: &Parsed) -> Result<()> {
     match p.positional.first() {
         Some(extra) => fail(format!("unexpected argument '{extra}'")),
         None => Ok(()),
+    }
+}
+
+/// `--db-rtt-us` (1 to 100,000 µs): the round trip a benchmark adds in front
+/// of the database (`bench::latency`); absent, loopback.
+fn db_rtt(p: &Parsed) -> Result<Option<std::time::Duration>> {
+    match p.value("--db-rtt-us") {
+        None => Ok(None),
+        Some(_) => Ok(Some(std::time::Duration::from_micros(p.count(
+            "--db-rtt-us",
+            1,
+            100_000,
+        )?))),
     }
 }
 

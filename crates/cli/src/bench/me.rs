@@ -37,7 +37,7 @@ use stagepass_platform::testing::TestDb;
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
-use super::{JWT_SECRET, Running, SUPABASE_URL, Target, http, load, money};
+use super::{JWT_SECRET, Running, SUPABASE_URL, Target, http, latency, load, money};
 use crate::error::{Context as _, Result, fail};
 
 pub struct MeOptions {
@@ -47,6 +47,10 @@ pub struct MeOptions {
     /// The function's `DATABASE_MAX_CONNECTIONS`, and pgbench's clients.
     pub pool: usize,
     pub bin_dir: PathBuf,
+    /// A round trip added between the database and everything that talks
+    /// to it under measurement, the function and pgbench alike
+    /// (`--db-rtt-us`; [`super::latency`]). None: loopback.
+    pub db_rtt: Option<Duration>,
 }
 
 /// Issue 13: the function at ≥ 1.5× pgbench running today's transaction.
@@ -130,6 +134,7 @@ pub async fn run(opts: MeOptions) -> Result<ExitCode> {
         date: chrono::Utc::now().to_rfc3339(),
         load_average,
         binary: binary.display().to_string(),
+        db_rtt: opts.db_rtt,
         load,
         pgbench,
     };
@@ -156,7 +161,11 @@ async fn measure(opts: &MeOptions, binary: &Path, db: &TestDb) -> Result<(Load, 
         3600,
     );
     let token = mint_hs256_claims(JWT_SECRET, &claims);
-    let mut env = money::function_env(db.app_url());
+    // Started before the function and kept to the end: the function's pool
+    // and pgbench's clients both connect through it.
+    let relay = latency::start(opts.db_rtt, &db.app_url())?;
+    let database_url = latency::route(relay.as_ref(), &db.app_url())?;
+    let mut env = money::function_env(database_url.clone());
     for (name, value) in &mut env {
         if *name == "DATABASE_MAX_CONNECTIONS" {
             *value = opts.pool.to_string();
@@ -209,7 +218,8 @@ async fn measure(opts: &MeOptions, binary: &Path, db: &TestDb) -> Result<(Load, 
     // The claims exactly as the function sets them (the token's payload).
     let claims = claims.to_string();
     verify_script(db, &claims, user).await?;
-    let pgbench = pgbench(db, &claims, opts.pool, opts.seconds)?;
+    let pgbench = pgbench(&database_url, &claims, opts.pool, opts.seconds)?;
+    drop(relay);
     Ok((load, pgbench))
 }
 
@@ -385,9 +395,10 @@ async fn verify_script(db: &TestDb, claims: &str, user: Uuid) -> Result<()> {
 }
 
 /// `pgbench -M prepared` with the script, `clients` clients, for `seconds`,
-/// connected as the function's login to the same database.
-fn pgbench(db: &TestDb, claims: &str, clients: usize, seconds: u64) -> Result<Pgbench> {
-    let mut url = url::Url::parse(&db.app_url()).context("app url")?;
+/// connected as the function's login to the same database, by the same
+/// route (`database_url`: the function's).
+fn pgbench(database_url: &str, claims: &str, clients: usize, seconds: u64) -> Result<Pgbench> {
+    let mut url = url::Url::parse(database_url).context("app url")?;
     // A pooler hint for sqlx, not a libpq parameter.
     url.set_query(None);
     let script = std::env::temp_dir().join(format!("stagepass-bench-me-{}.sql", Uuid::new_v4()));
@@ -483,6 +494,7 @@ pub struct Report {
     pub date: String,
     pub load_average: Option<f64>,
     pub binary: String,
+    pub db_rtt: Option<Duration>,
     pub load: Load,
     pub pgbench: Pgbench,
 }
@@ -513,9 +525,17 @@ impl Report {
             .collect::<Vec<_>>()
             .join(", ");
         let verdict = if self.pass() { "PASS" } else { "FAIL" };
+        let database = match self.db_rtt {
+            Some(rtt) => format!(
+                "database: {} µs added to every round trip (function and pgbench alike)",
+                rtt.as_micros()
+            ),
+            None => "database: loopback".to_owned(),
+        };
         format!(
             "stagepass bench me — {date} — load average at start {load_average}\n\
              function: {binary}\n\
+             {database}\n\
              GET /api/v1/me  {conns} keep-alive connections, pool {pool}, {secs:.1} s\n  \
              {rps:>8.0} requests/s  p50 {p50:.2} ms  p99 {p99:.2} ms  statuses {{{statuses}}}  connection errors {errors}\n\
              pgbench -M prepared, today's 5-statement transaction as stagepass_app, -c {clients} -j {threads}\n  \
@@ -545,6 +565,7 @@ impl Report {
             "date": self.date,
             "load_average_at_start": self.load_average,
             "binary": self.binary,
+            "db_rtt_us": self.db_rtt.map(|rtt| rtt.as_micros()),
             "me": self.load,
             "pgbench": self.pgbench,
             "ratio_to_pgbench": self.ratio(),
@@ -679,6 +700,7 @@ tps = 6555.012345 (without initial connection time)
             date: "2026-11-30T00:00:00Z".to_owned(),
             load_average: Some(1.5),
             binary: "target/release/v1_me".to_owned(),
+            db_rtt: None,
             load: summarise(
                 32,
                 4,

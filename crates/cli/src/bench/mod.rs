@@ -15,6 +15,7 @@ pub mod calls;
 pub mod crash;
 pub mod enroll_race;
 mod http;
+pub mod latency;
 mod load;
 pub mod me;
 mod money;

@@ -25,7 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
-use super::{JWT_SECRET, SUPABASE_URL, free_port, money};
+use super::{JWT_SECRET, SUPABASE_URL, free_port, latency, money};
 use crate::error::{Context as _, Result, fail};
 
 pub struct TipsOptions {
@@ -37,6 +37,9 @@ pub struct TipsOptions {
     /// Added to the function's `DATABASE_URL` (`disable` separates the cost
     /// of TLS to Postgres from the ledger path's own).
     pub sslmode: Option<String>,
+    /// A round trip added in front of the database for the function and
+    /// pgbench alike (`--db-rtt-us`; [`super::latency`]). None: loopback.
+    pub db_rtt: Option<Duration>,
 }
 
 struct Scenario {
@@ -85,9 +88,12 @@ async fn scenario(
     money::seed(&db, &fans, &hosts).await?;
     let port = free_port()?;
     let issuer = format!("{SUPABASE_URL}/auth/v1");
+    // Kept until the function is stopped: its pool connects through it.
+    let relay = latency::start(opts.db_rtt, &db.app_url())?;
+    let app_url = latency::route(relay.as_ref(), &db.app_url())?;
     let database_url = match &opts.sslmode {
-        Some(mode) => format!("{}?sslmode={mode}", db.app_url()),
-        None => db.app_url(),
+        Some(mode) => format!("{app_url}?sslmode={mode}"),
+        None => app_url,
     };
     let mut child = tokio::process::Command::new(binary)
         .env_clear()
@@ -125,6 +131,7 @@ async fn scenario(
     }
     let elapsed = started.elapsed().as_secs_f64();
     let _ = child.kill().await;
+    drop(relay);
     let violations = audit(&db, &hosts, ok).await?;
     Ok(Scenario {
         name,
@@ -250,8 +257,11 @@ struct Baseline {
 /// client count as the scenarios.
 async fn pgbench(opts: &TipsOptions) -> Result<Baseline> {
     let db = TestDb::new().await;
-    let url = scratch_url(&db)?;
-    run_pgbench(&["-i", "-q", "-s", "1", &url])?;
+    let setup_url = scratch_url(&db)?;
+    run_pgbench(&["-i", "-q", "-s", "1", &setup_url])?;
+    // The measured runs go the function's way (the relay, if any).
+    let relay = latency::start(opts.db_rtt, &setup_url)?;
+    let url = latency::route(relay.as_ref(), &setup_url)?;
     let dir = std::env::temp_dir().join(format!("stagepass-pgbench-{}", Uuid::new_v4()));
     std::fs::create_dir_all(&dir).context("temp dir")?;
     let random = dir.join("update-random.sql");
@@ -328,6 +338,7 @@ fn print(opts: &TipsOptions, scenarios: &[Scenario], b: &Baseline) {
     if opts.json {
         let doc = json!({
             "connections": opts.connections, "seconds": opts.seconds, "fans": opts.fans,
+            "db_rtt_us": opts.db_rtt.map(|rtt| rtt.as_micros()),
             "scenarios": scenarios.iter().map(|s| json!({
                 "name": s.name, "tips_per_second": s.tips_per_second, "ok": s.ok,
                 "refused": s.refused, "p50_ms": s.p50_ms, "p99_ms": s.p99_ms,
@@ -348,6 +359,13 @@ fn print(opts: &TipsOptions, scenarios: &[Scenario], b: &Baseline) {
         opts.fans,
         opts.sslmode.as_deref().unwrap_or("default (prefer)")
     );
+    match opts.db_rtt {
+        Some(rtt) => println!(
+            "database: {} µs added to every round trip (function and pgbench alike)",
+            rtt.as_micros()
+        ),
+        None => println!("database: loopback"),
+    }
     for s in scenarios {
         println!(
             "  {:<6} {:>8.0} tips/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ok {} refused {}  ledger violations {}",
