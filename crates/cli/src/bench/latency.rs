@@ -99,6 +99,73 @@ pub fn route(relay: Option<&Relay>, url: &str) -> Result<String> {
     }
 }
 
+/// What a benchmark's `--db-rtt-us` asked for and what it got.
+#[derive(Debug, Clone, Copy)]
+pub struct Distance {
+    pub requested: Duration,
+    /// Median `select 1` without the relay…
+    pub loopback: Duration,
+    /// … and through it.
+    pub relayed: Duration,
+}
+
+impl Distance {
+    pub async fn measure(requested: Duration, direct: &str, relayed: &str) -> Result<Distance> {
+        Ok(Distance {
+            requested,
+            loopback: median_round_trip(direct).await?,
+            relayed: median_round_trip(relayed).await?,
+        })
+    }
+
+    /// One line for a report; `None` is loopback.
+    pub fn describe(distance: Option<&Distance>) -> String {
+        match distance {
+            None => "database: loopback".to_owned(),
+            Some(d) => format!(
+                "database: {} µs added to every round trip, the function's and pgbench's alike \
+                 (select 1, idle, median: {} µs through the relay, {} µs on loopback)",
+                d.requested.as_micros(),
+                d.relayed.as_micros(),
+                d.loopback.as_micros()
+            ),
+        }
+    }
+
+    pub fn json(distance: Option<&Distance>) -> serde_json::Value {
+        match distance {
+            None => serde_json::Value::Null,
+            Some(d) => serde_json::json!({
+                "requested_us": d.requested.as_micros(),
+                "select_1_median_us": d.relayed.as_micros(),
+                "select_1_median_loopback_us": d.loopback.as_micros(),
+            }),
+        }
+    }
+}
+
+/// The median of 50 `select 1` round trips to `url` on one connection, on
+/// an idle machine: what the relay really adds (a thread's wake-up on each
+/// side comes on top of the requested time) next to loopback's.
+pub async fn median_round_trip(url: &str) -> Result<Duration> {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(url)
+        .await
+        .context("connect to measure a round trip")?;
+    let mut samples = Vec::with_capacity(50);
+    for _ in 0..50 {
+        let sent = Instant::now();
+        sqlx::query("select 1")
+            .execute(&mut conn)
+            .await
+            .context("select 1")?;
+        samples.push(sent.elapsed());
+    }
+    let _ = conn.close().await;
+    samples.sort();
+    Ok(samples[samples.len() / 2])
+}
+
 /// The database's address in `url` (host resolved, default port 5432).
 fn upstream_of(url: &str) -> Result<SocketAddr> {
     let u = url::Url::parse(url).context("database url")?;

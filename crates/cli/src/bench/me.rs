@@ -129,12 +129,12 @@ pub async fn run(opts: MeOptions) -> Result<ExitCode> {
     db.app_pool.close().await;
     db.admin_pool.close().await;
     drop(db);
-    let (load, pgbench) = outcome?;
+    let (load, pgbench, distance) = outcome?;
     let report = Report {
         date: chrono::Utc::now().to_rfc3339(),
         load_average,
         binary: binary.display().to_string(),
-        db_rtt: opts.db_rtt,
+        distance,
         load,
         pgbench,
     };
@@ -152,7 +152,11 @@ pub async fn run(opts: MeOptions) -> Result<ExitCode> {
     }
 }
 
-async fn measure(opts: &MeOptions, binary: &Path, db: &TestDb) -> Result<(Load, Pgbench)> {
+async fn measure(
+    opts: &MeOptions,
+    binary: &Path,
+    db: &TestDb,
+) -> Result<(Load, Pgbench, Option<latency::Distance>)> {
     let user = Uuid::new_v4();
     let claims = standard_claims(
         &format!("{SUPABASE_URL}/auth/v1"),
@@ -165,6 +169,10 @@ async fn measure(opts: &MeOptions, binary: &Path, db: &TestDb) -> Result<(Load, 
     // and pgbench's clients both connect through it.
     let relay = latency::start(opts.db_rtt, &db.app_url())?;
     let database_url = latency::route(relay.as_ref(), &db.app_url())?;
+    let distance = match opts.db_rtt {
+        Some(rtt) => Some(latency::Distance::measure(rtt, &db.app_url(), &database_url).await?),
+        None => None,
+    };
     let mut env = money::function_env(database_url.clone());
     for (name, value) in &mut env {
         if *name == "DATABASE_MAX_CONNECTIONS" {
@@ -220,7 +228,7 @@ async fn measure(opts: &MeOptions, binary: &Path, db: &TestDb) -> Result<(Load, 
     verify_script(db, &claims, user).await?;
     let pgbench = pgbench(&database_url, &claims, opts.pool, opts.seconds)?;
     drop(relay);
-    Ok((load, pgbench))
+    Ok((load, pgbench, distance))
 }
 
 /// What one connection saw.
@@ -494,7 +502,7 @@ pub struct Report {
     pub date: String,
     pub load_average: Option<f64>,
     pub binary: String,
-    pub db_rtt: Option<Duration>,
+    pub distance: Option<latency::Distance>,
     pub load: Load,
     pub pgbench: Pgbench,
 }
@@ -525,13 +533,7 @@ impl Report {
             .collect::<Vec<_>>()
             .join(", ");
         let verdict = if self.pass() { "PASS" } else { "FAIL" };
-        let database = match self.db_rtt {
-            Some(rtt) => format!(
-                "database: {} µs added to every round trip (function and pgbench alike)",
-                rtt.as_micros()
-            ),
-            None => "database: loopback".to_owned(),
-        };
+        let database = latency::Distance::describe(self.distance.as_ref());
         format!(
             "stagepass bench me — {date} — load average at start {load_average}\n\
              function: {binary}\n\
@@ -565,7 +567,7 @@ impl Report {
             "date": self.date,
             "load_average_at_start": self.load_average,
             "binary": self.binary,
-            "db_rtt_us": self.db_rtt.map(|rtt| rtt.as_micros()),
+            "database_distance": latency::Distance::json(self.distance.as_ref()),
             "me": self.load,
             "pgbench": self.pgbench,
             "ratio_to_pgbench": self.ratio(),
@@ -700,7 +702,7 @@ tps = 6555.012345 (without initial connection time)
             date: "2026-11-30T00:00:00Z".to_owned(),
             load_average: Some(1.5),
             binary: "target/release/v1_me".to_owned(),
-            db_rtt: None,
+            distance: None,
             load: summarise(
                 32,
                 4,

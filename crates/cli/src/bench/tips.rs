@@ -248,6 +248,8 @@ async fn audit(db: &TestDb, hosts: &[Uuid], ok: u64) -> Result<usize> {
 }
 
 struct Baseline {
+    /// The relay's round trip next to loopback's (`--db-rtt-us`).
+    distance: Option<latency::Distance>,
     update_random_tps: f64,
     update_hot_row_tps: f64,
     tpcb_tps: f64,
@@ -262,6 +264,10 @@ async fn pgbench(opts: &TipsOptions) -> Result<Baseline> {
     // The measured runs go the function's way (the relay, if any).
     let relay = latency::start(opts.db_rtt, &setup_url)?;
     let url = latency::route(relay.as_ref(), &setup_url)?;
+    let distance = match opts.db_rtt {
+        Some(rtt) => Some(latency::Distance::measure(rtt, &setup_url, &url).await?),
+        None => None,
+    };
     let dir = std::env::temp_dir().join(format!("stagepass-pgbench-{}", Uuid::new_v4()));
     std::fs::create_dir_all(&dir).context("temp dir")?;
     let random = dir.join("update-random.sql");
@@ -286,6 +292,7 @@ async fn pgbench(opts: &TipsOptions) -> Result<Baseline> {
         parse_tps(&run_pgbench(&args)?)
     };
     let baseline = Baseline {
+        distance,
         update_random_tps: tps(&["-f", random.to_str().unwrap_or_default()])?,
         update_hot_row_tps: tps(&["-f", hot.to_str().unwrap_or_default()])?,
         tpcb_tps: tps(&[])?,
@@ -338,7 +345,7 @@ fn print(opts: &TipsOptions, scenarios: &[Scenario], b: &Baseline) {
     if opts.json {
         let doc = json!({
             "connections": opts.connections, "seconds": opts.seconds, "fans": opts.fans,
-            "db_rtt_us": opts.db_rtt.map(|rtt| rtt.as_micros()),
+            "database_distance": latency::Distance::json(b.distance.as_ref()),
             "scenarios": scenarios.iter().map(|s| json!({
                 "name": s.name, "tips_per_second": s.tips_per_second, "ok": s.ok,
                 "refused": s.refused, "p50_ms": s.p50_ms, "p99_ms": s.p99_ms,
@@ -359,13 +366,7 @@ fn print(opts: &TipsOptions, scenarios: &[Scenario], b: &Baseline) {
         opts.fans,
         opts.sslmode.as_deref().unwrap_or("default (prefer)")
     );
-    match opts.db_rtt {
-        Some(rtt) => println!(
-            "database: {} µs added to every round trip (function and pgbench alike)",
-            rtt.as_micros()
-        ),
-        None => println!("database: loopback"),
-    }
+    println!("{}", latency::Distance::describe(b.distance.as_ref()));
     for s in scenarios {
         println!(
             "  {:<6} {:>8.0} tips/s  p50 {:>6.2} ms  p99 {:>6.2} ms  ok {} refused {}  ledger violations {}",
