@@ -1,0 +1,21 @@
+-- Room on each outbox page for a claim's new row version (issue 13).
+--
+-- Every message is written three times: inserted by the change that
+-- emits it, claimed by a deliverer (`claimed_until`, `attempts`), then
+-- recorded (`delivered_at`, or the next attempt). A tip emits two and its
+-- recipient's fold a third, so under load the outbox takes more writes
+-- than the ledger. A claim changes no indexed column, so PostgreSQL can
+-- write the new version on the same page without touching any of the
+-- table's seven indexes (a HOT update), but only if the page has room:
+-- at the default fillfactor of 100 an outbox page is full as soon as it
+-- is written, and almost every claim went to a new page with a new entry
+-- in every index (1,000 claims of 3,000 fresh messages: 13 HOT at 100,
+-- 409 at 70; `query_costs.rs::a_claim_rewrites_messages_in_place`: 0 of
+-- 500 at 100). The record still changes `delivered_at`, which partial
+-- indexes read, and stays a full update.
+--
+-- Measured with `stagepass bench tips` (2026-11-30, back to back on one
+-- machine): pairs 653 / 555 → 690 / 626 tips/s; the hot creator unchanged
+-- (742 / 636 → 733 / 642). New pages only: existing ones fill as before
+-- until they are vacuumed.
+alter table app.outbox set (fillfactor = 70);
