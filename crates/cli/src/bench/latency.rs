@@ -82,20 +82,42 @@ impl Drop for Relay {
     }
 }
 
-/// The relay a benchmark's `--db-rtt-us` asks for, in front of `url`'s
-/// server (None: loopback, no relay).
-pub fn start(rtt: Option<Duration>, url: &str) -> Result<Option<Relay>> {
-    match rtt {
-        Some(rtt) => Ok(Some(Relay::start(upstream_of(url)?, rtt)?)),
-        None => Ok(None),
-    }
+/// The way to a database under measurement: through a relay when the
+/// benchmark's `--db-rtt-us` asks for one, else straight (loopback). Keep
+/// it for as long as anything connects through `url`.
+pub struct Hop {
+    /// The relay and the round trip it was asked to add.
+    relay: Option<(Relay, Duration)>,
+    /// The URL to connect with.
+    pub url: String,
 }
 
-/// `url` through `relay`, or `url` itself without one.
-pub fn route(relay: Option<&Relay>, url: &str) -> Result<String> {
-    match relay {
-        Some(relay) => relay.url(url),
-        None => Ok(url.to_owned()),
+impl Hop {
+    pub fn to(rtt: Option<Duration>, url: &str) -> Result<Hop> {
+        let Some(rtt) = rtt else {
+            return Ok(Hop {
+                relay: None,
+                url: url.to_owned(),
+            });
+        };
+        let relay = Relay::start(upstream_of(url)?, rtt)?;
+        Ok(Hop {
+            url: relay.url(url)?,
+            relay: Some((relay, rtt)),
+        })
+    }
+
+    /// What the relay really adds next to `direct` (the same database
+    /// without it); None on loopback.
+    pub async fn distance(&self, direct: &str) -> Result<Option<Distance>> {
+        match &self.relay {
+            Some((_, requested)) => Ok(Some(Distance {
+                requested: *requested,
+                loopback: median_round_trip(direct).await?,
+                relayed: median_round_trip(&self.url).await?,
+            })),
+            None => Ok(None),
+        }
     }
 }
 
@@ -110,14 +132,6 @@ pub struct Distance {
 }
 
 impl Distance {
-    pub async fn measure(requested: Duration, direct: &str, relayed: &str) -> Result<Distance> {
-        Ok(Distance {
-            requested,
-            loopback: median_round_trip(direct).await?,
-            relayed: median_round_trip(relayed).await?,
-        })
-    }
-
     /// One line for a report; `None` is loopback.
     pub fn describe(distance: Option<&Distance>) -> String {
         match distance {
@@ -147,7 +161,7 @@ impl Distance {
 /// The median of 50 `select 1` round trips to `url` on one connection, on
 /// an idle machine: what the relay really adds (a thread's wake-up on each
 /// side comes on top of the requested time) next to loopback's.
-pub async fn median_round_trip(url: &str) -> Result<Duration> {
+async fn median_round_trip(url: &str) -> Result<Duration> {
     use sqlx::Connection as _;
     let mut conn = sqlx::PgConnection::connect(url)
         .await

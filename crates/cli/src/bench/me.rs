@@ -167,13 +167,9 @@ async fn measure(
     let token = mint_hs256_claims(JWT_SECRET, &claims);
     // Started before the function and kept to the end: the function's pool
     // and pgbench's clients both connect through it.
-    let relay = latency::start(opts.db_rtt, &db.app_url())?;
-    let database_url = latency::route(relay.as_ref(), &db.app_url())?;
-    let distance = match opts.db_rtt {
-        Some(rtt) => Some(latency::Distance::measure(rtt, &db.app_url(), &database_url).await?),
-        None => None,
-    };
-    let mut env = money::function_env(database_url.clone());
+    let hop = latency::Hop::to(opts.db_rtt, &db.app_url())?;
+    let distance = hop.distance(&db.app_url()).await?;
+    let mut env = money::function_env(hop.url.clone());
     for (name, value) in &mut env {
         if *name == "DATABASE_MAX_CONNECTIONS" {
             *value = opts.pool.to_string();
@@ -226,8 +222,8 @@ async fn measure(
     // The claims exactly as the function sets them (the token's payload).
     let claims = claims.to_string();
     verify_script(db, &claims, user).await?;
-    let pgbench = pgbench(&database_url, &claims, opts.pool, opts.seconds)?;
-    drop(relay);
+    let pgbench = pgbench(&hop.url, &claims, opts.pool, opts.seconds)?;
+    drop(hop);
     Ok((load, pgbench, distance))
 }
 

@@ -89,11 +89,10 @@ async fn scenario(
     let port = free_port()?;
     let issuer = format!("{SUPABASE_URL}/auth/v1");
     // Kept until the function is stopped: its pool connects through it.
-    let relay = latency::start(opts.db_rtt, &db.app_url())?;
-    let app_url = latency::route(relay.as_ref(), &db.app_url())?;
+    let hop = latency::Hop::to(opts.db_rtt, &db.app_url())?;
     let database_url = match &opts.sslmode {
-        Some(mode) => format!("{app_url}?sslmode={mode}"),
-        None => app_url,
+        Some(mode) => format!("{}?sslmode={mode}", hop.url),
+        None => hop.url.clone(),
     };
     let mut child = tokio::process::Command::new(binary)
         .env_clear()
@@ -131,7 +130,7 @@ async fn scenario(
     }
     let elapsed = started.elapsed().as_secs_f64();
     let _ = child.kill().await;
-    drop(relay);
+    drop(hop);
     let violations = audit(&db, &hosts, ok).await?;
     Ok(Scenario {
         name,
@@ -262,12 +261,9 @@ async fn pgbench(opts: &TipsOptions) -> Result<Baseline> {
     let setup_url = scratch_url(&db)?;
     run_pgbench(&["-i", "-q", "-s", "1", &setup_url])?;
     // The measured runs go the function's way (the relay, if any).
-    let relay = latency::start(opts.db_rtt, &setup_url)?;
-    let url = latency::route(relay.as_ref(), &setup_url)?;
-    let distance = match opts.db_rtt {
-        Some(rtt) => Some(latency::Distance::measure(rtt, &setup_url, &url).await?),
-        None => None,
-    };
+    let hop = latency::Hop::to(opts.db_rtt, &setup_url)?;
+    let distance = hop.distance(&setup_url).await?;
+    let url = &hop.url;
     let dir = std::env::temp_dir().join(format!("stagepass-pgbench-{}", Uuid::new_v4()));
     std::fs::create_dir_all(&dir).context("temp dir")?;
     let random = dir.join("update-random.sql");
@@ -288,7 +284,7 @@ async fn pgbench(opts: &TipsOptions) -> Result<Baseline> {
     let tps = |extra: &[&str]| -> Result<f64> {
         let mut args: Vec<&str> = common.to_vec();
         args.extend_from_slice(extra);
-        args.push(&url);
+        args.push(url);
         parse_tps(&run_pgbench(&args)?)
     };
     let baseline = Baseline {
